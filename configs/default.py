@@ -1,0 +1,76 @@
+"""Shared base config: every other config starts from `get_config()` here.
+
+Keys that the Flax ImageNet example also has keep its names (`dataset`, `batch_size` as the
+GLOBAL batch, `learning_rate`, `momentum`, `num_epochs`, `num_train_steps`, `log_every_steps`,
+`steps_per_eval`, `half_precision`, `cache`). Defaults are the paper's CIFAR recipe
+(PAPER.md, "Training recipes"): ResNet-164 with full pre-activation, batch 128, lr 0.1.
+"""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+
+    # Data (resnet_v2_jax.input_pipeline).
+    config.dataset = "cifar10"            # any tfds image classification dataset
+    config.data_dir = None                # tfds data_dir; local path or gs://; None = tfds default
+    config.input_pipeline = "tfds"        # "tfds" (tf.data on the host) or "device_resident"
+    config.array_dir = None               # device_resident only: folder of <dataset>_<split>.npz
+    config.train_split = "train"
+    config.eval_split = "test"
+    config.batch_size = 128               # global batch over all devices of all processes
+    config.eval_batch_size = 500          # global; the last batch is padded and masked
+    config.cache = True                   # cache decoded examples in host memory
+    config.shuffle_buffer_size = 50_000
+    config.image_size = 32                # training crop size
+    config.eval_crop_sizes = (32,)        # ImageNet: (224, 320)
+    config.augment = "pad_crop_flip"      # CIFAR: pad_crop_flip; ImageNet: scale | scale_aspect
+    config.color_augment = False          # ImageNet colour augmentation
+    config.seed = 0
+
+    # Model (resnet_v2_jax.models).
+    config.arch = "cifar"                 # "cifar" (PAPER.md CIFAR nets) or "imagenet"
+    config.depth = 164
+    config.block = "bottleneck"           # "bottleneck" or "basic"
+    config.unit = "full_preact"           # Fig. 4: original | bn_after_add | relu_before_add |
+                                                                                #         relu_preact | full_preact
+    config.shortcut = "identity"          # Fig. 2: identity | scaling | exclusive_gate |
+                                                                                #         shortcut_gate | conv | dropout
+    config.shortcut_scale = 0.5           # "scaling" only: lambda on the shortcut
+    config.residual_scale = 1.0           # "scaling" only: lambda on F
+    config.gate_bias_init = 0.0           # gating only: b_g
+    config.shortcut_dropout_rate = 0.5    # "dropout" only
+    config.stride_on = ""                 # "1x1" | "3x3" | "" = the arch's default
+    config.stem_norm = "before_pool"      # ImageNet only: "before_pool" (paper) | "after_pool" (timm)
+    config.scan_units = False             # nn.scan over the identical units of a stage
+    config.remat_units = False            # nn.remat each unit (memory for compute)
+    config.half_precision = False         # bf16 compute; params, BN statistics, loss stay float32
+    config.bn_momentum = 0.9              # Torch's BN momentum 0.1
+    config.bn_epsilon = 1e-5
+    config.bn_group_size = 0              # devices per BN group: 0 = all devices, 1 = per device
+
+    # Optimisation (resnet_v2_jax.train).
+    config.learning_rate = 0.1            # at base_batch_size; scaled linearly by batch_size
+    config.base_batch_size = 128
+    config.momentum = 0.9
+    config.nesterov = True                # the released code's choice
+    config.weight_decay = 1e-4
+    config.weight_decay_bn_and_bias = True  # authors' code decays every parameter
+    config.lr_schedule = "steps"          # "steps" or "cosine"
+    config.lr_boundaries_epochs = (81, 122)  # "steps": x lr_decay_factor at these epochs
+    config.lr_boundaries_steps = ()       # or at these steps (takes precedence when set)
+    config.lr_decay_factor = 0.1
+    config.warmup = "none"                # "none" | "constant" (paper appendix) | "linear"
+    config.warmup_steps = 400
+    config.warmup_learning_rate = 0.01    # "constant" warm-up value
+    config.num_epochs = 164.0
+    config.num_train_steps = -1           # > 0 overrides num_epochs
+
+    # Loop, evaluation, checkpoints, logging.
+    config.parallelism = "shard_map"      # "shard_map" or "pmap"
+    config.log_every_steps = 100
+    config.eval_every_steps = 0           # 0 = once per epoch
+    config.steps_per_eval = -1            # -1 = the whole eval split
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    return config

@@ -1,0 +1,407 @@
+"""Pre-activation ResNets and the paper's ablation units, as Flax linen modules.
+
+He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks" (ECCV 2016). A residual
+unit computes
+
+        x_{l+1} = f(h(x_l) + F(x_l, W_l))                          (paper eq. 1-2)
+
+and the paper's proposal is h = identity, f = identity, with BN and ReLU moved in front of
+every weight layer of F ("full pre-activation", Fig. 4e). Every variant the paper studies is
+one option of the same `ResidualUnit`:
+
+* `unit` (where BN and ReLU sit, Fig. 4 / Table 2): see `UNIT_PLACEMENTS`.
+* `shortcut` (what h is, Fig. 2 / Table 1): see `SHORTCUTS`.
+
+Networks follow the authors' code: `cifar_resnet` is resnet-pre-act.lua
+(KaimingHe/resnet-1k-layers), `imagenet_resnet` is fb.resnet.torch's preresnet.lua.
+
+Usage::
+
+        model = models.cifar_resnet(164, num_classes=10)
+        variables = model.init(rng, images, train=False)
+        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+
+Per-stage feature maps are sown into the "intermediates" collection::
+
+        _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+        state["intermediates"]["stage3"]     # a 1-tuple holding the stage-3 output, NHWC
+
+This module imports neither TensorFlow nor tfds.
+"""
+
+import functools
+import re
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+ModuleDef = Any
+
+# Where BN and ReLU sit in a unit (Fig. 4). Each entry lists the ops applied
+#   before_conv: in front of every weight layer of F (a pre-activation),
+#   after_conv:  after every weight layer of F but the last,
+#   after_last:  after the last weight layer of F,
+#   after_add:   after the addition, i.e. the paper's f.
+UNIT_PLACEMENTS = {
+        # (a) original: conv-BN-ReLU-...-conv-BN, addition, ReLU.
+        "original": dict(before_conv=(), after_conv=("bn", "relu"), after_last=("bn",),
+                                          after_add=("relu",)),
+        # (b) BN after addition: conv-BN-ReLU-...-conv, addition, BN-ReLU.
+        "bn_after_add": dict(before_conv=(), after_conv=("bn", "relu"), after_last=(),
+                                                  after_add=("bn", "relu")),
+        # (c) ReLU before addition: conv-BN-ReLU-...-conv-BN-ReLU, addition.
+        "relu_before_add": dict(before_conv=(), after_conv=("bn", "relu"),
+                                                        after_last=("bn", "relu"), after_add=()),
+        # (d) ReLU-only pre-activation: ReLU-conv-BN-...-ReLU-conv-BN, addition.
+        "relu_preact": dict(before_conv=("relu",), after_conv=("bn",), after_last=("bn",),
+                                                after_add=()),
+        # (e) full pre-activation (the proposal): BN-ReLU-conv-...-BN-ReLU-conv, addition.
+        "full_preact": dict(before_conv=("bn", "relu"), after_conv=(), after_last=(), after_add=()),
+}
+
+# The shortcut h(x) of Fig. 2 / Table 1, and how it is combined with F (lambda, g as in the paper):
+SHORTCUTS = (
+        "identity",        # (a) x + F
+        "scaling",         # (b) shortcut_scale * x + residual_scale * F
+        "exclusive_gate",  # (c) (1 - g(x)) * x + g(x) * F,  g(x) = sigmoid(1x1 conv(x) + b_g)
+        "shortcut_gate",   # (d) (1 - g(x)) * x + F
+        "conv",            # (e) 1x1 conv(x) + F, in every unit
+        "dropout",         # (f) dropout(x) + F
+)
+
+# Where the first unit of a stage takes its pre-activation from.
+PREACT_MODES = (
+        "branch",  # only F is pre-activated; the shortcut takes the raw x (identity units)
+        "shared",  # one pre-activation feeds F and the projection shortcut (shape-changing units)
+        "none",    # no pre-activation: the input is already activated (ImageNet stage 1 after the stem)
+)
+
+he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+"""Conv init of the authors' code: N(0, sqrt(2 / (k * k * out_channels)))."""
+
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+"""Torch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the authors keep it."""
+
+
+def _conv(features: int, kernel: int, strides: int = 1, **kwargs) -> nn.Conv:
+    """Conv with Torch's symmetric padding (k-1)/2, He fan-out init and no bias."""
+    pad = (kernel - 1) // 2
+    return nn.Conv(features, (kernel, kernel), (strides, strides), padding=((pad, pad), (pad, pad)),
+                                  use_bias=False, kernel_init=he_fan_out, **kwargs)
+
+
+class ResidualUnit(nn.Module):
+    """One residual unit, x_{l+1} = f(h(x_l) + F(x_l)) (eq. 1-2), basic or bottleneck.
+
+    Attributes:
+        features: output channels. A bottleneck unit's inner width is features // 4.
+        norm: BatchNorm constructor with `use_running_average` already bound.
+        conv: Conv constructor with dtype bound (see `_conv` for its defaults).
+        bottleneck: 1x1-3x3-1x1 layers (True) or 3x3-3x3 (False).
+        strides: spatial stride of the unit.
+        stride_on: "1x1" puts the stride on the first 1x1 conv (authors' CIFAR code), "3x3" on the
+            3x3 conv (fb.resnet.torch, timm). Basic units always stride on their first 3x3.
+        unit: a key of `UNIT_PLACEMENTS`.
+        shortcut: one of `SHORTCUTS`.
+        preact: one of `PREACT_MODES`.
+        shortcut_scale, residual_scale: the lambdas of the "scaling" shortcut (Fig. 2b).
+        gate_bias_init: b_g of the gating shortcuts (Fig. 2c-d).
+        shortcut_dropout_rate: drop rate of the "dropout" shortcut (Fig. 2f).
+        deterministic: disables the dropout shortcut (evaluation).
+    """
+    features: int
+    norm: ModuleDef
+    conv: ModuleDef = _conv
+    bottleneck: bool = True
+    strides: int = 1
+    stride_on: str = "3x3"
+    unit: str = "full_preact"
+    shortcut: str = "identity"
+    preact: str = "branch"
+    shortcut_scale: float = 1.0
+    residual_scale: float = 1.0
+    gate_bias_init: float = 0.0
+    shortcut_dropout_rate: float = 0.5
+    deterministic: bool = True
+
+    def _layers(self):
+        """(kernel, features, strides) of each weight layer of F."""
+        if not self.bottleneck:
+            return [(3, self.features, self.strides), (3, self.features, 1)]
+        width = self.features // 4
+        s1, s3 = (self.strides, 1) if self.stride_on == "1x1" else (1, self.strides)
+        return [(1, width, s1), (3, width, s3), (1, self.features, 1)]
+
+    def _ops(self, ops: Sequence[str], x: Array, bn_name: str) -> Array:
+        for op in ops:
+            x = self.norm(name=bn_name)(x) if op == "bn" else nn.relu(x)
+        return x
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        place = UNIT_PLACEMENTS[self.unit]
+        layers = self._layers()
+        needs_projection = (self.shortcut == "conv" or self.strides != 1
+                                                or x.shape[-1] != self.features)
+
+        # BN modules are named after the conv they serve: bn{i} normalises conv{i}'s input in the
+        # pre-activation units and its output in the post-activation ones (never both).
+        if self.preact == "none":
+            branch_in = shortcut_in = x
+        else:
+            branch_in = self._ops(place["before_conv"], x, "bn1")
+            # The authors share the pre-activation only where the shape changes.
+            shortcut_in = branch_in if self.preact == "shared" and needs_projection else x
+
+        y = branch_in
+        for i, (kernel, features, strides) in enumerate(layers, start=1):
+            if i > 1:
+                y = self._ops(place["before_conv"], y, f"bn{i}")
+            y = self.conv(features, kernel, strides, name=f"conv{i}")(y)
+            after = place["after_last"] if i == len(layers) else place["after_conv"]
+            y = self._ops(after, y, f"bn{i}")
+
+        if needs_projection:
+            shortcut = self.conv(self.features, 1, self.strides, name="proj_conv")(shortcut_in)
+            if self.unit == "original":  # fb.resnet.torch resnet.lua, shortcut type B: conv-BN.
+                shortcut = self.norm(name="proj_bn")(shortcut)
+        else:
+            shortcut = shortcut_in
+
+        if self.shortcut == "scaling":
+            out = self.shortcut_scale * shortcut + self.residual_scale * y
+        elif self.shortcut in ("exclusive_gate", "shortcut_gate"):
+            gate = self.conv(self.features, 1, self.strides, name="gate", use_bias=True,
+                                              bias_init=nn.initializers.constant(self.gate_bias_init))(shortcut_in)
+            gate = nn.sigmoid(gate)
+            out = (1.0 - gate) * shortcut + (gate * y if self.shortcut == "exclusive_gate" else y)
+        elif self.shortcut == "dropout":
+            out = nn.Dropout(self.shortcut_dropout_rate, deterministic=self.deterministic)(shortcut) + y
+        else:  # identity, conv
+            out = shortcut + y
+        return self._ops(place["after_add"], out, "bn_out")
+
+
+class _ScanBody(nn.Module):
+    """Adapts a unit to nn.scan's (carry, x) -> (carry, y) signature."""
+    unit: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, x, _):
+        return self.unit(name="unit")(x), None
+
+
+class ResNetV2(nn.Module):
+    """A residual network of `ResidualUnit`s in stages.
+
+    stem -> stages (the first unit of each stage may change shape, the rest are identical)
+    -> the units' own pre-activation (the paper's extra BN-ReLU after the last unit) -> global
+    average pool -> linear classifier.
+
+    Attributes:
+        stage_sizes: units per stage.
+        widths: output channels per stage.
+        num_classes: classifier outputs; None gives a headless backbone returning pooled features.
+        stem: "cifar" (3x3 conv, 16 channels) or "imagenet" (7x7/2 conv 64, BN, ReLU, 3x3/2 max-pool).
+        stem_norm: ImageNet only. "before_pool" is preresnet.lua (conv-BN-ReLU-pool, then the first
+            unit has no pre-activation). "after_pool" is timm's ResNetV2 (conv-pool, then the first
+            unit pre-activates and shares it with its projection); needs a pre-activation unit.
+        stem_width: channels of the stem conv.
+        bottleneck, stride_on, unit, shortcut, shortcut_scale, residual_scale, gate_bias_init,
+            shortcut_dropout_rate: passed to every `ResidualUnit`.
+        dtype: compute dtype (e.g. jnp.bfloat16); params and BN statistics stay float32, logits are
+            returned as float32.
+        bn_momentum, bn_epsilon: BatchNorm running-average momentum (Torch's 0.1 is 0.9 here) and eps.
+        bn_axis_name: mapped axis name (or tuple of names) over which BN batch statistics are
+            averaged in training; None = per device. Set by the caller, never assumed.
+        bn_axis_index_groups: axis_index_groups for that reduction (pmap only).
+        scan_units: run the identical units of each stage with nn.scan, so compile time does not
+            grow with depth. Parameters of units 2..n of stage s are stacked under "stage{s}_repeat";
+            see `scanned_to_unrolled` / `unrolled_to_scanned`.
+        remat_units: rematerialise each unit in the backward pass (nn.remat).
+    """
+    stage_sizes: Sequence[int]
+    widths: Sequence[int]
+    num_classes: Optional[int] = 1000
+    stem: str = "imagenet"
+    stem_norm: str = "before_pool"
+    stem_width: int = 64
+    bottleneck: bool = True
+    stride_on: str = "3x3"
+    unit: str = "full_preact"
+    shortcut: str = "identity"
+    shortcut_scale: float = 1.0
+    residual_scale: float = 1.0
+    gate_bias_init: float = 0.0
+    shortcut_dropout_rate: float = 0.5
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_axis_name: Any = None
+    bn_axis_index_groups: Any = None
+    scan_units: bool = False
+    remat_units: bool = False
+
+    def __post_init__(self):
+        _check_choice("unit", self.unit, UNIT_PLACEMENTS)
+        _check_choice("shortcut", self.shortcut, SHORTCUTS)
+        _check_choice("stem", self.stem, ("cifar", "imagenet"))
+        _check_choice("stem_norm", self.stem_norm, ("before_pool", "after_pool"))
+        _check_choice("stride_on", self.stride_on, ("1x1", "3x3"))
+        if len(self.stage_sizes) != len(self.widths) or min(self.stage_sizes, default=0) < 1:
+            raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
+                                              "must have the same length and at least one unit per stage")
+        if self.bottleneck and any(w % 4 for w in self.widths):
+            raise ValueError(f"bottleneck widths must divide by 4, got {tuple(self.widths)}")
+        if self.stem_norm == "after_pool" and not UNIT_PLACEMENTS[self.unit]["before_conv"]:
+            raise ValueError(f"stem_norm='after_pool' needs a pre-activation unit, not {self.unit!r}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        conv = functools.partial(_conv, dtype=self.dtype)
+        norm = functools.partial(
+                nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name,
+                axis_index_groups=self.bn_axis_index_groups)
+        unit = functools.partial(
+                ResidualUnit, norm=norm, conv=conv, bottleneck=self.bottleneck, stride_on=self.stride_on,
+                unit=self.unit, shortcut=self.shortcut, shortcut_scale=self.shortcut_scale,
+                residual_scale=self.residual_scale, gate_bias_init=self.gate_bias_init,
+                shortcut_dropout_rate=self.shortcut_dropout_rate, deterministic=not train)
+        if self.remat_units:
+            unit = functools.partial(nn.remat(ResidualUnit, prevent_cse=not self.scan_units),
+                                                              **unit.keywords)
+        preactivates = bool(UNIT_PLACEMENTS[self.unit]["before_conv"])
+
+        x = jnp.asarray(x, self.dtype)
+        if self.stem == "cifar":
+            x = conv(self.stem_width, 3, name="stem_conv")(x)
+            # Pre-activation units take conv1's output directly: the first unit's BN-ReLU is "right
+            # after conv1 and before splitting into two paths". Post-activation units expect an
+            # activated input, as in the original ResNet.
+            if not preactivates:
+                x = nn.relu(norm(name="stem_bn")(x))
+            first_preact = "shared"
+        else:
+            x = conv(self.stem_width, 7, 2, name="stem_conv")(x)
+            if self.stem_norm == "before_pool":
+                x = nn.relu(norm(name="stem_bn")(x))
+            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            first_preact = "shared" if self.stem_norm == "after_pool" else "none"
+
+        for s, (size, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
+            x = unit(features=width, strides=1 if s == 1 else 2,
+                              preact=first_preact if s == 1 else "shared", name=f"stage{s}_unit1")(x)
+            identical = functools.partial(unit, features=width, preact="branch")
+            if self.scan_units and size > 1:
+                x, _ = nn.scan(_ScanBody, variable_axes={"params": 0, "batch_stats": 0},
+                                              split_rngs={"params": True, "dropout": True},
+                                              length=size - 1)(identical, name=f"stage{s}_repeat")(x, None)
+            else:
+                for u in range(2, size + 1):
+                    x = identical(name=f"stage{s}_unit{u}")(x)
+            self.sow("intermediates", f"stage{s}", x)
+
+        # The extra activation after the last unit (PAPER.md: "an extra BN-ReLU before the global
+        # pool"): the last unit's output gets what a following unit's branch would apply to it.
+        for op in UNIT_PLACEMENTS[self.unit]["before_conv"]:
+            x = norm(name="final_bn")(x) if op == "bn" else nn.relu(x)
+        x = jnp.mean(x, axis=(1, 2))
+        if self.num_classes is None:
+            return x.astype(jnp.float32)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_linear_init,
+                                  name="head")(x)
+        return x.astype(jnp.float32)
+
+
+def _check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+CIFAR_WIDTHS = {"bottleneck": (64, 128, 256), "basic": (16, 32, 64)}
+IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                                      152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+
+
+def cifar_resnet(depth: int, num_classes: Optional[int] = 10, *, block: str = "bottleneck",
+                                  stride_on: str = "1x1", **options) -> ResNetV2:
+    """The CIFAR networks of resnet-pre-act.lua: 3 stages, 16-channel 3x3 stem.
+
+    Bottleneck units need depth = 9n+2 (ResNet-164: n=18, ResNet-1001: n=111), basic units
+    depth = 6n+2 (ResNet-110: n=18). The stride sits on the first 1x1 conv as in the authors'
+    code; `stride_on="3x3"` moves it. `options` are further `ResNetV2` attributes.
+    """
+    _check_choice("block", block, CIFAR_WIDTHS)
+    layers = 3 if block == "bottleneck" else 2
+    if depth < 3 * layers + 2 or (depth - 2) % (3 * layers):
+        raise ValueError(f"CIFAR {block} ResNet depth must be {3 * layers}n+2 (e.g. "
+                                          f"{'164, 1001' if layers == 3 else '20, 56, 110'}), got {depth}")
+    n = (depth - 2) // (3 * layers)
+    return ResNetV2(stage_sizes=(n,) * 3, widths=CIFAR_WIDTHS[block], num_classes=num_classes,
+                                    stem="cifar", stem_width=16, bottleneck=block == "bottleneck",
+                                    stride_on=stride_on, **options)
+
+
+def imagenet_resnet(depth: int, num_classes: Optional[int] = 1000, **options) -> ResNetV2:
+    """The ImageNet networks of fb.resnet.torch's preresnet.lua, depth 18/34/50/101/152/200.
+
+    18 and 34 use basic units (widths 64..512), the others bottlenecks (widths 256..2048) with
+    the stride on the 3x3 conv. `options` are further `ResNetV2` attributes.
+    """
+    if depth not in IMAGENET_STAGES:
+        raise ValueError(f"ImageNet ResNet depth must be one of {sorted(IMAGENET_STAGES)}, got {depth}")
+    bottleneck = depth >= 50
+    widths = (256, 512, 1024, 2048) if bottleneck else (64, 128, 256, 512)
+    return ResNetV2(stage_sizes=IMAGENET_STAGES[depth], widths=widths, num_classes=num_classes,
+                                    stem="imagenet", stem_width=64, bottleneck=bottleneck, **options)
+
+
+_UNROLLED = re.compile(r"stage(\d+)_unit(\d+)$")
+_SCANNED = re.compile(r"stage(\d+)_repeat$")
+
+
+def unrolled_to_scanned(variables):
+    """Converts variables of a `scan_units=False` network to the `scan_units=True` layout.
+
+    `variables` maps collection names to trees, as `model.init` returns them ({"params": ...,
+    "batch_stats": ...}). Units 2..n of stage s are stacked on a new leading axis under
+    "stage{s}_repeat/unit", so a checkpoint trained one way loads the other way.
+    """
+    return {col: _to_scanned(tree) for col, tree in variables.items()}
+
+
+def scanned_to_unrolled(variables):
+    """The inverse of `unrolled_to_scanned`."""
+    return {col: _to_unrolled(tree) for col, tree in variables.items()}
+
+
+def _to_scanned(tree):
+    out, repeated = {}, {}
+    for name, value in tree.items():
+        m = _UNROLLED.match(name)
+        if m and int(m.group(2)) > 1:
+            repeated.setdefault(int(m.group(1)), {})[int(m.group(2))] = value
+        else:
+            out[name] = value
+    for stage, units in repeated.items():
+        ordered = [units[u] for u in sorted(units)]
+        out[f"stage{stage}_repeat"] = {"unit": jax.tree.map(lambda *a: jnp.stack(a), *ordered)}
+    return out
+
+
+def _to_unrolled(tree):
+    out = {}
+    for name, value in tree.items():
+        m = _SCANNED.match(name)
+        if not m:
+            out[name] = value
+            continue
+        stacked = value["unit"]
+        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+            out[f"stage{m.group(1)}_unit{i + 2}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return out

@@ -1,0 +1,36 @@
+"""resnet_v2_jax: pre-activation ResNets (He et al., 2016) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="resnet_v2_jax",
+    version="0.1.0",
+    description="Pre-activation ResNets (Identity Mappings in Deep Residual Networks) in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["resnet_v2_jax", "resnet_v2_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10.6",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.89",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "tensorflow-datasets>=4.9.6",
+        # tf.data only (kept off the accelerators); the CPU build where one is published.
+        "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
+        "tensorflow>=2.16; platform_machine != 'x86_64'",
+        "tensorboardX>=2.6",
+        "tensorboard>=2.16",
+        "matplotlib>=3.8",
+        "pillow>=10",
+        "importlib_resources>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Weight import from timm (resnet_v2_jax.timm_import); large, never required.
+        "timm": ["timm>=1.0", "torch>=2.3"],
+    },
+)
