@@ -86,11 +86,12 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 """Torch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the authors keep it."""
 
 
-def _conv(features: int, kernel: int, strides: int = 1, **kwargs) -> nn.Conv:
-    """Conv with Torch's symmetric padding (k-1)/2, He fan-out init and no bias."""
+def _conv(features: int, kernel: int, strides: int = 1, use_bias: bool = False,
+                    **kwargs) -> nn.Conv:
+    """Conv with Torch's symmetric padding (k-1)/2, He fan-out init and (by default) no bias."""
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), (strides, strides), padding=((pad, pad), (pad, pad)),
-                                  use_bias=False, kernel_init=he_fan_out, **kwargs)
+                                  use_bias=use_bias, kernel_init=he_fan_out, **kwargs)
 
 
 class ResidualUnit(nn.Module):
