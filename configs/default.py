@@ -24,6 +24,7 @@ def get_config():
     config.shuffle_buffer_size = 50_000
     config.image_size = 32                # training crop size
     config.eval_crop_sizes = (32,)        # ImageNet: (224, 320)
+    config.eval_resize_ratio = 0.875      # JPEG eval: shorter side to crop / ratio (224 <- 256)
     config.augment = "pad_crop_flip"      # CIFAR: pad_crop_flip; ImageNet: scale | scale_aspect
     config.color_augment = False          # ImageNet colour augmentation
     config.seed = 0
@@ -74,3 +75,54 @@ def get_config():
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     return config
+
+
+def cifar(dataset: str, depth: int, unit: str = "full_preact", **overrides):
+    """The paper's CIFAR recipe (appendix; released code): batch 128, lr 0.1, Nesterov momentum,
+    weight decay 1e-4 on every parameter, x0.1 at epochs 81 and 122 (32k and 48k iterations),
+    164 epochs (64k iterations). ResNet-110 and shallower use basic units, deeper bottlenecks.
+    Post-activation ("original") units and ResNet-1001 get the appendix's warm-up (lr 0.01 for
+    400 iterations); it is "not necessary" for the proposed unit but harmless."""
+    config = get_config()
+    config.dataset = dataset
+    config.depth = depth
+    config.block = "basic" if depth <= 110 else "bottleneck"
+    config.unit = unit
+    if unit != "full_preact" or depth >= 1001:
+        config.warmup = "constant"
+    config.scan_units = depth >= 1001  # compile time independent of depth
+    _override(config, overrides)
+    return config
+
+
+def imagenet(depth: int, unit: str = "full_preact", **overrides):
+    """fb.resnet.torch's ImageNet recipe (Table 5): batch 256, lr 0.1 per 256 images, x0.1 at
+    epochs 30 and 60, 90 epochs, scale augmentation, single 224 and 320 centre crops."""
+    config = get_config()
+    config.dataset = "imagenet2012"
+    config.arch = "imagenet"
+    config.depth = depth
+    config.unit = unit
+    config.eval_split = "validation"
+    config.batch_size = 256
+    config.base_batch_size = 256
+    config.eval_batch_size = 400
+    config.image_size = 224
+    config.eval_crop_sizes = (224, 320)
+    config.augment = "scale"
+    config.color_augment = True
+    config.shuffle_buffer_size = 16_384
+    config.cache = False
+    config.lr_boundaries_epochs = (30, 60)
+    config.num_epochs = 90.0
+    config.checkpoint_every_steps = 2000
+    config.log_every_steps = 200
+    _override(config, overrides)
+    return config
+
+
+def _override(config, overrides):
+    for key, value in overrides.items():
+        if key not in config:
+            raise ValueError(f"unknown config key {key!r}")
+        config[key] = value

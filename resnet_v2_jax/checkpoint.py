@@ -1,0 +1,117 @@
+"""Orbax checkpoints of the training state, with the checks a long run needs.
+
+Each step directory holds two items: "state" (the train state as global arrays, written
+asynchronously) and "meta" (JSON: the model's signature and the step). Every process takes part
+in saving and restoring; Orbax decides which process writes what.
+
+* Restoring onto another device count works: the state is restored into the shardings of the
+  current run, whatever wrote it.
+* A latest checkpoint that cannot be read (a truncated file, a half-copied folder) is skipped
+  with a warning, and the one before it is used.
+* A checkpoint of a different model (depth, unit, shortcut, width, classes ...) is refused with a
+  one-line error instead of a shape mismatch deep inside Orbax.
+"""
+
+from typing import Any, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this run."""
+
+
+class Checkpoints:
+    """Saves and restores the train state under `<workdir>/checkpoints`.
+
+    Args:
+      workdir: the run's folder (local path or gs://).
+      signature: JSON-able description of the model; a checkpoint whose signature differs is
+        refused.
+      keep: how many checkpoints to keep.
+    """
+
+    def __init__(self, workdir: str, signature: dict, keep: int = 3):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self.signature = signature
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                cleanup_tmp_directories=True),
+            item_names=("state", "meta"))
+
+    def save(self, step: int, state: Any) -> None:
+        """Starts writing `state` (global arrays) for `step`; returns before it is on disk."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({"step": step, "model": self.signature})), force=True)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once JAX's multi-host preemption sync point is reached."""
+        return self.manager.reached_preemption(step)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def restore_latest(self, abstract_state: Any) -> Tuple[Optional[Any], int]:
+        """Restores the newest readable checkpoint into `abstract_state`'s shapes and shardings.
+
+        Returns (state, step), or (None, 0) when there is no checkpoint. Unreadable checkpoints
+        are skipped newest first with a warning; a different model's checkpoint raises.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            meta = self._read_meta(step)
+            if meta is None:
+                continue
+            if meta.get("model") != self.signature:
+                raise CheckpointError(
+                    f"{self.directory} holds a checkpoint of another model "
+                    f"({_diff(meta.get('model'), self.signature)}); use a new --workdir or "
+                    "the matching config")
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+            except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
+                logging.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
+                                step, type(e).__name__, str(e).splitlines()[0][:200])
+                continue
+            logging.info("restored checkpoint of step %d from %s", step, self.directory)
+            return restored["state"], step
+        if steps:
+            raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps}); "
+                                  "move the folder away to start afresh")
+        return None, 0
+
+    def _read_meta(self, step: int) -> Optional[dict]:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            logging.warning("checkpoint at step %d has no readable metadata (%s); skipping it",
+                            step, type(e).__name__)
+            return None
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous writes are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _diff(saved: Optional[dict], current: dict) -> str:
+    saved = saved or {}
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+                     for k in keys)
+
+
+def abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

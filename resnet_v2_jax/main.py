@@ -1,0 +1,72 @@
+"""Command line: train and evaluate a pre-activation ResNet.
+
+    python -m resnet_v2_jax.main --config=configs/cifar10_quick.py --workdir=/tmp/run
+    python -m resnet_v2_jax.main --config=configs/imagenet_200.py --workdir=gs://bucket/run \
+        --config.batch_size=1024
+
+Rerunning the same command resumes from the newest checkpoint in --workdir. On several
+processes (TPU pod slices, multi-node GPU) every process runs the same command;
+`jax.distributed.initialize()` finds its peers from the environment.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resnet_v2_jax import checkpoint, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Folder (local or gs://) for checkpoints, logs, results.")
+flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when the "
+                  "environment names several processes (TPU pods, SLURM, JAX_COORDINATOR_ADDRESS).")
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10_quick.py; "
+                                "override keys with --config.key=value.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors that mean "the input is wrong", not "the program is wrong": one line, exit code 1.
+USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError,
+               train.NonFiniteLossError)
+
+
+def _multi_process_environment() -> bool:
+    return any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+                                         "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) and (
+        os.environ.get("SLURM_NTASKS", "2") != "1")
+
+
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+    """Orbax logs every save in detail at INFO; keep its warnings and errors only."""
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_quiet_orbax)
+    if FLAGS.distributed or (FLAGS.distributed is None and _multi_process_environment()):
+        jax.distributed.initialize()
+    logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)",
+                 jax.__version__, jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+    try:
+        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except USER_ERRORS as e:
+        logging.error("%s: %s", type(e).__name__, e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    for crop, r in results["eval"].items():
+        print(f"step {results['step']}: test accuracy {100 * (1 - r['top1_error']):.2f}% "
+              f"(top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
+              f"{100 * r['top5_error']:.2f}%) on {r['num_examples']} {FLAGS.config.dataset} "
+              f"{FLAGS.config.eval_split} images at crop {crop}")
+    if results["preempted"]:
+        print(f"stopped at step {results['step']} of {results['total_steps']} (preempted); "
+              "rerun the same command to resume")
+
+
+if __name__ == "__main__":
+    app.run(main)
