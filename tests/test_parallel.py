@@ -1,0 +1,112 @@
+"""The data-parallel executors against a single device (8 fake CPU devices, see conftest)."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from resnet_v2_jax import parallel, train
+
+
+def tiny_config(**overrides):
+    config = default.cifar("cifar10", 8)  # basic units, one per stage
+    config.batch_size = 16
+    config.weight_decay = 1e-4
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def batch(n=16, seed=0):
+    rng = np.random.RandomState(seed)
+    return {"image": rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+            "label": rng.randint(0, 10, (n,)).astype(np.int32)}
+
+
+def run_steps(config, dp, steps=2):
+    """`steps` training steps on fixed batches; returns (host state, per-step metrics)."""
+    model = train.create_model(config, 10, dp.axes)
+    schedule = train.learning_rate_schedule(config, 100, 1000)
+    state = train.create_train_state(jax.random.PRNGKey(0), model,
+                                     train.create_optimizer(config, schedule), 32)
+    step = dp.compile(functools.partial(
+        train.train_step, axes=dp.axes, dataset="cifar10", dtype=np.float32,
+        dropout_key=jax.random.PRNGKey(1)), returns_state=True)
+    state = dp.put_state(state)
+    metrics = []
+    for i in range(steps):
+        state, m = step(state, dp.put_batch(batch(seed=i)))
+        metrics.append(dp.to_host(m))
+    return dp.to_host(state), metrics
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    config = tiny_config()
+    return run_steps(config, parallel.DataParallel("shard_map", 0, jax.devices()[:1]))
+
+
+def test_eight_devices_equal_one_device_with_all_device_bn(single_device_run):
+    assert jax.device_count() == 8
+    state, metrics = run_steps(tiny_config(), parallel.DataParallel("shard_map", 0))
+    ref_state, ref_metrics = single_device_run
+    assert_trees_close(state.params, ref_state.params)
+    assert_trees_close(state.batch_stats, ref_state.batch_stats)
+    assert_trees_close(metrics, ref_metrics)
+    assert int(state.step) == 2
+
+
+@pytest.mark.parametrize("bn_group_size", [0, 2, 1])
+def test_shard_map_and_pmap_agree(bn_group_size):
+    config = tiny_config(bn_group_size=bn_group_size)
+    a, ma = run_steps(config, parallel.DataParallel("shard_map", bn_group_size))
+    b, mb = run_steps(config, parallel.DataParallel("pmap", bn_group_size))
+    assert_trees_close(a.params, b.params)
+    assert_trees_close(a.batch_stats, b.batch_stats)
+    assert_trees_close(ma, mb)
+
+
+def test_bn_groups_change_the_result(single_device_run):
+    """Per-device BN (the authors' multi-GPU setting) normalises over 2 images, not 16."""
+    state, _ = run_steps(tiny_config(), parallel.DataParallel("shard_map", 1))
+    ref_state, _ = single_device_run
+    diff = jax.tree.map(lambda x, y: np.max(np.abs(x - y)), state.params, ref_state.params)
+    assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_mesh_layout_for_bn_groups():
+    dp = parallel.DataParallel("shard_map", 2)
+    assert dict(dp.mesh.shape) == {"data": 4, "bn": 2}
+    assert dp.axes.bn == "bn" and dp.axes.grad == ("data", "bn")
+    pm = parallel.DataParallel("pmap", 2)
+    assert pm.axes.bn_groups == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_state_round_trips_between_executors():
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    for executor in parallel.EXECUTORS:
+        dp = parallel.DataParallel(executor)
+        placed = dp.put_state(state)
+        np.testing.assert_array_equal(dp.to_host(placed)["w"], state["w"])
+        global_state = dp.get_state(placed)
+        assert global_state["w"].sharding.is_fully_replicated
+        assert global_state["w"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(executor="threads"), "unknown parallelism"),
+    (dict(bn_group_size=3), "must divide the device count 8"),
+])
+def test_bad_parallel_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        parallel.DataParallel(**kwargs)
+
+
+def test_batch_not_divisible_by_devices():
+    with pytest.raises(ValueError, match="multiple of the device count 8"):
+        parallel.DataParallel().check_batch_size(100)

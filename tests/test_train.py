@@ -1,0 +1,115 @@
+"""Optimiser, schedules and the per-device steps of resnet_v2_jax.train."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from resnet_v2_jax import train
+
+
+def config_with(**overrides):
+    config = default.cifar("cifar10", 164)
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def test_paper_cifar_schedule_with_constant_warmup():
+    """Appendix: 0.01 for the first 400 iterations, 0.1 until 32k, 0.01 until 48k, then 0.001."""
+    config = config_with(lr_boundaries_steps=(32000, 48000), warmup="constant")
+    schedule = train.learning_rate_schedule(config, 390, 64000)
+    for step, lr in [(0, 0.01), (399, 0.01), (400, 0.1), (31999, 0.1), (32000, 0.01),
+                     (47999, 0.01), (48000, 0.001), (63999, 0.001)]:
+        assert float(schedule(step)) == pytest.approx(lr, rel=1e-6), step
+
+
+def test_epoch_boundaries_and_batch_scaling():
+    config = config_with(batch_size=256, lr_boundaries_epochs=(81, 122))
+    schedule = train.learning_rate_schedule(config, 195, 195 * 164)
+    assert float(schedule(0)) == pytest.approx(0.2)            # 0.1 * 256 / 128
+    assert float(schedule(81 * 195 - 1)) == pytest.approx(0.2)
+    assert float(schedule(81 * 195)) == pytest.approx(0.02)
+    assert float(schedule(122 * 195)) == pytest.approx(0.002)
+
+
+def test_linear_warmup_then_cosine():
+    config = config_with(lr_schedule="cosine", warmup="linear", warmup_steps=100)
+    schedule = train.learning_rate_schedule(config, 10, 1100)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(50)) == pytest.approx(0.05)
+    assert float(schedule(100)) == pytest.approx(0.1)
+    assert float(schedule(600)) == pytest.approx(0.05, rel=1e-3)
+    assert float(schedule(1100)) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(lr_boundaries_steps=(48000, 32000)), "positive and increasing"),
+    (dict(lr_boundaries_epochs=(81, 81)), "positive and increasing"),
+    (dict(lr_schedule="exponential"), "unknown lr_schedule"),
+    (dict(warmup="gradual"), "unknown warmup"),
+    (dict(learning_rate=-0.1), "learning_rate must be positive"),
+])
+def test_bad_schedule_settings(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.learning_rate_schedule(config_with(**overrides), 390, 64000)
+
+
+def test_sgd_matches_torch_nesterov_with_coupled_weight_decay():
+    """Torch optim.sgd: d = g + wd*w; v = mu*v + d; w -= lr * (d + mu*v)."""
+    config = config_with(weight_decay=1e-2)
+    tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+    w = {"kernel": jnp.array([1.0, -2.0])}
+    opt_state = tx.init(w)
+    v, expect = np.zeros(2), np.array([1.0, -2.0])
+    for g in ([0.5, 0.25], [-1.0, 2.0], [0.3, 0.3]):
+        updates, opt_state = tx.update({"kernel": jnp.array(g)}, opt_state, w)
+        w = optax.apply_updates(w, updates)
+        d = np.array(g) + 1e-2 * expect
+        v = 0.9 * v + d
+        expect = expect - 0.1 * (d + 0.9 * v)
+        np.testing.assert_allclose(w["kernel"], expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize("decay_all, bn_scale_changes", [(True, True), (False, False)])
+def test_weight_decay_mask(decay_all, bn_scale_changes):
+    config = config_with(weight_decay_bn_and_bias=decay_all, weight_decay=0.5, nesterov=False)
+    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    params = {"conv1": {"kernel": jnp.ones(3)}, "bn1": {"scale": jnp.ones(3), "bias": jnp.ones(3)}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert float(jnp.abs(updates["conv1"]["kernel"]).max()) == pytest.approx(0.5)
+    assert (float(jnp.abs(updates["bn1"]["scale"]).max()) > 0) == bn_scale_changes
+    assert (float(jnp.abs(updates["bn1"]["bias"]).max()) > 0) == bn_scale_changes
+
+
+def test_model_options_reach_the_network():
+    config = config_with(unit="relu_before_add", shortcut="exclusive_gate", gate_bias_init=-6.0,
+                         depth=110, block="basic", half_precision=True, scan_units=True)
+    model = train.create_model(config, 100)
+    assert (model.unit, model.shortcut, model.gate_bias_init) == ("relu_before_add",
+                                                                 "exclusive_gate", -6.0)
+    assert model.stage_sizes == (18, 18, 18) and not model.bottleneck
+    assert model.dtype == jnp.bfloat16 and model.scan_units and model.num_classes == 100
+
+
+def test_eval_step_counts_only_masked_examples():
+    """Padded entries (mask False) must not count, whatever their labels."""
+    logits = jnp.array([[5.0, 1, 0, 0, 0, 0], [0, 5.0, 1, 0, 0, 0], [5.0, 0, 0, 0, 0, 0]])
+
+    class State:
+        params, batch_stats = {}, {}
+
+        @staticmethod
+        def apply_fn(variables, images, train):
+            return logits
+
+    batch = {"image": jnp.zeros((3, 2, 2, 3), jnp.uint8), "label": jnp.array([0, 2, 1]),
+             "mask": jnp.array([True, True, False])}
+    sums = jax.vmap(lambda b: train.eval_step(State, b, axes=train.parallel.Axes("d", "d"),
+                                              dataset="cifar10", dtype=jnp.float32),
+                    axis_name="d")(jax.tree.map(lambda x: x[None], batch))
+    assert float(sums["count"][0]) == 2
+    assert float(sums["top1_wrong"][0]) == 1   # the second example: predicted 1, label 2
+    assert float(sums["top5_wrong"][0]) == 0
