@@ -1,0 +1,173 @@
+"""Weight import from timm's BatchNorm pre-activation ResNetV2 (`resnetv2_50`, `resnetv2_101`).
+
+timm's ResNetV2 with `PreActBottleneck` (or `PreActBasic`) units, `BatchNormAct2d` and plain
+convolutions is the paper's full pre-activation network except for the stem. The paper
+(preresnet.lua) runs conv-BN-ReLU-maxpool and the first unit has no pre-activation of its own;
+timm runs conv-maxpool, and the first unit's BN-ReLU pre-activation, shared with its projection
+shortcut, does the normalisation after the pool. `models.ResNetV2(stem_norm="after_pool")` is
+timm's order, so timm weights load into
+
+        model = models.imagenet_resnet(50, stem_norm="after_pool")
+        variables = timm_import.convert_state_dict(state_dict, model)
+        logits = model.apply(variables, images_nhwc, train=False)
+
+or, with the network's shape read from the state dict, `model, variables = load(state_dict)`.
+`state_dict` maps timm's names to arrays: numpy arrays, or CPU torch tensors (anything
+`np.asarray` takes), so this module needs neither torch nor timm:
+
+        state_dict = {k: v.numpy() for k, v in timm_model.state_dict().items()}
+
+What matches timm: symmetric Torch padding (timm's `create_conv2d` pads (k-1)/2 for these
+convs, its 3x3/2 max-pool pads 1 with -inf), BN eps 1e-5, and BN momentum 0.1 in Torch's
+convention, which is `bn_momentum=0.9` here. Training differs in one detail: Torch updates
+`running_var` with the unbiased batch variance, Flax with the biased one; the batch statistics
+used for normalisation are the same.
+
+Not supported, and refused where the state dict shows it: the BiT models (`resnetv2_50x1_bit`
+and kin: GroupNorm and weight-standardised `StdConv2d`), deep stems (`resnetv2_50d`),
+post-activation `Bottleneck` units (`preact=False`). A state dict cannot show timm's
+`stem_type` "fixed"/"same" pooling, `avg_down`, `output_stride` < 32, or StdConv2d combined with
+BatchNorm; those must be left at timm's defaults, as in `resnetv2_50` / `resnetv2_101`.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_v2_jax import models
+
+# Flax module name -> timm module name, for the names that are not renamed by a pattern.
+_MODULES = {"stem_conv": "stem.conv", "final_bn": "norm", "head": "head.fc",
+            "proj_conv": "downsample.conv"}
+# Flax variable name -> timm parameter or buffer name.
+_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+           "var": "running_var"}
+_UNIT = re.compile(r"stage(\d+)_unit(\d+)")
+_BLOCK = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.")
+
+
+def convert_state_dict(state_dict, model: models.ResNetV2):
+    """Converts a timm ResNetV2 state dict to `model`'s variables {"params", "batch_stats"}.
+
+    `model` must be a `models.ResNetV2` in timm's configuration: ImageNet stem with
+    `stem_norm="after_pool"`, full pre-activation units, identity shortcuts, stride on the 3x3,
+    BN eps 1e-5. Conv kernels go from OIHW to HWIO, the head's 1x1 conv (or Linear) from
+    (out, in) to (in, out). `num_batches_tracked` buffers are dropped. Works for scanned
+    (`scan_units=True`) models too.
+
+    Raises:
+        ValueError: the model is not in timm's configuration, the state dict is not a BatchNorm
+            pre-activation ResNetV2, or keys are missing, unexpected or of the wrong shape.
+    """
+    _check_model(model)
+    state_dict = {k: np.asarray(v) for k, v in state_dict.items()
+                  if not k.endswith("num_batches_tracked")}
+    _check_batchnorm(state_dict)
+    channels = state_dict["stem.conv.weight"].shape[1] if "stem.conv.weight" in state_dict else 3
+    expected = jax.eval_shape(lambda: model.clone(scan_units=False).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False))
+
+    missing, used = [], set()
+
+    def convert(path, spec):
+        key = _timm_key([p.key for p in path])
+        if key not in state_dict:
+            missing.append(key)
+            return None
+        used.add(key)
+        value = state_dict[key].astype(np.float32)
+        if spec.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+        elif spec.ndim == 2:
+            value = value.reshape(value.shape[0], -1).T
+        if value.shape != spec.shape:
+            raise ValueError(f"timm {key} of shape {state_dict[key].shape} does not fit the model's "
+                             f"{'/'.join(p.key for p in path)} of shape {spec.shape}")
+        return jnp.asarray(value)
+
+    variables = jax.tree_util.tree_map_with_path(convert, expected)
+    unexpected = sorted(set(state_dict) - used)
+    if missing or unexpected:
+        raise ValueError(f"timm state dict does not fit the model: missing {_some(missing)}; "
+                         f"unexpected {_some(unexpected)}")
+    return models.unrolled_to_scanned(variables) if model.scan_units else variables
+
+
+def model_from_state_dict(state_dict, **options) -> models.ResNetV2:
+    """The `models.ResNetV2` of a timm ResNetV2 state dict: stage sizes, widths, stem width,
+    basic or bottleneck units, and `num_classes` (None where the dict has no head) are read
+    from it. `options` are further `ResNetV2` attributes (e.g. dtype, scan_units).
+    """
+    state_dict = dict(state_dict)
+    _check_batchnorm(state_dict)
+    sizes = {}
+    for key in state_dict:
+        m = _BLOCK.match(key)
+        if m:
+            sizes[int(m[1])] = max(sizes.get(int(m[1]), 0), int(m[2]) + 1)
+    if "stem.conv.weight" not in state_dict or sorted(sizes) != list(range(len(sizes))) or not sizes:
+        raise ValueError("not a timm ResNetV2 state dict with the 7x7 stem: need stem.conv.weight "
+                         "and stages.{i}.blocks.{j}.* keys")
+    bottleneck = "stages.0.blocks.0.conv3.weight" in state_dict
+    last = "conv3" if bottleneck else "conv2"
+    widths = [np.shape(state_dict[f"stages.{s}.blocks.0.{last}.weight"])[0] for s in sorted(sizes)]
+    head = state_dict.get("head.fc.bias")
+    return models.ResNetV2(
+        stage_sizes=[sizes[s] for s in sorted(sizes)], widths=widths,
+        num_classes=None if head is None else np.shape(head)[0], stem="imagenet",
+        stem_norm="after_pool", stem_width=np.shape(state_dict["stem.conv.weight"])[0],
+        bottleneck=bottleneck, **options)
+
+
+def load(state_dict, **options):
+    """(model, variables) for a timm ResNetV2 state dict; see `model_from_state_dict`."""
+    model = model_from_state_dict(state_dict, **options)
+    return model, convert_state_dict(state_dict, model)
+
+
+def _timm_key(path) -> str:
+    """timm's state-dict name of the Flax variable at `path` (collection first)."""
+    _, *modules, leaf = path
+    parts = []
+    for name in modules:
+        unit = _UNIT.fullmatch(name)
+        if unit:
+            parts.append(f"stages.{int(unit[1]) - 1}.blocks.{int(unit[2]) - 1}")
+        elif re.fullmatch(r"bn\d", name):
+            parts.append("norm" + name[2:])
+        else:
+            parts.append(_MODULES.get(name, name))
+    return ".".join(parts + [_LEAVES.get(leaf, leaf)])
+
+
+def _check_model(model):
+    fits = (isinstance(model, models.ResNetV2) and model.stem == "imagenet"
+            and model.stem_norm == "after_pool" and model.unit == "full_preact"
+            and model.shortcut == "identity" and model.stride_on == "3x3"
+            and model.bn_epsilon == 1e-5)
+    if not fits:
+        raise ValueError("timm's ResNetV2 needs models.ResNetV2(stem='imagenet', "
+                         "stem_norm='after_pool', unit='full_preact', shortcut='identity', "
+                         "stride_on='3x3', bn_epsilon=1e-5), e.g. "
+                         "models.imagenet_resnet(50, stem_norm='after_pool')")
+
+
+def _check_batchnorm(state_dict):
+    """Refuses norm layers without running statistics (GroupNorm: the BiT models)."""
+    for key in state_dict:
+        layer = key[:-len(".weight")]
+        if (key.endswith(".weight") and re.search(r"(^|\.)norm\d*$", layer)
+                and f"{layer}.running_mean" not in state_dict):
+            raise ValueError(f"timm norm layer {layer} has no running statistics: this looks like a "
+                             "BiT ResNetV2 (GroupNorm + weight-standardised StdConv2d, e.g. "
+                             "resnetv2_50x1_bit), which is not supported; only BatchNorm "
+                             "pre-activation ResNetV2s such as resnetv2_50 / resnetv2_101 are")
+
+
+def _some(keys, shown=3) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
