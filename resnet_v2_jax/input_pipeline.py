@@ -1,0 +1,388 @@
+"""Host input pipelines on tf.data/tfds: CIFAR and ImageNet, with the paper's augmentation.
+
+Every process reads its own disjoint, equal share of a split (`tfds.split_for_jax_process`) and
+yields numpy batches of `config.batch_size // process_count` uint8 images; `prefetch_to_device`
+moves them onto the accelerators ahead of the step, where `datasets.normalize` runs.
+TensorFlow is kept off the accelerators, which belong to JAX.
+
+Determinism. The training stream of a process is its share in a fresh order each epoch, the
+order seeded by (seed, process, epoch), epochs concatenated and cut into batches. Example i of
+that stream (i = step * local_batch + row) is augmented with stateless ops keyed by
+(seed, process, i), so parallel decoding stays reproducible and `start_step=k` rebuilds exactly
+the batches an uninterrupted run sees from step k: it starts at epoch k * local_batch // n and
+skips the examples before step k within that epoch, before any decoding.
+
+Augmentation (PAPER.md, "Training recipes"):
+- "pad_crop_flip" (CIFAR): 4-pixel zero padding, random 32x32 crop, random horizontal flip;
+  eval images are used as stored.
+- "scale" (ImageNet): shorter side random in [256, 480], random 224 crop, flip.
+- "scale_aspect" (Table 5's best row): random-resized crop of 8-100% of the area with aspect
+  ratio in [3/4, 4/3], flip.
+- `config.color_augment`: fb.resnet.torch's colour jitter (brightness, contrast, saturation in
+  random order) and AlexNet-style PCA lighting noise.
+JPEG datasets are decoded with the fused `tf.image.decode_and_crop_jpeg`: the crop window is
+chosen in the coordinates of the stored image, so only that window is decoded, then resized.
+Eval resizes the shorter side to crop / `config.eval_resize_ratio` and takes the centre crop
+(also as one fused decode of the centre window).
+"""
+
+import itertools
+import os
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, Optional, Tuple
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from resnet_v2_jax import datasets
+
+AUGMENTATIONS = ("pad_crop_flip", "scale", "scale_aspect")
+# fb.resnet.torch (datasets/imagenet.lua), used by the paper for ImageNet: RandomScale(256, 480).
+SCALE_RANGE = (256, 480)
+# Szegedy et al. (2015) random-resized crop, Table 5's "scale + aspect ratio" row.
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RANGE = (3 / 4, 4 / 3)
+# fb.resnet.torch resizes with bicubic interpolation (image.scale's default).
+RESIZE_METHOD = "bicubic"
+# fb.resnet.torch ColorJitter{brightness=0.4, contrast=0.4, saturation=0.4} and
+# Lighting(0.1, eigval, eigvec) with the ImageNet RGB PCA below (on 0-1 images).
+COLOR_JITTER = 0.4
+LIGHTING_STD = 0.1
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
+
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _hide_accelerators_from_tf():
+    """TensorFlow only feeds data: it must not allocate accelerator memory JAX needs."""
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):  # no such device type, or TF already initialised
+            pass
+
+
+_hide_accelerators_from_tf()
+
+
+# --- datasets on disk --------------------------------------------------------------------------
+
+def _builder(config) -> tfds.core.DatasetBuilder:
+    """The tfds builder of `config.dataset` in `config.data_dir`, prepared if possible."""
+    datasets.get(config.dataset)  # registered: normalisation needs its statistics
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    if builder.is_prepared():
+        return builder
+    try:
+        builder.download_and_prepare()
+    except Exception as e:
+        where = builder.data_dir_root
+        if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+            manual = os.path.join(where, "downloads", "manual")
+            raise RuntimeError(
+                f"{config.dataset} is not prepared in {where} and needs a manual download: "
+                f"put its archives in {manual}, then run `tfds build {config.dataset} "
+                f"--data_dir={where}` (README.md, section 'ImageNet preparation')") from e
+        raise RuntimeError(
+            f"{config.dataset} is not prepared in {where} and could not be downloaded "
+            f"({type(e).__name__}); prepare it where there is a network (offline CIFAR: "
+            f"`python ../shared/data/prepare_tfds.py DATA_DIR`) and set config.data_dir") from e
+    return builder
+
+
+def num_examples(config, split: str) -> int:
+    """Examples in a split of `config.dataset` (any tfds split string, e.g. "train[:90%]")."""
+    return _builder(config).info.splits[split].num_examples
+
+
+def load_split_arrays(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """A whole split as numpy (uint8 images [N, H, W, 3], int32 labels [N]), in stored order."""
+    ds = _builder(config).as_dataset(split=split, batch_size=-1)
+    data = tfds.as_numpy(ds)
+    return data["image"], data["label"].astype(np.int32)
+
+
+def _check_augment(config, builder) -> str:
+    augment = config.augment
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    encoding = builder.info.features["image"].encoding_format
+    if augment != "pad_crop_flip" and encoding != "jpeg":
+        raise ValueError(f"augment={augment!r} decodes JPEGs, but {config.dataset} stores "
+                         f"{encoding or 'png'} images; use augment='pad_crop_flip'")
+    return augment
+
+
+def _read(builder, split, config, *, shuffle_files: bool) -> tf.data.Dataset:
+    """{"image", "label"} examples of one split, JPEGs left encoded, optionally cached."""
+    decoders = None
+    if config.augment != "pad_crop_flip":
+        decoders = {"image": tfds.decode.SkipDecoding()}
+    read_config = tfds.ReadConfig(shuffle_seed=config.seed, shuffle_reshuffle_each_iteration=False,
+                                  try_autocache=False)
+    ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, decoders=decoders,
+                            read_config=read_config)
+    ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)},
+                num_parallel_calls=_AUTOTUNE)
+    return ds.cache() if config.cache else ds
+
+
+# --- CIFAR: pad, crop, flip --------------------------------------------------------------------
+
+def pad_crop_flip(image, offset_y, offset_x, flip, crop_size: int):
+    """Zero-pads by `datasets.CIFAR_PADDING`, crops a `crop_size` square at (offset_y, offset_x)
+    of the padded image and mirrors it if `flip`. `device_input.pad_crop_flip` is the same
+    function in JAX; given the same offsets and flips both return identical images."""
+    pad = datasets.CIFAR_PADDING
+    height, width = image.shape[0], image.shape[1]
+    padded = tf.image.pad_to_bounding_box(image, pad, pad, height + 2 * pad, width + 2 * pad)
+    crop = tf.image.crop_to_bounding_box(padded, offset_y, offset_x, crop_size, crop_size)
+    return tf.cond(flip, lambda: tf.image.flip_left_right(crop), lambda: crop)
+
+
+def _random_pad_crop_flip(image, key, crop_size: int):
+    """PAPER.md: random crop of the 4-pixel zero-padded image, then a coin-flip mirror."""
+    key_y, key_x, key_flip = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    pad = datasets.CIFAR_PADDING
+    offset_y = tf.random.stateless_uniform(
+        [], key_y, 0, image.shape[0] + 2 * pad - crop_size + 1, tf.int32)
+    offset_x = tf.random.stateless_uniform(
+        [], key_x, 0, image.shape[1] + 2 * pad - crop_size + 1, tf.int32)
+    flip = tf.random.stateless_uniform([], key_flip) < 0.5
+    return pad_crop_flip(image, offset_y, offset_x, flip, crop_size)
+
+
+# --- ImageNet: crop windows, fused decode, colour --------------------------------------------
+
+def scale_window(shape, key, crop_size: int):
+    """[y, x, h, w] in the stored image equivalent to: resize the shorter side to a random
+    S in SCALE_RANGE, then take a random `crop_size` square (fb.resnet.torch RandomScale +
+    RandomCrop, the paper's "scale augmentation")."""
+    key_s, key_y, key_x = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    height, width = shape[0], shape[1]
+    shorter = tf.minimum(height, width)
+    scale = tf.random.stateless_uniform([], key_s, SCALE_RANGE[0], SCALE_RANGE[1] + 1, tf.int32)
+    side = tf.cast(tf.round(crop_size * tf.cast(shorter, tf.float32) / tf.cast(scale, tf.float32)),
+                   tf.int32)
+    side = tf.clip_by_value(side, 1, shorter)
+    y = tf.random.stateless_uniform([], key_y, 0, height - side + 1, tf.int32)
+    x = tf.random.stateless_uniform([], key_x, 0, width - side + 1, tf.int32)
+    return tf.stack([y, x, side, side])
+
+
+def scale_aspect_window(shape, key):
+    """[y, x, h, w] of a random-resized crop: AREA_RANGE of the image, aspect in ASPECT_RANGE
+    (whole image when 10 attempts fail)."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=key, min_object_covered=0.0,
+        aspect_ratio_range=ASPECT_RANGE, area_range=AREA_RANGE, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def center_window(shape, crop_size: int, resize_ratio: float):
+    """[y, x, h, w] equivalent to: resize the shorter side to round(crop_size / resize_ratio),
+    then take the centre `crop_size` square."""
+    height, width = shape[0], shape[1]
+    shorter = tf.cast(tf.minimum(height, width), tf.float32)
+    resized = round(crop_size / resize_ratio)
+    side = tf.cast(tf.round(crop_size * shorter / resized), tf.int32)
+    return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
+
+
+def decode_window(jpeg, window, size: int):
+    """Decodes only `window` of a JPEG (grayscale and CMYK come out RGB), resized to `size`^2,
+    as float32 on the 0-255 scale."""
+    crop = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+    return tf.image.resize(crop, [size, size], method=RESIZE_METHOD, antialias=True)
+
+
+def color_augment(image, key):
+    """fb.resnet.torch ColorJitter (brightness, contrast, saturation blends, in random order)
+    then PCA lighting noise, on a float image with values in [0, 1]."""
+    keys = tf.unstack(tf.random.experimental.stateless_split(key, 5))
+
+    def factor(k):
+        return tf.random.stateless_uniform([], k, 1 - COLOR_JITTER, 1 + COLOR_JITTER)
+
+    def blend(x, other, k):
+        alpha = factor(k)
+        return alpha * x + (1 - alpha) * other
+
+    jitters = (
+        lambda x: blend(x, tf.zeros_like(x), keys[0]),                                   # brightness
+        lambda x: blend(x, tf.reduce_mean(tf.image.rgb_to_grayscale(x)), keys[1]),        # contrast
+        lambda x: blend(x, tf.image.rgb_to_grayscale(x), keys[2]),                        # saturation
+    )
+
+    def in_order(order):
+        def apply():
+            x = image
+            for i in order:
+                x = jitters[i](x)
+            return x
+        return apply
+
+    orders = list(itertools.permutations(range(len(jitters))))
+    choice = tf.random.stateless_uniform([], keys[3], 0, len(orders), tf.int32)
+    image = tf.switch_case(choice, [in_order(order) for order in orders])
+    alpha = tf.random.stateless_normal([3], keys[4], stddev=LIGHTING_STD)
+    rgb = tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL))
+    return tf.clip_by_value(image + rgb, 0.0, 1.0)
+
+
+def _to_uint8(image):
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _random_jpeg_crop(jpeg, key, config):
+    """ImageNet training example: random window, fused decode, flip, optional colour."""
+    key_window, key_flip, key_color = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    shape = tf.image.extract_jpeg_shape(jpeg)
+    if config.augment == "scale":
+        window = scale_window(shape, key_window, config.image_size)
+    else:
+        window = scale_aspect_window(shape, key_window)
+    image = decode_window(jpeg, window, config.image_size)
+    image = tf.cond(tf.random.stateless_uniform([], key_flip) < 0.5,
+                    lambda: tf.image.flip_left_right(image), lambda: image)
+    if config.color_augment:
+        image = 255.0 * color_augment(image / 255.0, key_color)
+    return _to_uint8(image)
+
+
+def _train_preprocess(config) -> Callable:
+    if config.augment == "pad_crop_flip":
+        return lambda image, key: _random_pad_crop_flip(image, key, config.image_size)
+    return lambda image, key: _random_jpeg_crop(image, key, config)
+
+
+def _eval_preprocess(config, builder, crop_size: int) -> Callable:
+    if config.augment == "pad_crop_flip":
+        stored = builder.info.features["image"].shape[0]
+        if crop_size != stored:
+            raise ValueError(f"augment='pad_crop_flip' evaluates images as stored "
+                             f"({stored}x{stored}); got crop size {crop_size}")
+        return lambda image: image
+    return lambda jpeg: _to_uint8(decode_window(
+        jpeg, center_window(tf.image.extract_jpeg_shape(jpeg), crop_size,
+                            config.eval_resize_ratio), crop_size))
+
+
+# --- iterators ---------------------------------------------------------------------------------
+
+def create_train_iterator(config, *, start_step: int = 0, process_index: Optional[int] = None,
+                          process_count: Optional[int] = None) -> Iterator[dict]:
+    """Endless per-process training batches {"image": uint8 [b, s, s, 3], "label": int32 [b]},
+    b = config.batch_size // process_count, s = config.image_size, from step `start_step` on.
+
+    `process_index`/`process_count` default to JAX's; tests pass them to simulate hosts.
+    """
+    process_index, process_count = datasets.resolve_process(process_index, process_count)
+    batch = datasets.local_batch_size(config.batch_size, process_count, jax.device_count())
+    builder = _builder(config)
+    _check_augment(config, builder)
+    split = tfds.split_for_jax_process(config.train_split, process_index=process_index,
+                                       process_count=process_count)
+    size = builder.info.splits[split].num_examples
+    examples = _read(builder, split, config, shuffle_files=True)
+    buffer = min(config.shuffle_buffer_size, size)
+    process_key = tf.constant([config.seed, process_index], tf.int64)
+    shuffle_key = tf.random.experimental.stateless_fold_in(process_key, 0)
+    augment_key = tf.random.experimental.stateless_fold_in(process_key, 1)
+
+    def epoch(index):
+        seed = tf.random.stateless_uniform(
+            [], tf.random.experimental.stateless_fold_in(shuffle_key, index),
+            minval=None, maxval=None, dtype=tf.int64)
+        return examples.shuffle(buffer, seed=seed).enumerate(start=index * size)
+
+    preprocess = _train_preprocess(config)
+
+    def augment(position, example):
+        key = tf.random.experimental.stateless_fold_in(augment_key, position)
+        return {"image": preprocess(example["image"], key), "label": example["label"]}
+
+    first_epoch, skip = divmod(start_step * batch, size)
+    ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(skip)
+    ds = ds.map(augment, num_parallel_calls=_AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE)
+    return iter(tfds.as_numpy(ds))
+
+
+def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Optional[str] = None,
+                         process_index: Optional[int] = None,
+                         process_count: Optional[int] = None) -> datasets.EvalBatches:
+    """One exact pass over `split` (default config.eval_split) at `crop_size` (default the
+    first of config.eval_crop_sizes), in per-process batches {"image": uint8, "label": int32,
+    "mask": bool} of config.eval_batch_size // process_count; see `datasets.EvalBatches`."""
+    process_index, process_count = datasets.resolve_process(process_index, process_count)
+    batch = datasets.local_batch_size(config.eval_batch_size, process_count, jax.device_count(),
+                                      "eval_batch_size")
+    crop_size = crop_size or config.eval_crop_sizes[0]
+    split = split or config.eval_split
+    builder = _builder(config)
+    _check_augment(config, builder)
+    local_split = tfds.split_for_jax_process(split, process_index=process_index,
+                                             process_count=process_count)
+    total = builder.info.splits[split].num_examples
+    num_batches = datasets.eval_num_batches(total, process_count, batch)
+    preprocess = _eval_preprocess(config, builder, crop_size)
+    ds = _read(builder, local_split, config, shuffle_files=False).map(
+        lambda ex: {"image": preprocess(ex["image"]), "label": ex["label"], "mask": True},
+        num_parallel_calls=_AUTOTUNE)
+    padding = tf.data.Dataset.from_tensors(
+        tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec))
+    num_padding = num_batches * batch - builder.info.splits[local_split].num_examples
+    ds = ds.concatenate(padding.repeat(num_padding)).batch(batch).prefetch(_AUTOTUNE)
+    return datasets.EvalBatches(lambda: iter(tfds.as_numpy(ds)), num_batches, total)
+
+
+# --- host to device ----------------------------------------------------------------------------
+
+def prefetch_to_device(iterator: Iterable, put: Callable, size: int = 2) -> Iterator:
+    """Yields `put(batch)` for each batch, computed by a background thread `size` batches ahead.
+
+    `put` turns a host batch into device arrays laid out for the data-parallel step (for
+    example `DataParallel.put_batch`), so the transfer overlaps the previous step. Exceptions
+    in the thread are re-raised here; closing the generator stops the thread.
+    """
+    done = object()
+    results = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for batch in iterator:
+                if not offer((put(batch), None)):
+                    return
+            offer((done, None))
+        except BaseException as e:  # handed to the consumer
+            offer((None, e))
+
+    threading.Thread(target=produce, daemon=True, name="prefetch_to_device").start()
+    try:
+        while True:
+            item, error = results.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
