@@ -1,0 +1,200 @@
+"""Device-resident input for small datasets (CIFAR): no host pipeline during training.
+
+The whole training split is put once, as uint8, into accelerator memory, sharded over the
+devices of the batch axis of the caller's `NamedSharding` (CIFAR-10 is 150 MB in all). Each
+step, every device draws its share of the batch from its own shard, in a fresh order each
+epoch (per-shard permutations seeded by (seed, epoch, shard)), and applies the paper's
+4-pixel pad, random crop and random flip in JAX (offsets from `jax.random.fold_in(key, step)`),
+all under `jit`: nothing crosses from the host. Batches are global `jax.Array`s with the
+caller's sharding. A run resumed with `start_step=k` gets exactly the batches of an
+uninterrupted run from step k (same seed and device count).
+
+Arrays come from `<config.array_dir>/<dataset>_<split>.npz` (uint8 "image" [N, H, W, 3], int
+"label" [N]; see `write_arrays` and `python -m resnet_v2_jax.device_input`) or, when
+`config.array_dir` is None, from tfds: TensorFlow is imported only then, so a machine without
+TensorFlow trains CIFAR from .npz files. The eval iterator is plain numpy with the same
+contract as `input_pipeline.create_eval_iterator` (`datasets.EvalBatches`).
+"""
+
+import argparse
+import math
+import os
+from typing import Iterator, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resnet_v2_jax import datasets
+
+
+# --- arrays ------------------------------------------------------------------------------------
+
+def array_path(array_dir: str, dataset: str, split: str) -> str:
+    return os.path.join(array_dir, f"{dataset.split(':')[0]}_{split}.npz")
+
+
+def write_arrays(array_dir: str, dataset: str, split: str, images: np.ndarray,
+                 labels: np.ndarray) -> str:
+    """Saves one split as `<array_dir>/<dataset>_<split>.npz`; returns the path."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
+        raise ValueError(f"expected uint8 images [N, H, W, C] and N labels, got "
+                         f"{images.dtype} {images.shape} and {labels.shape}")
+    os.makedirs(array_dir, exist_ok=True)
+    path = array_path(array_dir, dataset, split)
+    np.savez(path, image=images, label=labels.astype(np.int32))
+    return path
+
+
+def load_arrays(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, H, W, 3] and int32 labels [N] of a split, from .npz or tfds."""
+    datasets.get(config.dataset)  # registered: normalisation needs its statistics
+    if config.array_dir is None:
+        from resnet_v2_jax import input_pipeline  # TensorFlow only on this path
+        return input_pipeline.load_split_arrays(config, split)
+    path = array_path(config.array_dir, config.dataset, split)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: write it with `python -m "
+                                f"resnet_v2_jax.device_input --dataset {config.dataset} "
+                                f"--array_dir {config.array_dir}` or device_input.write_arrays")
+    with np.load(path) as data:
+        return data["image"], data["label"].astype(np.int32)
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+def pad_crop_flip(images, offsets_y, offsets_x, flips, crop_size: int):
+    """Batched twin of `input_pipeline.pad_crop_flip`: zero-pad each image by
+    `datasets.CIFAR_PADDING`, crop `crop_size` squares at the given offsets, mirror where
+    `flips` is True. Identical outputs for identical offsets and flips."""
+    pad = datasets.CIFAR_PADDING
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    channels = images.shape[-1]
+
+    def one(image, offset_y, offset_x, flip):
+        crop = jax.lax.dynamic_slice(image, (offset_y, offset_x, 0),
+                                     (crop_size, crop_size, channels))
+        return jnp.where(flip, crop[:, ::-1], crop)
+
+    return jax.vmap(one)(padded, offsets_y, offsets_x, flips)
+
+
+def random_pad_crop_flip(images, key, crop_size: int):
+    """PAPER.md "Training recipes": uniform crop offsets in the padded image, flip with p=1/2."""
+    key_y, key_x, key_flip = jax.random.split(key, 3)
+    pad = datasets.CIFAR_PADDING
+    batch, height, width = images.shape[:3]
+    offsets_y = jax.random.randint(key_y, (batch,), 0, height + 2 * pad - crop_size + 1)
+    offsets_x = jax.random.randint(key_x, (batch,), 0, width + 2 * pad - crop_size + 1)
+    flips = jax.random.bernoulli(key_flip, 0.5, (batch,))
+    return pad_crop_flip(images, offsets_y, offsets_x, flips, crop_size)
+
+
+# --- iterators ---------------------------------------------------------------------------------
+
+def create_train_iterator(config, sharding: NamedSharding, *,
+                          start_step: int = 0) -> Iterator[dict]:
+    """Endless global batches {"image": uint8 [B, s, s, 3], "label": int32 [B]} with
+    `sharding` (batch axis first), B = config.batch_size, s = config.image_size.
+
+    The training split is trimmed to a multiple of the number of batch shards (at most
+    shards - 1 examples are left out) so that every shard holds the same number.
+    """
+    if config.augment != "pad_crop_flip":
+        raise ValueError(f"the device-resident input supports augment='pad_crop_flip' only, "
+                         f"not {config.augment!r}; use input_pipeline='tfds'")
+    datasets.local_batch_size(config.batch_size, jax.process_count(), jax.device_count())
+    mesh, batch_axes = sharding.mesh, sharding.spec[0]
+    names = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
+    num_shards = math.prod(mesh.shape[name] for name in names)
+    shard_batch = config.batch_size // num_shards
+    images, labels = load_arrays(config, config.train_split)
+    shard_size = len(images) // num_shards
+    if shard_size < shard_batch:
+        raise ValueError(f"{len(images)} training examples are too few for batches of "
+                         f"{shard_batch} on each of {num_shards} shards")
+    keep = shard_size * num_shards
+    data = jax.tree.map(
+        lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]),
+        {"image": images[:keep], "label": labels[:keep]})
+    perm_key, augment_key = jax.random.split(jax.random.key(config.seed))
+    spec = P(batch_axes)
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=P(), out_specs=spec)
+    def permutations(epoch):
+        """Each shard's order of its own examples in `epoch`."""
+        key = jax.random.fold_in(jax.random.fold_in(perm_key, epoch),
+                                 jax.lax.axis_index(batch_axes))
+        return jax.random.permutation(key, shard_size)
+
+    @jax.jit
+    @jax.shard_map(mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=spec)
+    def batch_at(data, order, next_order, offset, step):
+        """Rows offset .. offset + shard_batch of this shard's stream (running into the next
+        epoch's order past the end), augmented with keys from (seed, step, shard)."""
+        position = offset + jnp.arange(shard_batch)
+        index = jnp.where(position < shard_size, order[position % shard_size],
+                          next_order[position % shard_size])
+        key = jax.random.fold_in(jax.random.fold_in(augment_key, step),
+                                 jax.lax.axis_index(batch_axes))
+        return {"image": random_pad_crop_flip(data["image"][index], key, config.image_size),
+                "label": data["label"][index]}
+
+    def batches():
+        epoch, orders = None, None
+        for step in range(start_step, 2**31 - 1):
+            current, offset = divmod(step * shard_batch, shard_size)
+            if current != epoch:
+                follows = orders is not None and current == epoch + 1
+                orders = (orders[1] if follows else permutations(current),
+                          permutations(current + 1))
+                epoch = current
+            yield batch_at(data, *orders, offset, step)
+
+    return batches()
+
+
+def create_eval_iterator(config, *, split: Optional[str] = None,
+                         process_index: Optional[int] = None,
+                         process_count: Optional[int] = None) -> datasets.EvalBatches:
+    """One exact pass over `split` (default config.eval_split) as per-process numpy batches
+    {"image", "label", "mask"}; the same contract as `input_pipeline.create_eval_iterator`."""
+    process_index, process_count = datasets.resolve_process(process_index, process_count)
+    batch = datasets.local_batch_size(config.eval_batch_size, process_count, jax.device_count(),
+                                      "eval_batch_size")
+    images, labels = load_arrays(config, split or config.eval_split)
+    start, stop = datasets.process_share(len(images), process_index, process_count)
+    num_batches = datasets.eval_num_batches(len(images), process_count, batch)
+
+    def batches():
+        for first in range(start, start + num_batches * batch, batch):
+            real = max(0, min(batch, stop - first))
+            image = np.zeros((batch,) + images.shape[1:], np.uint8)
+            label = np.zeros((batch,), np.int32)
+            image[:real], label[:real] = images[first:first + real], labels[first:first + real]
+            yield {"image": image, "label": label, "mask": np.arange(batch) < real}
+
+    return datasets.EvalBatches(batches, num_batches, len(images))
+
+
+def main(argv=None):
+    """Writes .npz arrays of tfds splits for `config.array_dir`."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--data_dir", default=None, help="tfds data_dir (default: tfds's)")
+    parser.add_argument("--array_dir", required=True)
+    parser.add_argument("--splits", nargs="+", default=["train", "test"])
+    args = parser.parse_args(argv)
+    from resnet_v2_jax import input_pipeline
+    config = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir)
+    for split in args.splits:
+        path = write_arrays(args.array_dir, args.dataset, split,
+                            *input_pipeline.load_split_arrays(config, split))
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
