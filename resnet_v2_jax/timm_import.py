@@ -27,7 +27,8 @@ Not supported, and refused where the state dict shows it: the BiT models (`resne
 and kin: GroupNorm and weight-standardised `StdConv2d`), deep stems (`resnetv2_50d`),
 post-activation `Bottleneck` units (`preact=False`). A state dict cannot show timm's
 `stem_type` "fixed"/"same" pooling, `avg_down`, `output_stride` < 32, or StdConv2d combined with
-BatchNorm; those must be left at timm's defaults, as in `resnetv2_50` / `resnetv2_101`.
+BatchNorm; those must be left at timm's defaults, as in `resnetv2_50` / `resnetv2_101` (and
+the basic-unit `resnetv2_18` / `resnetv2_34`, which match as well).
 """
 
 import re
@@ -64,7 +65,7 @@ def convert_state_dict(state_dict, model: models.ResNetV2):
     _check_model(model)
     state_dict = {k: np.asarray(v) for k, v in state_dict.items()
                   if not k.endswith("num_batches_tracked")}
-    _check_batchnorm(state_dict)
+    _check_supported(state_dict)
     channels = state_dict["stem.conv.weight"].shape[1] if "stem.conv.weight" in state_dict else 3
     expected = jax.eval_shape(lambda: model.clone(scan_units=False).init(
         jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False))
@@ -83,8 +84,8 @@ def convert_state_dict(state_dict, model: models.ResNetV2):
         elif spec.ndim == 2:
             value = value.reshape(value.shape[0], -1).T
         if value.shape != spec.shape:
-            raise ValueError(f"timm {key} of shape {state_dict[key].shape} does not fit the model's "
-                             f"{'/'.join(p.key for p in path)} of shape {spec.shape}")
+            raise ValueError(f"timm {key} of shape {state_dict[key].shape} does not fit the "
+                             f"model's {'/'.join(p.key for p in path)} of shape {spec.shape}")
         return jnp.asarray(value)
 
     variables = jax.tree_util.tree_map_with_path(convert, expected)
@@ -101,21 +102,22 @@ def model_from_state_dict(state_dict, **options) -> models.ResNetV2:
     from it. `options` are further `ResNetV2` attributes (e.g. dtype, scan_units).
     """
     state_dict = dict(state_dict)
-    _check_batchnorm(state_dict)
+    _check_supported(state_dict)
     sizes = {}
     for key in state_dict:
         m = _BLOCK.match(key)
         if m:
             sizes[int(m[1])] = max(sizes.get(int(m[1]), 0), int(m[2]) + 1)
-    if "stem.conv.weight" not in state_dict or sorted(sizes) != list(range(len(sizes))) or not sizes:
+    stages = sorted(sizes)
+    if not stages or stages != list(range(len(stages))) or "stem.conv.weight" not in state_dict:
         raise ValueError("not a timm ResNetV2 state dict with the 7x7 stem: need stem.conv.weight "
                          "and stages.{i}.blocks.{j}.* keys")
     bottleneck = "stages.0.blocks.0.conv3.weight" in state_dict
     last = "conv3" if bottleneck else "conv2"
-    widths = [np.shape(state_dict[f"stages.{s}.blocks.0.{last}.weight"])[0] for s in sorted(sizes)]
+    widths = [np.shape(state_dict[f"stages.{s}.blocks.0.{last}.weight"])[0] for s in stages]
     head = state_dict.get("head.fc.bias")
     return models.ResNetV2(
-        stage_sizes=[sizes[s] for s in sorted(sizes)], widths=widths,
+        stage_sizes=[sizes[s] for s in stages], widths=widths,
         num_classes=None if head is None else np.shape(head)[0], stem="imagenet",
         stem_norm="after_pool", stem_width=np.shape(state_dict["stem.conv.weight"])[0],
         bottleneck=bottleneck, **options)
@@ -143,6 +145,7 @@ def _timm_key(path) -> str:
 
 
 def _check_model(model):
+    """Refuses models whose layout or BN eps differs from timm's ResNetV2."""
     fits = (isinstance(model, models.ResNetV2) and model.stem == "imagenet"
             and model.stem_norm == "after_pool" and model.unit == "full_preact"
             and model.shortcut == "identity" and model.stride_on == "3x3"
@@ -154,19 +157,24 @@ def _check_model(model):
                          "models.imagenet_resnet(50, stem_norm='after_pool')")
 
 
-def _check_batchnorm(state_dict):
-    """Refuses norm layers without running statistics (GroupNorm: the BiT models)."""
-    for key in state_dict:
-        layer = key[:-len(".weight")]
-        if (key.endswith(".weight") and re.search(r"(^|\.)norm\d*$", layer)
-                and f"{layer}.running_mean" not in state_dict):
-            raise ValueError(f"timm norm layer {layer} has no running statistics: this looks like a "
-                             "BiT ResNetV2 (GroupNorm + weight-standardised StdConv2d, e.g. "
+def _check_supported(state_dict):
+    """Refuses the timm ResNetV2s that this mapping does not fit, by what their keys show."""
+    if "stem.conv1.weight" in state_dict:
+        raise ValueError("timm state dict has a deep 3x3 stem (resnetv2_50d, resnetv2_50t, ...), "
+                         "which is not supported; only the 7x7 stem (stem_type='') is")
+    if "stem.norm.weight" in state_dict:
+        raise ValueError("timm state dict has a BN after the stem conv: a post-activation ResNetV2 "
+                         "(preact=False), which is not supported; only pre-activation ones are")
+    for layer in (k[:-len(".weight")] for k in state_dict if k.endswith(".weight")):
+        if re.search(r"(^|\.)norm\d*$", layer) and f"{layer}.running_mean" not in state_dict:
+            raise ValueError(f"timm norm layer {layer} has no running statistics: this looks "
+                             "like a BiT ResNetV2 (GroupNorm + weight-standardised StdConv2d, e.g. "
                              "resnetv2_50x1_bit), which is not supported; only BatchNorm "
                              "pre-activation ResNetV2s such as resnetv2_50 / resnetv2_101 are")
 
 
 def _some(keys, shown=3) -> str:
+    """The first `shown` keys, and how many more, for a one-line message."""
     if not keys:
         return "none"
     more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""

@@ -84,11 +84,30 @@ def test_wrong_shape_is_named():
         timm_import.convert_state_dict(state_dict, model)
 
 
-def test_bit_state_dict_is_refused():
-    # BiT's GroupNorm layers have weight and bias but no running statistics.
-    state_dict = {k: v for k, v in _fixture()["state_dict"].items() if "running" not in k}
-    with pytest.raises(ValueError, match="BiT ResNetV2"):
-        timm_import.load(state_dict)
+def _bit(state_dict):
+    """BiT's GroupNorm layers have weight and bias but no running statistics."""
+    return {k: v for k, v in state_dict.items() if "running" not in k}
+
+
+def _deep_stem(state_dict):
+    state_dict = dict(state_dict)
+    state_dict["stem.conv1.weight"] = state_dict.pop("stem.conv.weight")
+    return state_dict
+
+
+def _post_activation(state_dict):
+    return {**state_dict, "stem.norm.weight": np.ones(16, np.float32)}
+
+
+@pytest.mark.parametrize("variant, message", [
+    (_bit, "BiT ResNetV2"), (_deep_stem, "deep 3x3 stem"), (_post_activation, "post-activation")])
+def test_unsupported_timm_variants_are_refused(variant, message):
+    state_dict = variant(_fixture()["state_dict"])
+    for convert in (timm_import.model_from_state_dict,
+                    lambda sd: timm_import.convert_state_dict(sd, models.imagenet_resnet(
+                        50, stem_norm="after_pool"))):
+        with pytest.raises(ValueError, match=message):
+            convert(state_dict)
 
 
 def test_paper_stem_is_refused():
