@@ -7,3 +7,40 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# --- real data (input pipeline tests; usable by any test) -------------------------------------
+# Tests that need real data ask for these fixtures and are SKIPPED, with the reason, where the
+# data is absent. TFDS_DATA_DIR: a tfds data_dir holding cifar10 (and cifar100), prepared with
+# `python ../shared/data/prepare_tfds.py DIR`; default ~/tensorflow_datasets when cifar10 is
+# there. RESNET_V2_JAX_DATA: the shared raw data folder; default ../shared/data.
+import pathlib
+
+import pytest
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tfds_dir():
+    explicit = os.environ.get("TFDS_DATA_DIR")
+    candidate = pathlib.Path(explicit or pathlib.Path.home() / "tensorflow_datasets")
+    return candidate if (candidate / "cifar10").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir():
+    """A tfds data_dir with CIFAR-10 prepared (CIFAR-100 may be missing: check it yourself)."""
+    path = _tfds_dir()
+    if path is None:
+        pytest.skip("real CIFAR-10 as tfds not found: set TFDS_DATA_DIR to a data_dir prepared "
+                    "by `python ../shared/data/prepare_tfds.py DIR` (default ~/tensorflow_datasets)")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    """The shared real-data folder (CIFAR npz files, imagenet_samples/)."""
+    path = pathlib.Path(os.environ.get("RESNET_V2_JAX_DATA", _REPO.parent / "shared" / "data"))
+    if not (path / "imagenet_samples").is_dir():
+        pytest.skip(f"shared real data not found at {path}: set RESNET_V2_JAX_DATA")
+    return path

@@ -1,0 +1,473 @@
+"""Input pipelines (issue 3): tf.data/tfds and device-resident, on real CIFAR and ImageNet JPEGs.
+
+CIFAR tests read real CIFAR-10/100 as tfds datasets (fixture `tfds_data_dir`, conftest.py) and
+are skipped where it is absent. ImageNet tests build a tiny tfds dataset from the shared sample
+photos, and also run on `tfds.testing.mock_data` for imagenet2012. conftest.py gives JAX 8 CPU
+devices, so batch sizes here are multiples of 8.
+"""
+
+import collections
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from configs import default
+from resnet_v2_jax import datasets, device_input, input_pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_config(data_dir, **overrides):
+    config = default.get_config()
+    config.data_dir = data_dir
+    config.update(overrides)
+    return config
+
+
+def batch_sharding():
+    return NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def window_table(originals):
+    """{crop bytes: (source, offset_y, offset_x, flipped)} over every 32x32 window of every
+    zero-padded original, mirrored or not."""
+    pad = datasets.CIFAR_PADDING
+    size = originals.shape[1]
+    table = {}
+    for source, image in enumerate(np.pad(originals, ((0, 0), (pad, pad), (pad, pad), (0, 0)))):
+        for dy in range(2 * pad + 1):
+            for dx in range(2 * pad + 1):
+                window = image[dy:dy + size, dx:dx + size]
+                table.setdefault(window.tobytes(), (source, dy, dx, False))
+                table.setdefault(window[:, ::-1].tobytes(), (source, dy, dx, True))
+    return table
+
+
+def match_crops(batches, table):
+    """[steps, batch, 4] (source, dy, dx, flip) of each training image; fails on a non-window."""
+    matches = []
+    for batch in batches:
+        images = np.asarray(batch["image"])
+        missing = sum(image.tobytes() not in table for image in images)
+        assert missing == 0, f"{missing} crops are not windows of a zero-padded training image"
+        matches.append([table[image.tobytes()] for image in images])
+    return np.array(matches)
+
+
+def check_crop_statistics(matches):
+    """Offsets uniform on 0..8 and flips with probability 1/2 (within ~4 standard errors)."""
+    _, offset_y, offset_x, flips = (matches[..., i].ravel() for i in range(4))
+    n = flips.size
+    assert abs(flips.mean() - 0.5) < 4 * 0.5 / np.sqrt(n)
+    for offsets in (offset_y, offset_x):
+        counts = np.bincount(offsets, minlength=9)
+        expected = n / 9
+        assert ((counts - expected) ** 2 / expected).sum() < 30, counts  # chi2, 8 dof
+    return flips.mean(), offset_y.mean(), offset_x.mean()
+
+
+def image_counts(images):
+    return collections.Counter(image.tobytes() for image in images)
+
+
+# --- registry and TF-free imports ------------------------------------------------------------
+
+def test_registry_and_normalize():
+    assert datasets.get("cifar10:3.0.2").num_classes == 10
+    assert datasets.get("cifar100").mean != datasets.get("cifar10").mean
+    assert datasets.get("imagenet2012").eval_crop_sizes == (224, 320)
+    with pytest.raises(ValueError, match="supported are cifar10, cifar100, imagenet2012"):
+        datasets.get("mnist")
+    images = np.full((2, 4, 4, 3), [125, 123, 114], np.uint8)
+    out = datasets.normalize(images, "cifar10", jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16 and out.shape == images.shape
+    expected = (np.array([125, 123, 114]) - np.array([125.3, 123.0, 113.9])) / np.array(
+        [63.0, 62.1, 66.7])
+    np.testing.assert_allclose(np.asarray(out, np.float32)[0, 0, 0], expected, atol=1e-2)
+
+
+def test_tf_free_modules_do_not_import_tensorflow():
+    code = ("import sys; from resnet_v2_jax import datasets, device_input; "
+            "assert not {'tensorflow', 'tensorflow_datasets'} & set(sys.modules), 'TF imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_local_batch_size_errors():
+    assert datasets.local_batch_size(256, 2, 8) == 128
+    with pytest.raises(ValueError, match="device count 8"):
+        datasets.local_batch_size(100, 1, 8)
+    assert [datasets.process_share(11, i, 3) for i in range(3)] == [(0, 4), (4, 8), (8, 11)]
+
+
+def test_prefetch_to_device_order_and_errors():
+    assert list(input_pipeline.prefetch_to_device(iter(range(10)), lambda x: 2 * x, 3)) == list(
+        range(0, 20, 2))
+
+    def failing():
+        yield 1
+        raise RuntimeError("boom")
+
+    prefetched = input_pipeline.prefetch_to_device(failing(), lambda x: x)
+    assert next(prefetched) == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        next(prefetched)
+
+
+# --- CIFAR, tf.data ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifar10_test(tfds_data_dir):
+    return input_pipeline.load_split_arrays(make_config(tfds_data_dir), "test")
+
+
+@pytest.fixture(scope="module")
+def small_train(tfds_data_dir):
+    """The first 64 CIFAR-10 training images and the table of all their crops."""
+    images, labels = input_pipeline.load_split_arrays(make_config(tfds_data_dir), "train[:64]")
+    return images, labels, window_table(images)
+
+
+def test_train_batches_shapes_dtypes_and_device_put(tfds_data_dir):
+    config = make_config(tfds_data_dir, train_split="train[:1000]", batch_size=64)
+    batch = next(input_pipeline.create_train_iterator(config))
+    assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (64,) and batch["label"].dtype == np.int32
+    sharding = batch_sharding()
+    put = lambda b: jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), b)
+    on_device = next(input_pipeline.prefetch_to_device(iter([batch]), put))
+    assert on_device["image"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(on_device["image"]), batch["image"])
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_eval_normalisation_gives_zero_mean_unit_std(tfds_data_dir, dataset):
+    if not (pathlib.Path(tfds_data_dir) / dataset).is_dir():
+        pytest.skip(f"{dataset} is not prepared in {tfds_data_dir}")
+    config = make_config(tfds_data_dir, dataset=dataset, eval_batch_size=10_000)
+    batch = next(iter(input_pipeline.create_eval_iterator(config)))
+    assert batch["mask"].all()
+    images = np.asarray(datasets.normalize(batch["image"], dataset))
+    np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0.0, atol=0.05)
+    np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.0, atol=0.05)
+
+
+@pytest.mark.parametrize("batch_size", [400, 384])  # divides 10,000 or not
+def test_eval_covers_test_split_exactly_once(tfds_data_dir, cifar10_test, batch_size):
+    images, labels = cifar10_test
+    config = make_config(tfds_data_dir, eval_batch_size=batch_size)
+    batches = input_pipeline.create_eval_iterator(config)
+    seen = list(batches)
+    assert len(seen) == len(batches) == -(-10_000 // batch_size)
+    assert batches.num_examples == 10_000
+    mask = np.concatenate([b["mask"] for b in seen])
+    assert mask.sum() == 10_000 and all(b["image"].shape[0] == batch_size for b in seen)
+    real_labels = np.concatenate([b["label"] for b in seen])[mask]
+    np.testing.assert_array_equal(np.bincount(real_labels, minlength=10),
+                                  np.bincount(labels, minlength=10))
+    real_images = np.concatenate([b["image"] for b in seen])
+    assert image_counts(real_images[mask]) == image_counts(images)
+    assert not real_images[~mask].any()
+
+
+def test_eval_two_processes_split_the_test_set(tfds_data_dir, cifar10_test):
+    config = make_config(tfds_data_dir, eval_batch_size=384)
+    shares = [input_pipeline.create_eval_iterator(config, process_index=i, process_count=2)
+              for i in range(2)]
+    assert len(shares[0]) == len(shares[1]) == -(-5_000 // 192)
+    counts = []
+    for share in shares:
+        batches = list(share)
+        assert len(batches) == len(share) and batches[0]["image"].shape[0] == 192
+        counts.append(image_counts(np.concatenate([b["image"][b["mask"]] for b in batches])))
+    assert sum(counts[0].values()) == sum(counts[1].values()) == 5_000
+    assert counts[0] + counts[1] == image_counts(cifar10_test[0])
+
+
+def test_train_crops_are_windows_and_epochs_cover_the_split(tfds_data_dir, small_train):
+    images, labels, table = small_train
+    config = make_config(tfds_data_dir, train_split="train[:64]", batch_size=64)
+    batches = take(input_pipeline.create_train_iterator(config), 16)
+    matches = match_crops(batches, table)
+    for batch, match in zip(batches, matches):  # one batch = one epoch here
+        assert sorted(match[:, 0]) == list(range(64))
+        np.testing.assert_array_equal(batch["label"], labels[match[:, 0]])
+    assert not (matches[0, :, 0] == matches[1, :, 0]).all()  # a new order each epoch
+    check_crop_statistics(matches)
+
+
+def test_train_two_processes_read_disjoint_halves(tfds_data_dir):
+    config = make_config(tfds_data_dir, train_split="train[:128]", batch_size=128)
+    images, _ = input_pipeline.load_split_arrays(config, "train[:128]")
+    table = window_table(images)
+    sources = [set(match_crops(take(input_pipeline.create_train_iterator(
+        config, process_index=i, process_count=2), 1), table)[0, :, 0]) for i in range(2)]
+    assert len(sources[0]) == len(sources[1]) == 64
+    assert sources[0] | sources[1] == set(range(128))
+
+
+def test_train_is_deterministic_and_resumes_exactly(tfds_data_dir):
+    config = make_config(tfds_data_dir, train_split="train[:100]", batch_size=32)
+    first = take(input_pipeline.create_train_iterator(config), 6)
+    again = take(input_pipeline.create_train_iterator(config), 6)
+    other = take(input_pipeline.create_train_iterator(make_config(
+        tfds_data_dir, train_split="train[:100]", batch_size=32, seed=1)), 1)
+    assert not np.array_equal(other[0]["image"], first[0]["image"])
+    for start in (3, 4):  # step 3 starts mid-epoch and runs into the next one
+        resumed = take(input_pipeline.create_train_iterator(config, start_step=start), 6 - start)
+        for expected, got in zip(first[start:], resumed):
+            np.testing.assert_array_equal(expected["image"], got["image"])
+            np.testing.assert_array_equal(expected["label"], got["label"])
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+# --- CIFAR, device-resident -------------------------------------------------------------------
+
+def test_same_offsets_and_flips_give_identical_crops(small_train):
+    images = small_train[0][:16]
+    rng = np.random.default_rng(0)
+    offsets_y, offsets_x = rng.integers(0, 9, 16), rng.integers(0, 9, 16)
+    flips = rng.random(16) < 0.5
+    offsets_y[:2], offsets_x[:2], flips[:2] = (4, 0), (4, 0), False
+    from_tf = np.stack([input_pipeline.pad_crop_flip(
+        tf.constant(image), int(y), int(x), tf.constant(bool(f)), 32).numpy()
+        for image, y, x, f in zip(images, offsets_y, offsets_x, flips)])
+    from_jax = np.asarray(device_input.pad_crop_flip(images, offsets_y, offsets_x, flips, 32))
+    np.testing.assert_array_equal(from_tf, from_jax)
+    np.testing.assert_array_equal(from_jax[0], images[0])  # centre window, no flip
+    assert not from_jax[1, :4].any() and not from_jax[1, :, :4].any()  # zero padding
+
+
+def test_device_resident_matches_tf_data_statistics(tfds_data_dir, small_train):
+    images, labels, table = small_train
+    config = make_config(tfds_data_dir, train_split="train[:64]", batch_size=64)
+    sharding = batch_sharding()
+    device_batches = take(device_input.create_train_iterator(config, sharding), 16)
+    assert device_batches[0]["image"].sharding == sharding
+    assert device_batches[0]["image"].dtype == jnp.uint8
+    assert device_batches[0]["label"].dtype == jnp.int32
+    device_matches = match_crops(device_batches, table)
+    for batch, match in zip(device_batches, device_matches):  # one batch = one epoch here
+        assert sorted(match[:, 0]) == list(range(64))
+        np.testing.assert_array_equal(np.asarray(batch["label"]), labels[match[:, 0]])
+    tf_matches = match_crops(take(input_pipeline.create_train_iterator(config), 16), table)
+    device_stats = check_crop_statistics(device_matches)
+    tf_stats = check_crop_statistics(tf_matches)
+    assert abs(device_stats[0] - tf_stats[0]) < 0.08  # flip rate
+    np.testing.assert_allclose(device_stats[1:], tf_stats[1:], atol=0.5)  # mean offsets
+
+
+def test_device_resident_npz_and_resume(tfds_data_dir, small_train, tmp_path):
+    images, labels, _ = small_train
+    device_input.write_arrays(str(tmp_path), "cifar10", "small", images, labels)
+    # 48 per batch = 6 per shard of 8: batches run across epoch ends.
+    from_tfds = make_config(tfds_data_dir, train_split="train[:64]", batch_size=48)
+    from_npz = make_config(None, train_split="small", batch_size=48, array_dir=str(tmp_path))
+    sharding = batch_sharding()
+    first = take(device_input.create_train_iterator(from_tfds, sharding), 8)
+    same = take(device_input.create_train_iterator(from_npz, sharding), 8)
+    resumed = take(device_input.create_train_iterator(from_npz, sharding, start_step=5), 3)
+    for expected, got in zip(first, same[:5] + resumed):
+        np.testing.assert_array_equal(np.asarray(expected["image"]), np.asarray(got["image"]))
+        np.testing.assert_array_equal(np.asarray(expected["label"]), np.asarray(got["label"]))
+    with pytest.raises(FileNotFoundError, match="python -m resnet_v2_jax.device_input"):
+        device_input.load_arrays(from_npz, "missing")
+
+
+def test_device_eval_equals_tf_data_eval(tfds_data_dir, cifar10_test, monkeypatch):
+    config = make_config(tfds_data_dir, eval_batch_size=384)
+    monkeypatch.setattr(device_input, "load_arrays", lambda config, split: cifar10_test)
+    for index in range(2):
+        from_numpy = device_input.create_eval_iterator(config, process_index=index,
+                                                       process_count=2)
+        from_tf = input_pipeline.create_eval_iterator(config, process_index=index,
+                                                      process_count=2)
+        assert (len(from_numpy), from_numpy.num_examples) == (len(from_tf), 10_000)
+        for a, b in zip(from_numpy, from_tf, strict=True):
+            for key in ("image", "label", "mask"):
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+# --- ImageNet ---------------------------------------------------------------------------------
+
+class ImagenetSamples(tfds.core.GeneratorBasedBuilder):
+    """The shared ImageNet sample photos as a tfds dataset (JPEG bytes stored as they are);
+    "train" and "validation" hold the same images, one class per file."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    files = ()  # set by the fixture before the builder is made
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(names=[f.stem for f in self.files]),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(), "validation": self._generate_examples()}
+
+    def _generate_examples(self):
+        for label, path in enumerate(self.files):
+            yield path.stem, {"image": path, "label": label}
+
+
+@pytest.fixture(scope="module")
+def imagenet_samples(shared_data_dir, tmp_path_factory):
+    """(config, source files) of the sample photos plus a CMYK copy of the first one."""
+    root = tmp_path_factory.mktemp("imagenet_samples")
+    files = sorted((shared_data_dir / "imagenet_samples").glob("*.JPEG"))
+    cmyk = root / "cmyk_copy.JPEG"
+    Image.open(files[0]).convert("CMYK").save(cmyk, quality=95)
+    ImagenetSamples.files = tuple(files) + (cmyk,)
+    ImagenetSamples(data_dir=str(root)).download_and_prepare()
+    datasets.register(datasets.DatasetInfo(
+        "imagenet_samples", len(ImagenetSamples.files), datasets.get("imagenet2012").mean,
+        datasets.get("imagenet2012").std, image_size=224, eval_crop_sizes=(224, 320),
+        augment="scale", eval_split="validation"))
+    config = make_config(str(root), dataset="imagenet_samples", eval_split="validation",
+                         image_size=224, eval_crop_sizes=(224, 320), augment="scale",
+                         batch_size=16, eval_batch_size=16, shuffle_buffer_size=200)
+    return config, ImagenetSamples.files
+
+
+@pytest.mark.parametrize("augment,color", [("scale", False), ("scale_aspect", True)])
+def test_imagenet_train_on_real_jpegs(imagenet_samples, augment, color):
+    config, files = imagenet_samples
+    config = config.copy_and_resolve_references()
+    config.augment, config.color_augment = augment, color
+    gray = {i for i, f in enumerate(files) if Image.open(f).mode == "L"}
+    for batch in take(input_pipeline.create_train_iterator(config), 8):  # one epoch
+        assert batch["image"].shape == (16, 224, 224, 3) and batch["image"].dtype == np.uint8
+        for image, label in zip(batch["image"], batch["label"]):
+            if label in gray and not color:
+                assert (image[..., 0] == image[..., 1]).all()
+                assert (image[..., 1] == image[..., 2]).all()
+
+
+def test_imagenet_eval_on_real_jpegs(imagenet_samples):
+    config, files = imagenet_samples
+    for crop in (224, 320):
+        batches = input_pipeline.create_eval_iterator(config, crop)
+        seen = list(batches)
+        assert batches.num_examples == len(files) == sum(b["mask"].sum() for b in seen)
+        images = np.concatenate([b["image"][b["mask"]] for b in seen])
+        labels = np.concatenate([b["label"][b["mask"]] for b in seen])
+        by_file = dict(zip(labels, images))
+        assert images.shape[1:] == (crop, crop, 3) and len(by_file) == len(files)
+        for label, path in enumerate(files):
+            source = Image.open(path)
+            if source.mode == "L":  # grayscale: three equal channels
+                image = by_file[label].astype(int)
+                assert (image[..., 0] == image[..., 1]).all() and (
+                    image[..., 1] == image[..., 2]).all()
+            if source.mode == "RGB" and label < 10:
+                # Same pixels as PIL's bicubic resize of the centre window (whose geometry
+                # test_imagenet_crop_windows_stay_inside_the_image checks).
+                width, height = source.size
+                side = round(crop * min(width, height) / round(crop / 0.875))
+                top, left = (height - side) // 2, (width - side) // 2
+                reference = np.asarray(source.crop((left, top, left + side, top + side)).resize(
+                    (crop, crop), Image.BICUBIC), np.float32)
+                assert np.abs(by_file[label] - reference).mean() < 3, path.name
+        # The CMYK copy decodes to (nearly) the RGB original.
+        cmyk = by_file[len(files) - 1].astype(np.float32)
+        assert np.abs(cmyk - by_file[0]).mean() < 4
+
+
+def test_imagenet_crop_windows_stay_inside_the_image(imagenet_samples):
+    _, files = imagenet_samples
+    shapes = np.array([[*Image.open(f).size[::-1], 3] for f in files] * 8, np.int32)
+    keys = np.stack([np.arange(len(shapes)), np.zeros(len(shapes))], 1).astype(np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((shapes, keys))
+    windows = {}
+    for name, window in (
+            ("scale", lambda shape, key: input_pipeline.scale_window(shape, key, 224)),
+            ("scale_aspect", input_pipeline.scale_aspect_window),
+            ("center", lambda shape, key: input_pipeline.center_window(shape, 320, 0.875))):
+        windows[name] = next(iter(ds.map(window).batch(len(shapes)))).numpy()
+    height, width = shapes[:, 0], shapes[:, 1]
+    shorter = np.minimum(height, width)
+    for y, x, h, w in (window.T for window in windows.values()):
+        assert (y >= 0).all() and (x >= 0).all() and (h >= 1).all() and (w >= 1).all()
+        assert (y + h <= height).all() and (x + w <= width).all()
+    y, x, h, w = windows["scale"].T
+    assert (h == w).all()
+    assert (h >= np.round(224 * shorter / 480)).all() and (h <= np.round(224 * shorter / 256)).all()
+    y, x, h, w = windows["scale_aspect"].T
+    whole = (h == height) & (w == width)  # fallback when no window was found
+    area, aspect = (h * w / (height * width))[~whole], (w / h)[~whole]
+    assert whole.mean() < 0.1 and (area >= 0.07).all()
+    assert (aspect > 0.7).all() and (aspect < 1.4).all()
+    y, x, h, w = windows["center"].T
+    np.testing.assert_array_equal(h, np.round(320 * shorter / 366))
+    assert (np.abs(2 * y + h - height) <= 1).all() and (np.abs(2 * x + w - width) <= 1).all()
+
+
+@pytest.fixture
+def imagenet_mock(tmp_path):
+    """imagenet2012 metadata (split sizes) for `tfds.testing.mock_data`."""
+    builder = tfds.builder("imagenet2012", data_dir=str(tmp_path))
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=split, shard_lengths=[24], num_bytes=0)
+        for split in ("train", "validation")]))
+    os.makedirs(builder.data_dir)
+    builder.info.write_to_directory(builder.data_dir)
+    with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path)):
+        yield str(tmp_path)
+
+
+def test_imagenet2012_mock_data(imagenet_mock):
+    config = make_config(imagenet_mock, dataset="imagenet2012", eval_split="validation",
+                         image_size=224, eval_crop_sizes=(224, 320), augment="scale_aspect",
+                         color_augment=True, batch_size=8, eval_batch_size=16,
+                         shuffle_buffer_size=100)
+    batch = next(input_pipeline.create_train_iterator(config))
+    assert batch["image"].shape == (8, 224, 224, 3) and batch["image"].dtype == np.uint8
+    assert ((0 <= batch["label"]) & (batch["label"] < 1000)).all()
+    for crop in (224, 320):
+        batches = list(input_pipeline.create_eval_iterator(config, crop))
+        assert len(batches) == 2 and sum(b["mask"].sum() for b in batches) == 24
+        assert batches[0]["image"].shape == (16, crop, crop, 3)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def test_bad_configs_raise_clear_errors(tfds_data_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="device count 8"):
+        input_pipeline.create_train_iterator(make_config(tfds_data_dir, batch_size=100))
+    with pytest.raises(ValueError, match="process count 3"):
+        input_pipeline.create_eval_iterator(make_config(tfds_data_dir, eval_batch_size=400),
+                                            process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        input_pipeline.create_train_iterator(make_config(tfds_data_dir, dataset="mnist"))
+    with pytest.raises(ValueError, match="unknown augment"):
+        input_pipeline.create_train_iterator(make_config(tfds_data_dir, augment="cutout"))
+    with pytest.raises(ValueError, match="stores png images"):
+        input_pipeline.create_train_iterator(make_config(tfds_data_dir, augment="scale"))
+    with pytest.raises(ValueError, match="evaluates images as stored"):
+        input_pipeline.create_eval_iterator(make_config(tfds_data_dir, eval_batch_size=400), 224)
+    with pytest.raises(RuntimeError, match="README.md, section 'ImageNet preparation'"):
+        input_pipeline.create_train_iterator(make_config(str(tmp_path), dataset="imagenet2012",
+                                                         augment="scale"))
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(RuntimeError, match="could not be downloaded.*prepare_tfds.py"):
+        input_pipeline.create_train_iterator(make_config(str(tmp_path)))
