@@ -1,0 +1,190 @@
+"""Eval-only: top-1/top-5 error of a run's checkpoint on a whole split, without training.
+
+    python -m resnet_v2_jax.evaluate --workdir=/tmp/cifar10_quick
+    python -m resnet_v2_jax.evaluate --workdir=gs://bucket/r200 --crops=224,320 --split=validation
+    python -m resnet_v2_jax.evaluate --checkpoint=/tmp/run/checkpoints/1000 --output=/tmp/e.json
+
+The config defaults to the run's own `<workdir>/config.json` (written by every training run);
+`--config=configs/....py` (with `--config.key=value` overrides) replaces it. The latest readable
+checkpoint in the workdir is used unless `--checkpoint` names a step folder. Evaluation is the
+training loop's own (`train.Evaluator`: the whole split, the tail padded and masked), so it
+reproduces the errors a run logged at that step. Results are printed and written as JSON to
+`<workdir>/eval_results.json` or `--output`. On several processes (TPU pod slices, SLURM) every
+process runs the same command with `--distributed`.
+"""
+
+import json
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import jax
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from resnet_v2_jax import checkpoint, datasets, parallel, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file; default: <workdir>/config.json of "
+                                "the run. Override keys with --config.key=value.")
+flags.DEFINE_string("workdir", None, "The run's folder (local or gs://). With --checkpoint: "
+                    "only where eval_results.json goes (default: the checkpoint's run).")
+flags.DEFINE_string("checkpoint", None, "A step folder, <workdir>/checkpoints/<step>; default: "
+                    "the latest readable checkpoint of --workdir.")
+flags.DEFINE_string("split", None, "tfds split to evaluate; default: the config's eval_split.")
+flags.DEFINE_list("crops", None, "Crop sizes, e.g. 224,320; default: the config's "
+                  "eval_crop_sizes.")
+flags.DEFINE_string("data_dir", None, "tfds data_dir; default: the config's.")
+flags.DEFINE_integer("eval_batch_size", None, "Global eval batch (a multiple of the device "
+                     "count); default: the config's.")
+flags.DEFINE_string("output", None, "JSON results file; default: <workdir>/eval_results.json.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (several processes).")
+
+USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run saved as `<workdir>/config.json`."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass the run's --config=configs/<name>.py")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = None,
+                crops: Optional[Sequence[int]] = None, data_dir: Optional[str] = None,
+                eval_batch_size: Optional[int] = None) -> ml_collections.ConfigDict:
+    """A copy of `config` that evaluates the whole `split` at `crops` (None keeps a setting)."""
+    values = config.to_dict()
+    values["steps_per_eval"] = -1  # exact: every example of the split
+    if split:
+        values["eval_split"] = split
+    if crops:
+        values["eval_crop_sizes"] = tuple(int(c) for c in crops)
+    if data_dir:
+        values["data_dir"] = data_dir
+    if eval_batch_size:
+        values["eval_batch_size"] = eval_batch_size
+    return ml_collections.ConfigDict(values)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
+                         dp: parallel.DataParallel) -> train.TrainState:
+    """Shapes, dtypes and shardings of the run's train state, without computing it.
+
+    Only the optimizer state's structure matters for restoring, so any schedule will do.
+    """
+    model = train.create_model(config, num_classes, dp.axes)
+    tx = train.create_optimizer(config, optax.constant_schedule(0.0))
+    shapes = jax.eval_shape(
+        lambda rng: train.create_train_state(rng, model, tx, config.image_size),
+        jax.random.PRNGKey(0))
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dp.replicated), shapes)
+
+
+def restore(checkpoints: checkpoint.Checkpoints, abstract_state: Any,
+            step: Optional[int] = None):
+    """(state, step) of checkpoint `step`, or of the latest readable one when `step` is None."""
+    if step is None:
+        state, step = checkpoints.restore_latest(abstract_state)
+        if state is None:
+            raise checkpoint.CheckpointError(f"no checkpoint in {checkpoints.directory}: the run "
+                                             "has not saved one yet")
+        return state, step
+    if step not in checkpoints.manager.all_steps():
+        raise checkpoint.CheckpointError(
+            f"no checkpoint of step {step} in {checkpoints.directory} (steps "
+            f"{sorted(checkpoints.manager.all_steps())})")
+    meta = checkpoints.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+    saved = meta.get("model") or {}
+    if saved != checkpoints.signature:
+        diff = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
+                         for k, v in checkpoints.signature.items() if saved.get(k) != v)
+        raise checkpoint.CheckpointError(f"checkpoint {checkpoints.directory / str(step)} is of "
+                                         f"another model ({diff}); pass the run's config")
+    restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"], step
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             step: Optional[int] = None) -> Dict[str, Any]:
+    """Restores `workdir`'s checkpoint (latest, or `step`) and evaluates it as `config` says.
+
+    Returns {"step", "checkpoint", "dataset", "split", "eval": {crop: {"top1_error",
+    "top5_error", "loss", "num_examples"}}, "devices", "wall_time_s"}.
+    """
+    t_start = time.time()
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists():  # Checkpoints() would create it
+        raise checkpoint.CheckpointError(f"no checkpoint in {workdir}: {directory} does not exist")
+    info = datasets.get(config.dataset)
+    dp = parallel.DataParallel(config.parallelism)  # BN groups do not matter in evaluation
+    dp.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    checkpoints = checkpoint.Checkpoints(workdir, train.model_signature(config, info.num_classes))
+    try:
+        state, step = restore(checkpoints, abstract_train_state(config, info.num_classes, dp),
+                              step)
+    finally:
+        checkpoints.close()
+    results = train.Evaluator(config, dp)(dp.put_state(state))
+    return {"step": step, "checkpoint": str(directory / str(step)), "dataset": config.dataset,
+            "split": config.eval_split, "eval": results, "devices": dp.describe(),
+            "wall_time_s": round(time.time() - t_start, 1)}
+
+
+def _parse_checkpoint(path: str):
+    """(workdir, step) of a step folder <workdir>/checkpoints/<step>."""
+    path = epath.Path(path)
+    if not path.name.isdigit() or path.parent.name != "checkpoints":
+        raise ValueError(f"--checkpoint={path} is not a step folder <workdir>/checkpoints/<step>")
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint={path} does not exist")
+    return str(path.parent.parent), int(path.name)
+
+
+def run(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not (FLAGS.workdir or FLAGS.checkpoint):
+        raise app.UsageError("give --workdir or --checkpoint")
+    step = None
+    run_dir = FLAGS.workdir
+    if FLAGS.checkpoint:
+        run_dir, step = _parse_checkpoint(FLAGS.checkpoint)
+    workdir = FLAGS.workdir or run_dir
+    config = eval_config(FLAGS.config or load_run_config(run_dir), split=FLAGS.split,
+                         crops=FLAGS.crops, data_dir=FLAGS.data_dir,
+                         eval_batch_size=FLAGS.eval_batch_size)
+    results = evaluate(config, run_dir, step)
+    for crop, r in results["eval"].items():
+        print(f"step {results['step']}: top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
+              f"{100 * r['top5_error']:.2f}% on {r['num_examples']} {results['dataset']} "
+              f"{results['split']} images at crop {crop}")
+    output = epath.Path(FLAGS.output or epath.Path(workdir) / "eval_results.json")
+    if jax.process_index() == 0:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2))
+        print(f"wrote {output}")
+
+
+def main(argv):
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # the results are printed; --verbosity=0 for more
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    try:
+        run(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,134 @@
+"""Training curves in the paper's figure style (Figs. 1, 3 and 6), from TensorBoard event files.
+
+    python -m resnet_v2_jax.plot --workdir=/tmp/r110 --workdir=/tmp/r164 \
+        --labels=ResNet-110,ResNet-164 --out=curves.png
+
+As in the paper: iterations on the x axis, one colour per run, training loss dashed (left y
+axis) and test error solid and bold (right y axis, %). `--train=error` draws the training error
+(dashed) on the test error's axis instead, so the figure has one y axis in %. Runs are read from
+the event files in their workdirs (local or gs://): "train/loss" or "train/error", and
+"eval/top1_error_<crop>" at the smallest crop logged unless `--crop` says. A resumed run logs
+some steps twice; the later value is kept.
+"""
+
+import dataclasses
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from etils import epath  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+
+TEST_PREFIX = "eval/top1_error_"
+Series = Tuple[np.ndarray, np.ndarray]  # (steps, values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Curves:
+    """One run's curves: training loss or error, and test top-1 error (fractions)."""
+    label: str
+    train: Optional[Series]
+    test: Optional[Series]
+
+
+def read_scalars(workdir: str) -> Dict[str, Series]:
+    """Every scalar tag in `workdir`'s event files, as (steps, values) sorted by step."""
+    if not epath.Path(workdir).exists():
+        raise FileNotFoundError(f"run folder {workdir} does not exist")
+    events = event_accumulator.EventAccumulator(
+        str(workdir), size_guidance={event_accumulator.SCALARS: 0})  # 0 = keep every point
+    events.Reload()
+    series = {}
+    for tag in events.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in events.Scalars(tag)}  # later files win
+        steps = np.array(sorted(by_step))
+        series[tag] = (steps, np.array([by_step[s] for s in steps]))
+    return series
+
+
+def load_run(workdir: str, label: str, train: str = "loss",
+             crop: Optional[int] = None) -> Curves:
+    """The curves of the run in `workdir`; `train` is "loss" or "error"."""
+    series = read_scalars(workdir)
+    crops = sorted(int(t[len(TEST_PREFIX):]) for t in series if t.startswith(TEST_PREFIX))
+    if crop is None and crops:
+        crop = crops[0]
+    curves = Curves(label, series.get(f"train/{train}"), series.get(f"{TEST_PREFIX}{crop}"))
+    if curves.train is None and curves.test is None:
+        raise ValueError(f"no train/{train} or {TEST_PREFIX}{crop or '<crop>'} scalars in "
+                         f"{workdir} (crops logged: {crops or 'none'})")
+    return curves
+
+
+def draw(runs: Sequence[Curves], out: str, train: str = "loss",
+         title: Optional[str] = None) -> None:
+    """Writes the figure of `runs` to `out` (the format follows its suffix, e.g. .png, .pdf)."""
+    fig, train_ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    test_ax = train_ax.twinx() if train == "loss" else train_ax
+    train_scale = 1 if train == "loss" else 100
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        colour = colours[i % len(colours)]
+        if run.train is not None:
+            train_ax.plot(run.train[0], train_scale * run.train[1], "--", color=colour, lw=1)
+        if run.test is not None:
+            steps, errors = run.test
+            test_ax.plot(steps, 100 * errors, "-", color=colour, lw=2,
+                         marker="o" if len(steps) <= 20 else None, ms=4)
+    train_ax.set_xlabel("iterations")
+    train_ax.set_ylabel("training loss" if train == "loss" else "error (%)")
+    test_ax.set_ylabel("test error (%)" if train == "loss" else "error (%)")
+    for ax in {train_ax, test_ax}:
+        ax.set_ylim(0, 1.08 * ax.get_ylim()[1])  # from zero, with room above the curves
+    train_ax.set_xlim(left=0)
+    handles = [Line2D([], [], color=colours[i % len(colours)], lw=2, label=run.label)
+               for i, run in enumerate(runs)]
+    handles += [Line2D([], [], color="black", ls="--", lw=1, label=f"training {train}"),
+                Line2D([], [], color="black", lw=2, label="test error")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+    train_ax.grid(alpha=0.3)
+    if title:
+        train_ax.set_title(title)
+    epath.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with epath.Path(out).open("wb") as f:
+        fig.savefig(f, format=epath.Path(out).suffix[1:] or "png", dpi=150,
+                    bbox_inches="tight")
+    plt.close(fig)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("workdir", None, "A run's folder; repeat for several runs.")
+flags.DEFINE_list("labels", None, "One legend label per --workdir; default: the folder names.")
+flags.DEFINE_string("out", "curves.png", "Output image (.png, .pdf, .svg; local or gs://).")
+flags.DEFINE_enum("train", "loss", ["loss", "error"], "Training curve: loss (the paper's "
+                  "figures, own axis) or error (same axis as the test error).")
+flags.DEFINE_integer("crop", None, "Test crop size whose error is drawn; default: the smallest.")
+flags.DEFINE_string("title", None, "Figure title.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: List[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    labels = FLAGS.labels or [epath.Path(w).name for w in FLAGS.workdir]
+    if len(labels) != len(FLAGS.workdir):
+        raise app.UsageError(f"{len(labels)} --labels for {len(FLAGS.workdir)} --workdir")
+    try:
+        runs = [load_run(w, label, FLAGS.train, FLAGS.crop)
+                for w, label in zip(FLAGS.workdir, labels)]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    draw(runs, FLAGS.out, FLAGS.train, FLAGS.title)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
