@@ -182,18 +182,47 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel.
 
 # --- the loop ------------------------------------------------------------------------------
 
+INPUT_PIPELINES = ("tfds", "device_resident")
+
+
 def train_batches(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
                   start_step: int) -> Iterator[Dict[str, jax.Array]]:
-    """Device batches from step `start_step` on, laid out for `dp`'s executor."""
+    """Device batches from step `start_step` on, laid out for `dp`'s executor.
+
+    "tfds": tf.data on the host, prefetched onto the devices two batches ahead.
+    "device_resident": the split lives in accelerator memory (shard_map executor only).
+    """
+    if config.input_pipeline == "device_resident":
+        if dp.executor != "shard_map":
+            raise ValueError("input_pipeline='device_resident' needs parallelism='shard_map'")
+        from resnet_v2_jax import device_input
+        return device_input.create_train_iterator(config, dp.batch_sharding,
+                                                  start_step=start_step)
     from resnet_v2_jax import input_pipeline
     host = input_pipeline.create_train_iterator(config, start_step=start_step)
     return input_pipeline.prefetch_to_device(host, dp.put_batch, size=2)
 
 
 def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> datasets.EvalBatches:
-    """One exact pass over the eval split, host batches with a validity mask."""
+    """One exact pass over the eval split: host batches with a validity mask."""
+    if config.input_pipeline == "device_resident":
+        from resnet_v2_jax import device_input
+        return device_input.create_eval_iterator(config)
     from resnet_v2_jax import input_pipeline
     return input_pipeline.create_eval_iterator(config, crop_size)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, with one line, on settings that would otherwise fail late or deep."""
+    datasets.get(config.dataset)
+    if config.input_pipeline not in INPUT_PIPELINES:
+        raise ValueError(f"unknown input_pipeline {config.input_pipeline!r}; choose one of "
+                         f"{', '.join(INPUT_PIPELINES)}")
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[key] < 1:
+            raise ValueError(f"{key} must be at least 1, got {config[key]}")
+    if not config.eval_crop_sizes:
+        raise ValueError("eval_crop_sizes is empty; give at least one crop size")
 
 
 class _Preemption:
@@ -275,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     messages for bad configs, data or checkpoints.
     """
     t_start = time.time()
+    check_config(config)
     workdir = epath.Path(workdir)
     info = datasets.get(config.dataset)
     dp = parallel.DataParallel(config.parallelism, config.bn_group_size)
