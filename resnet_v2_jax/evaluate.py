@@ -29,21 +29,6 @@ from ml_collections import config_flags
 from resnet_v2_jax import checkpoint, datasets, parallel, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file; default: <workdir>/config.json of "
-                                "the run. Override keys with --config.key=value.")
-flags.DEFINE_string("workdir", None, "The run's folder (local or gs://). With --checkpoint: "
-                    "only where eval_results.json goes (default: the checkpoint's run).")
-flags.DEFINE_string("checkpoint", None, "A step folder, <workdir>/checkpoints/<step>; default: "
-                    "the latest readable checkpoint of --workdir.")
-flags.DEFINE_string("split", None, "tfds split to evaluate; default: the config's eval_split.")
-flags.DEFINE_list("crops", None, "Crop sizes, e.g. 224,320; default: the config's "
-                  "eval_crop_sizes.")
-flags.DEFINE_string("data_dir", None, "tfds data_dir; default: the config's.")
-flags.DEFINE_integer("eval_batch_size", None, "Global eval batch (a multiple of the device "
-                     "count); default: the config's.")
-flags.DEFINE_string("output", None, "JSON results file; default: <workdir>/eval_results.json.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (several processes).")
-
 USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
 
 
@@ -174,6 +159,28 @@ def run(argv) -> None:
         print(f"wrote {output}")
 
 
+def define_flags() -> None:
+    """The command line's flags; defined by the command only, so importing defines none."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file; default: <workdir>/config.json of the run. Override keys "
+        "with --config.key=value.")
+    flags.DEFINE_string(
+        "workdir", None, "The run's folder (local or gs://). With --checkpoint: only where "
+        "eval_results.json goes (default: the checkpoint's run).")
+    flags.DEFINE_string(
+        "checkpoint", None, "A step folder, <workdir>/checkpoints/<step>; default: the latest "
+        "readable checkpoint of --workdir.")
+    flags.DEFINE_string("split", None, "tfds split; default: the config's eval_split.")
+    flags.DEFINE_list("crops", None, "Crop sizes, e.g. 224,320; default: the config's "
+                      "eval_crop_sizes.")
+    flags.DEFINE_string("data_dir", None, "tfds data_dir; default: the config's.")
+    flags.DEFINE_integer("eval_batch_size", None, "Global eval batch (a multiple of the device "
+                         "count); default: the config's.")
+    flags.DEFINE_string("output", None, "JSON results; default: <workdir>/eval_results.json.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (several "
+                      "processes).")
+
+
 def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # the results are printed; --verbosity=0 for more
@@ -187,4 +194,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

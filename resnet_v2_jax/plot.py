@@ -104,14 +104,18 @@ def draw(runs: Sequence[Curves], out: str, train: str = "loss",
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("workdir", None, "A run's folder; repeat for several runs.")
-flags.DEFINE_list("labels", None, "One legend label per --workdir; default: the folder names.")
-flags.DEFINE_string("out", "curves.png", "Output image (.png, .pdf, .svg; local or gs://).")
-flags.DEFINE_enum("train", "loss", ["loss", "error"], "Training curve: loss (the paper's "
-                  "figures, own axis) or error (same axis as the test error).")
-flags.DEFINE_integer("crop", None, "Test crop size whose error is drawn; default: the smallest.")
-flags.DEFINE_string("title", None, "Figure title.")
-flags.mark_flag_as_required("workdir")
+
+
+def define_flags() -> None:
+    """The command line's flags; defined by the command only, so importing defines none."""
+    flags.DEFINE_multi_string("workdir", None, "A run's folder; repeat for several runs.")
+    flags.DEFINE_list("labels", None, "One legend label per --workdir; default: folder names.")
+    flags.DEFINE_string("out", "curves.png", "Output image (.png, .pdf, .svg; local or gs://).")
+    flags.DEFINE_enum("train", "loss", ["loss", "error"], "Training curve: loss (the paper's "
+                      "figures, own axis) or error (same axis as the test error).")
+    flags.DEFINE_integer("crop", None, "Test crop whose error is drawn; default: the smallest.")
+    flags.DEFINE_string("title", None, "Figure title.")
+    flags.mark_flag_as_required("workdir")
 
 
 def main(argv: List[str]) -> None:
@@ -131,4 +135,5 @@ def main(argv: List[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
