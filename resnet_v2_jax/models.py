@@ -128,6 +128,13 @@ class ResidualUnit(nn.Module):
     shortcut_dropout_rate: float = 0.5
     deterministic: bool = True
 
+    def __post_init__(self):
+        _check_choice("unit", self.unit, UNIT_PLACEMENTS)
+        _check_choice("shortcut", self.shortcut, SHORTCUTS)
+        _check_choice("preact", self.preact, PREACT_MODES)
+        _check_choice("stride_on", self.stride_on, ("1x1", "3x3"))
+        super().__post_init__()
+
     def _layers(self):
         """(kernel, features, strides) of each weight layer of F."""
         if not self.bottleneck:
