@@ -108,7 +108,7 @@ def load_split_arrays(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
     return data["image"], data["label"].astype(np.int32)
 
 
-def _check_augment(config, builder) -> str:
+def _check_augment(config, builder):
     augment = config.augment
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
@@ -116,7 +116,6 @@ def _check_augment(config, builder) -> str:
     if augment != "pad_crop_flip" and encoding != "jpeg":
         raise ValueError(f"augment={augment!r} decodes JPEGs, but {config.dataset} stores "
                          f"{encoding or 'png'} images; use augment='pad_crop_flip'")
-    return augment
 
 
 def _read(builder, split, config, *, shuffle_files: bool) -> tf.data.Dataset:

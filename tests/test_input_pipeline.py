@@ -7,6 +7,7 @@ devices, so batch sizes here are multiples of 8.
 """
 
 import collections
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -305,44 +306,32 @@ def test_device_eval_equals_tf_data_eval(tfds_data_dir, cifar10_test, monkeypatc
 
 # --- ImageNet ---------------------------------------------------------------------------------
 
-class ImagenetSamples(tfds.core.GeneratorBasedBuilder):
-    """The shared ImageNet sample photos as a tfds dataset (JPEG bytes stored as they are);
-    "train" and "validation" hold the same images, one class per file."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    files = ()  # set by the fixture before the builder is made
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(names=[f.stem for f in self.files]),
-        }))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(), "validation": self._generate_examples()}
-
-    def _generate_examples(self):
-        for label, path in enumerate(self.files):
-            yield path.stem, {"image": path, "label": label}
-
-
 @pytest.fixture(scope="module")
 def imagenet_samples(shared_data_dir, tmp_path_factory):
-    """(config, source files) of the sample photos plus a CMYK copy of the first one."""
+    """(config, source files) of a tfds dataset "imagenet_samples": the shared sample photos
+    plus a CMYK copy of the first, JPEG bytes stored as they are, one class per file;
+    "train" and "validation" hold the same images."""
     root = tmp_path_factory.mktemp("imagenet_samples")
     files = sorted((shared_data_dir / "imagenet_samples").glob("*.JPEG"))
     cmyk = root / "cmyk_copy.JPEG"
     Image.open(files[0]).convert("CMYK").save(cmyk, quality=95)
-    ImagenetSamples.files = tuple(files) + (cmyk,)
-    ImagenetSamples(data_dir=str(root)).download_and_prepare()
-    datasets.register(datasets.DatasetInfo(
-        "imagenet_samples", len(ImagenetSamples.files), datasets.get("imagenet2012").mean,
-        datasets.get("imagenet2012").std, image_size=224, eval_crop_sizes=(224, 320),
-        augment="scale", eval_split="validation"))
+    files.append(cmyk)
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(names=[f.stem for f in files])})
+    examples = tf.data.Dataset.from_tensor_slices(
+        {"image": [f.read_bytes() for f in files], "label": np.arange(len(files))})
+    tfds.dataset_builders.store_as_tfds_dataset(
+        "imagenet_samples", "1.0.0", features, {"train": examples, "validation": examples},
+        data_dir=str(root))
+    imagenet = datasets.get("imagenet2012")
+    datasets.register(dataclasses.replace(
+        imagenet, name="imagenet_samples", num_classes=len(files),
+        num_train_examples=len(files), num_eval_examples=len(files)))
     config = make_config(str(root), dataset="imagenet_samples", eval_split="validation",
                          image_size=224, eval_crop_sizes=(224, 320), augment="scale",
                          batch_size=16, eval_batch_size=16, shuffle_buffer_size=200)
-    return config, ImagenetSamples.files
+    return config, files
 
 
 @pytest.mark.parametrize("augment,color", [("scale", False), ("scale_aspect", True)])
