@@ -1,0 +1,172 @@
+"""Eval-only mode and training-curve plots.
+
+The main checks use two short REAL CIFAR-10 runs (ResNet-8, 20 steps; skipped where CIFAR-10 is
+not prepared as tfds, see conftest.py): evaluating the first run's checkpoint reproduces the
+error that run logged, and the plot of both runs is a real PNG. The runs train in this process
+(8 fake CPU devices) and are shared by the module's tests.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboardX import SummaryWriter
+
+from configs import cifar10_quick
+from resnet_v2_jax import checkpoint, evaluate, plot, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 20
+
+
+def tiny_config(data_dir, **overrides):
+    config = cifar10_quick.get_config()
+    config.update({**dict(depth=8, num_train_steps=STEPS, batch_size=64, warmup_steps=5,
+                          log_every_steps=5, eval_every_steps=STEPS, checkpoint_every_steps=STEPS,
+                          eval_batch_size=1000, data_dir=data_dir), **overrides})
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tfds_data_dir):
+    """(workdir, results.json) of a 20-step run, evaluated once, on the whole test set."""
+    workdir = tmp_path_factory.mktemp("full_preact")
+    train.train_and_evaluate(tiny_config(tfds_data_dir), str(workdir))
+    return workdir, json.loads((workdir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory, tfds_data_dir):
+    """Another 20-step run (original units), evaluated every 5 steps on 2,000 test images."""
+    workdir = tmp_path_factory.mktemp("original")
+    train.train_and_evaluate(tiny_config(tfds_data_dir, unit="original", eval_every_steps=5,
+                                         steps_per_eval=2), str(workdir))
+    return workdir
+
+
+def python_module(module, *args):
+    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return result
+
+
+# --- eval-only on a real run ------------------------------------------------------------------
+
+def test_eval_only_reproduces_the_logged_error(run):
+    """The CLI, with the run's own config.json, on the latest checkpoint and whole test set."""
+    workdir, logged = run
+    result = python_module("resnet_v2_jax.evaluate", f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((workdir / "eval_results.json").read_text())
+    assert saved["step"] == logged["step"] == STEPS
+    assert saved["checkpoint"] == str(workdir / "checkpoints" / str(STEPS))
+    (crop, ours), = saved["eval"].items()
+    theirs = logged["eval"][crop]
+    assert ours["num_examples"] == theirs["num_examples"] == 10_000
+    # Same weights, same images, same device count: equal up to float summation order.
+    assert ours["top1_error"] == pytest.approx(theirs["top1_error"], abs=1e-4)
+    assert ours["top5_error"] == pytest.approx(theirs["top5_error"], abs=1e-4)
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+    assert f"top-1 error {100 * ours['top1_error']:.2f}%" in result.stdout
+
+
+def test_eval_only_of_a_given_checkpoint_on_another_split(run):
+    workdir, _ = run
+    config = evaluate.eval_config(evaluate.load_run_config(workdir), split="test[:1000]")
+    results = evaluate.evaluate(config, str(workdir), step=STEPS)
+    assert results["step"] == STEPS and results["split"] == "test[:1000]"
+    assert results["eval"]["32"]["num_examples"] == 1000
+
+
+def test_eval_only_refuses_another_models_checkpoint(run):
+    workdir, _ = run
+    config = evaluate.eval_config(evaluate.load_run_config(workdir))
+    config.depth = 20
+    with pytest.raises(checkpoint.CheckpointError, match="another model.*depth: checkpoint 8"):
+        evaluate.evaluate(config, str(workdir))
+    with pytest.raises(checkpoint.CheckpointError, match="another model.*depth: checkpoint 8"):
+        evaluate.evaluate(config, str(workdir), step=STEPS)
+
+
+def test_eval_only_errors_for_missing_checkpoints(run, tmp_path):
+    workdir, _ = run
+    config = evaluate.eval_config(evaluate.load_run_config(workdir))
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of step 7"):
+        evaluate.evaluate(config, str(workdir), step=7)
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        evaluate.evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()  # nothing created on the way
+    result = python_module("resnet_v2_jax.evaluate", f"--workdir={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}/config.json not found: pass the run's --config=configs/<name>.py")
+
+
+# --- plots of real runs -----------------------------------------------------------------------
+
+def test_plot_reads_the_logged_curves(run):
+    workdir, logged = run
+    curves = plot.load_run(str(workdir), "run")
+    np.testing.assert_array_equal(curves.train[0], [5, 10, 15, 20])
+    np.testing.assert_array_equal(curves.test[0], [STEPS])
+    assert curves.test[1][-1] == pytest.approx(logged["eval"]["32"]["top1_error"])
+    assert curves.train[1][-1] == pytest.approx(logged["train"]["loss"])
+
+
+def test_plot_of_two_runs_is_a_png(run, second_run, tmp_path):
+    out = tmp_path / "curves.png"
+    result = python_module("resnet_v2_jax.plot", f"--workdir={run[0]}", "--workdir",
+                           second_run, "--labels=full pre-activation,original", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 20_000
+    with Image.open(out) as image:
+        image.verify()
+    with Image.open(out) as image:
+        width, height = image.size
+    assert 800 <= width <= 2000 and 400 <= height <= 1200
+
+
+# --- no data needed ---------------------------------------------------------------------------
+
+def test_eval_config_overrides_and_makes_eval_exact():
+    config = cifar10_quick.get_config()
+    config.steps_per_eval = 3
+    out = evaluate.eval_config(config, split="train", crops=["32"], data_dir="/d",
+                               eval_batch_size=200)
+    assert (out.eval_split, out.eval_crop_sizes, out.data_dir, out.eval_batch_size,
+            out.steps_per_eval) == ("train", (32,), "/d", 200, -1)
+    assert evaluate.eval_config(config).eval_crop_sizes == config.eval_crop_sizes
+    assert config.steps_per_eval == 3  # the original is left alone
+
+
+@pytest.mark.parametrize("path, error", [
+    ("/runs/a/checkpoints/latest", ValueError), ("/runs/a/20", ValueError),
+    ("/runs/a/checkpoints/20", FileNotFoundError)])
+def test_checkpoint_flag_must_name_a_step_folder(path, error):
+    with pytest.raises(error, match="--checkpoint"):
+        evaluate._parse_checkpoint(path)
+
+
+def test_plot_keeps_the_latest_value_of_a_resumed_run(tmp_path):
+    """A run resumed from step 10 logs steps 11.. again; the later file wins."""
+    for part, (first, values) in enumerate(((1, [2.0] * 15), (11, [1.0] * 10))):
+        # Event file names hold the time in seconds: the suffix keeps the two apart and ordered.
+        writer = SummaryWriter(str(tmp_path), filename_suffix=f".{part}")
+        for step, value in enumerate(values, start=first):
+            writer.add_scalar("train/loss", value, step)
+        writer.add_scalar("eval/top1_error_224", 0.5, first + 9)
+        writer.add_scalar("eval/top1_error_320", 0.4, first + 9)
+        writer.close()
+    curves = plot.load_run(str(tmp_path), "resumed")
+    np.testing.assert_array_equal(curves.train[0], np.arange(1, 21))
+    np.testing.assert_array_equal(curves.train[1], [2.0] * 10 + [1.0] * 10)
+    np.testing.assert_array_equal(curves.test[0], [10, 20])  # the smallest crop, 224
+    assert plot.load_run(str(tmp_path), "r", crop=320).test[1][0] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="crops logged: \\[224, 320\\]"):
+        plot.load_run(str(tmp_path), "r", train="error", crop=999)
