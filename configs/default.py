@@ -6,6 +6,7 @@ GLOBAL batch, `learning_rate`, `momentum`, `num_epochs`, `num_train_steps`, `log
 (PAPER.md, "Training recipes"): ResNet-164 with full pre-activation, batch 128, lr 0.1.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -13,9 +14,9 @@ def get_config():
 
     # Data (resnet_v2_jax.input_pipeline).
     config.dataset = "cifar10"            # any tfds image classification dataset
-    config.data_dir = None                # tfds data_dir; local path or gs://; None = tfds default
+    config.data_dir = config_dict.placeholder(str)               # tfds data_dir; local path or gs://; None = tfds default
     config.input_pipeline = "tfds"        # "tfds" (tf.data on the host) or "device_resident"
-    config.array_dir = None               # device_resident only: folder of <dataset>_<split>.npz
+    config.array_dir = config_dict.placeholder(str)              # device_resident only: folder of <dataset>_<split>.npz
     config.train_split = "train"
     config.eval_split = "test"
     config.batch_size = 128               # global batch over all devices of all processes

@@ -22,7 +22,12 @@ from resnet_v2_jax import checkpoint, train
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder (local or gs://) for checkpoints, logs, results.")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when the "
-                  "environment names several processes (TPU pods, SLURM, JAX_COORDINATOR_ADDRESS).")
+                  "environment names several processes (TPU pods, SLURM, JAX_COORDINATOR_ADDRESS) "
+                  "or the flags below are given.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, where no cluster "
+                    "environment (TPU, SLURM, Open MPI) provides it.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, likewise.")
+flags.DEFINE_integer("process_id", None, "This process's index, likewise.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10_quick.py; "
                                 "override keys with --config.key=value.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -47,8 +52,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
-    if FLAGS.distributed or (FLAGS.distributed is None and _multi_process_environment()):
-        jax.distributed.initialize()
+    explicit = FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
+    if FLAGS.distributed or (FLAGS.distributed is None and (explicit or
+                                                            _multi_process_environment())):
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
     logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)",
                  jax.__version__, jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)

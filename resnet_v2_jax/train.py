@@ -374,22 +374,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
             steps_since_log += 1
             pending.append(metrics)
             if steps_run == 1:  # keep compilation out of the throughput and ETA
-                flush_metrics()
+                jax.block_until_ready(metrics)
                 t_log, steps_since_log = time.time(), 0
             preempted = preemption.reached(step)
             if step % config.log_every_steps == 0 or step == total_steps or preempted:
                 values = flush_metrics()
                 now = time.time()
-                rate = steps_since_log * config.batch_size / max(now - t_log, 1e-9)
                 train_metrics = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
                 lr = float(schedule(step - 1))
-                eta = (total_steps - step) * (now - t_log) / max(steps_since_log, 1)
-                logging.info("step %d/%d  loss %.4f  error %.2f%%  lr %.4g  %.0f img/s  ETA %s",
-                             step, total_steps, train_metrics["loss"],
-                             100 * train_metrics["error"], lr, rate, _hms(eta))
-                writer.scalars(step, {"train/loss": train_metrics["loss"],
-                                      "train/error": train_metrics["error"],
-                                      "train/learning_rate": lr, "train/images_per_second": rate})
+                scalars = {"train/loss": train_metrics["loss"],
+                           "train/error": train_metrics["error"], "train/learning_rate": lr}
+                speed = ""
+                if steps_since_log:  # not right after compilation
+                    seconds_per_step = (now - t_log) / steps_since_log
+                    scalars["train/images_per_second"] = config.batch_size / seconds_per_step
+                    speed = (f"  {config.batch_size / seconds_per_step:.0f} img/s  ETA "
+                             f"{_hms((total_steps - step) * seconds_per_step)}")
+                logging.info("step %d/%d  loss %.4f  error %.2f%%  lr %.4g%s", step, total_steps,
+                             train_metrics["loss"], 100 * train_metrics["error"], lr, speed)
+                writer.scalars(step, scalars)
                 t_log, steps_since_log = time.time(), 0
             if step % eval_every == 0 or step == total_steps:
                 flush_metrics()
