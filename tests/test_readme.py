@@ -1,0 +1,39 @@
+"""README.md stays true: its code snippet runs, and its tables name every config and module."""
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+SNIPPET_MARK = "# readme-snippet"
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_the_snippet_runs():
+    snippets = [block for block in python_blocks() if block.startswith(SNIPPET_MARK)]
+    assert len(snippets) == 1, f"expected one ```python block starting with {SNIPPET_MARK}"
+    exec(compile(snippets[0], "README.md snippet", "exec"), {"__name__": "readme_snippet"})
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "configs").glob("*.py")
+                                        if p.stem not in ("__init__", "default", "ablation")))
+def test_every_config_is_in_the_table(path):
+    assert f"`{path}`" in README
+
+
+def test_every_config_in_the_table_exists():
+    first_cells = [line.split("|")[1] for line in README.splitlines() if line.startswith("| `")]
+    names = [name for cell in first_cells for name in re.findall(r"`(\w+\.py)`", cell)]
+    assert len(names) > 15
+    for name in names:
+        assert (ROOT / "configs" / name).exists(), name
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in (ROOT / "resnet_v2_jax").glob("*.py")
+                                          if p.stem != "__init__"))
+def test_every_module_is_in_the_design_table(module):
+    assert f"| `resnet_v2_jax/{module}` |" in README
