@@ -6,8 +6,8 @@ in saving and restoring; Orbax decides which process writes what.
 
 * Restoring onto another device count works: the state is restored into the shardings of the
   current run, whatever wrote it.
-* A latest checkpoint that cannot be read (a truncated file, a half-copied folder) is skipped
-  with a warning, and the one before it is used.
+* A latest checkpoint that cannot be read (a truncated file, a half-copied folder) is set aside
+  as `<step>.unreadable` with a warning, and the one before it is used.
 * A checkpoint of a different model (depth, unit, shortcut, width, classes ...) is refused with a
   one-line error instead of a shape mismatch deep inside Orbax.
 """
@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(ValueError):
@@ -67,6 +68,7 @@ class Checkpoints:
         for step in steps:
             meta = self._read_meta(step)
             if meta is None:
+                self._set_aside(step)
                 continue
             if meta.get("model") != self.signature:
                 raise CheckpointError(
@@ -79,6 +81,7 @@ class Checkpoints:
             except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
                 logging.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
                                 step, type(e).__name__, str(e).splitlines()[0][:200])
+                self._set_aside(step)
                 continue
             logging.info("restored checkpoint of step %d from %s", step, self.directory)
             return restored["state"], step
@@ -86,6 +89,19 @@ class Checkpoints:
             raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps}); "
                                   "move the folder away to start afresh")
         return None, 0
+
+    def _set_aside(self, step: int) -> None:
+        """Renames an unreadable step folder to `<step>.unreadable` (kept for inspection; the
+        resumed run will write that step again)."""
+        if jax.process_index() == 0:
+            source = self.directory / str(step)
+            target = self.directory / f"{step}.unreadable"
+            if target.exists():
+                target.rmtree()
+            source.rename(target)
+            logging.warning("moved it to %s", target)
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
 
     def _read_meta(self, step: int) -> Optional[dict]:
         try:

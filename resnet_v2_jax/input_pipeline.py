@@ -85,11 +85,11 @@ def _builder(config) -> tfds.core.DatasetBuilder:
         where = builder.data_dir_root
         if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
             manual = os.path.join(where, "downloads", "manual")
-            raise RuntimeError(
+            raise FileNotFoundError(
                 f"{config.dataset} is not prepared in {where} and needs a manual download: "
                 f"put its archives in {manual}, then run `tfds build {config.dataset} "
                 f"--data_dir={where}` (README.md, section 'ImageNet preparation')") from e
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"{config.dataset} is not prepared in {where} and could not be downloaded "
             f"({type(e).__name__}); prepare it where there is a network (offline CIFAR: "
             f"`python ../shared/data/prepare_tfds.py DATA_DIR`) and set config.data_dir") from e
