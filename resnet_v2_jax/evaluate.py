@@ -57,6 +57,21 @@ def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = Non
     return ml_collections.ConfigDict(values)
 
 
+class ReadOnlyCheckpoints(checkpoint.Checkpoints):
+    """`checkpoint.Checkpoints` that never writes, creates or cleans up anything.
+
+    Safe to point at a run that is still training: the writable manager deletes the temporary
+    folders of unfinished saves when it opens, which would break the run's save in flight.
+    """
+
+    def __init__(self, workdir: str, signature: dict):  # pylint: disable=super-init-not-called
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self.signature = signature
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+            item_names=("state", "meta"))
+
+
 def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
                          dp: parallel.DataParallel) -> train.TrainState:
     """Shapes, dtypes and shardings of the run's train state, without computing it.
@@ -107,12 +122,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     """
     t_start = time.time()
     directory = epath.Path(workdir) / "checkpoints"
-    if not directory.exists():  # Checkpoints() would create it
+    if not directory.exists():
         raise checkpoint.CheckpointError(f"no checkpoint in {workdir}: {directory} does not exist")
     info = datasets.get(config.dataset)
     dp = parallel.DataParallel(config.parallelism)  # BN groups do not matter in evaluation
     dp.check_batch_size(config.eval_batch_size, "eval_batch_size")
-    checkpoints = checkpoint.Checkpoints(workdir, train.model_signature(config, info.num_classes))
+    checkpoints = ReadOnlyCheckpoints(workdir, train.model_signature(config, info.num_classes))
     try:
         state, step = restore(checkpoints, abstract_train_state(config, info.num_classes, dp),
                               step)
@@ -148,15 +163,16 @@ def run(argv) -> None:
                          crops=FLAGS.crops, data_dir=FLAGS.data_dir,
                          eval_batch_size=FLAGS.eval_batch_size)
     results = evaluate(config, run_dir, step)
+    if jax.process_index() != 0:
+        return
     for crop, r in results["eval"].items():
         print(f"step {results['step']}: top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
               f"{100 * r['top5_error']:.2f}% on {r['num_examples']} {results['dataset']} "
               f"{results['split']} images at crop {crop}")
     output = epath.Path(FLAGS.output or epath.Path(workdir) / "eval_results.json")
-    if jax.process_index() == 0:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2))
-        print(f"wrote {output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(f"wrote {output}")
 
 
 def define_flags() -> None:

@@ -77,10 +77,15 @@ def test_eval_only_reproduces_the_logged_error(run):
 
 def test_eval_only_of_a_given_checkpoint_on_another_split(run):
     workdir, _ = run
+    # A save the run still has in flight: evaluation must leave it alone.
+    in_flight = workdir / "checkpoints" / f"{2 * STEPS}.orbax-checkpoint-tmp-1"
+    in_flight.mkdir()
     config = evaluate.eval_config(evaluate.load_run_config(workdir), split="test[:1000]")
     results = evaluate.evaluate(config, str(workdir), step=STEPS)
     assert results["step"] == STEPS and results["split"] == "test[:1000]"
     assert results["eval"]["32"]["num_examples"] == 1000
+    assert in_flight.is_dir()
+    in_flight.rmdir()
 
 
 def test_eval_only_refuses_another_models_checkpoint(run):
