@@ -255,31 +255,64 @@ def test_scanned_and_unrolled_layouts_have_the_same_parameters():
     assert jax.tree.map(lambda a: a.shape, converted) == jax.tree.map(lambda a: a.shape, scanned)
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: models.cifar_resnet(165), r"9n\+2"),
-    (lambda: models.cifar_resnet(111, block="basic"), r"6n\+2"),
-    (lambda: models.cifar_resnet(2), r"9n\+2"),
-    (lambda: models.cifar_resnet(20, block="wide"), "unknown block 'wide'"),
-    (lambda: models.cifar_resnet(164, unit="post_act"), "unknown unit 'post_act'"),
-    (lambda: models.cifar_resnet(164, shortcut="gate"), "unknown shortcut 'gate'"),
-    (lambda: models.cifar_resnet(164, stride_on="5x5"), "unknown stride_on"),
-    (lambda: models.imagenet_resnet(77), "depth must be one of"),
-    (lambda: models.ResNetV2(stage_sizes=(1,), widths=(8,), stem="tiny"), "unknown stem 'tiny'"),
-    (lambda: models.imagenet_resnet(50, stem_norm="after_stage"), "unknown stem_norm"),
-    (lambda: models.imagenet_resnet(50, stem_norm="after_pool", unit="original"),
-     "needs a pre-activation unit"),
-    (lambda: models.imagenet_resnet(50, stem_norm="after_pool", unit="bn_after_add"),
-     "needs a pre-activation unit"),
-    (lambda: models.ResNetV2(stage_sizes=(1, 1), widths=(8,)), "same length"),
-    (lambda: models.ResNetV2(stage_sizes=(1, 0), widths=(8, 16)), "at least one unit"),
-    (lambda: models.ResNetV2(stage_sizes=(1,), widths=(6,)), "divide by 4"),
-    (lambda: models.ResidualUnit(8, EVAL_NORM, shortcut="gating"), "unknown shortcut 'gating'"),
-    (lambda: models.ResidualUnit(8, EVAL_NORM, unit="preact"), "unknown unit 'preact'"),
-    (lambda: models.ResidualUnit(8, EVAL_NORM, preact="both"), "unknown preact 'both'"),
-])
+BAD_OPTIONS = {
+    "cifar_bottleneck_depth": (lambda: models.cifar_resnet(165), r"9n\+2"),
+    "cifar_basic_depth": (lambda: models.cifar_resnet(111, block="basic"), r"6n\+2"),
+    "cifar_too_shallow": (lambda: models.cifar_resnet(2), r"9n\+2"),
+    "block": (lambda: models.cifar_resnet(20, block="wide"), "unknown block 'wide'"),
+    "unit": (lambda: models.cifar_resnet(164, unit="post_act"), "unknown unit 'post_act'"),
+    "shortcut": (lambda: models.cifar_resnet(164, shortcut="gate"), "unknown shortcut 'gate'"),
+    "stride_on": (lambda: models.cifar_resnet(164, stride_on="5x5"), "unknown stride_on"),
+    "imagenet_depth": (lambda: models.imagenet_resnet(77), "depth must be one of"),
+    "stem": (lambda: models.ResNetV2(stage_sizes=(1,), widths=(8,), stem="tiny"),
+             "unknown stem 'tiny'"),
+    "stem_norm": (lambda: models.imagenet_resnet(50, stem_norm="after_stage"), "unknown stem_norm"),
+    "after_pool_original": (lambda: models.imagenet_resnet(50, stem_norm="after_pool",
+                                                           unit="original"),
+                            "needs a pre-activation unit"),
+    "after_pool_bn_after_add": (lambda: models.imagenet_resnet(50, stem_norm="after_pool",
+                                                               unit="bn_after_add"),
+                                "needs a pre-activation unit"),
+    "stage_widths_mismatch": (lambda: models.ResNetV2(stage_sizes=(1, 1), widths=(8,)),
+                              "same length"),
+    "empty_stage": (lambda: models.ResNetV2(stage_sizes=(1, 0), widths=(8, 16)),
+                    "at least one unit"),
+    "bottleneck_width": (lambda: models.ResNetV2(stage_sizes=(1,), widths=(6,)), "divide by 4"),
+    "unit_shortcut": (lambda: models.ResidualUnit(8, EVAL_NORM, shortcut="gating"),
+                      "unknown shortcut 'gating'"),
+    "unit_unit": (lambda: models.ResidualUnit(8, EVAL_NORM, unit="preact"),
+                  "unknown unit 'preact'"),
+    "unit_preact": (lambda: models.ResidualUnit(8, EVAL_NORM, preact="both"),
+                    "unknown preact 'both'"),
+}
+
+
+@pytest.mark.parametrize("build, message", BAD_OPTIONS.values(), ids=BAD_OPTIONS.keys())
 def test_bad_options_raise_value_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_init_follows_authors_code():
+    """He fan-out N(0, 2/(k*k*out)) convs without bias, BN 1/0, Torch's Linear init."""
+    model = models.ResNetV2(stage_sizes=(1,), widths=(256,), stem="cifar", stem_width=64,
+                            num_classes=10)
+    init = jax.jit(model.init, static_argnames="train")
+    params = init(jax.random.key(0), images((1, 8, 8, 3)), train=False)["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in leaves:
+        module, name = path[-2].key, path[-1].key
+        if "conv" in module:
+            assert name == "kernel", f"{module} has a {name}"
+            k, _, _, out = leaf.shape
+            if leaf.size >= 4096:
+                np.testing.assert_allclose(leaf.std(), np.sqrt(2 / (k * k * out)), rtol=0.05)
+        elif "bn" in module:
+            np.testing.assert_array_equal(leaf, 1.0 if name == "scale" else 0.0)
+    head = params["head"]
+    bound = 1 / np.sqrt(256)
+    assert float(jnp.abs(head["kernel"]).max()) <= bound < 1.1 * float(jnp.abs(head["kernel"]).max())
+    np.testing.assert_array_equal(head["bias"], 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
