@@ -16,15 +16,12 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-
-import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from etils import epath  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+import numpy as np
+from absl import app, flags
+from etils import epath
+from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
+from matplotlib.lines import Line2D
+from tensorboard.backend.event_processing import event_accumulator
 
 TEST_PREFIX = "eval/top1_error_"
 Series = Tuple[np.ndarray, np.ndarray]  # (steps, values)
@@ -70,10 +67,11 @@ def load_run(workdir: str, label: str, train: str = "loss",
 def draw(runs: Sequence[Curves], out: str, train: str = "loss",
          title: Optional[str] = None) -> None:
     """Writes the figure of `runs` to `out` (the format follows its suffix, e.g. .png, .pdf)."""
-    fig, train_ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    train_ax = fig.subplots()
     test_ax = train_ax.twinx() if train == "loss" else train_ax
     train_scale = 1 if train == "loss" else 100
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         colour = colours[i % len(colours)]
         if run.train is not None:
@@ -100,7 +98,6 @@ def draw(runs: Sequence[Curves], out: str, train: str = "loss",
     with epath.Path(out).open("wb") as f:
         fig.savefig(f, format=epath.Path(out).suffix[1:] or "png", dpi=150,
                     bbox_inches="tight")
-    plt.close(fig)
 
 
 FLAGS = flags.FLAGS
