@@ -18,7 +18,8 @@ Commands (several run in order, e.g. `create setup train`):
   train    start `python -m resnet_v2_jax.main` on every worker at once, in the background
            (nohup); log in ~/resnet_v2_jax/train.log. Rerun it to resume from the last checkpoint.
   logs     follow the training log of worker LOG_WORKER (default 0)
-  stop     send SIGTERM to the training on every worker (a single host saves a checkpoint)
+  stop     SIGTERM to the training on every worker (a single host saves a checkpoint), then
+           SIGKILL to what still runs after STOP_TIMEOUT seconds
   status   describe the TPU VM
   delete   delete the TPU VM (and its local disks)
 
@@ -39,6 +40,7 @@ Settings: environment variable or option (the option wins).
   GIT_REF           --ref=REF            branch, tag or commit of REPO_URL (default main)
   PYTHON_VERSION    --python=VERSION     Python of the workers' venv (default 3.12, via uv)
   LOG_WORKER        --log-worker=N       worker whose log `logs` follows (default 0)
+  STOP_TIMEOUT      --stop-timeout=S     seconds `stop` waits before SIGKILL (default 300)
   DRY_RUN=1         --dry-run            print every command instead of running it
 Flags after `--` go to resnet_v2_jax.main, e.g. -- --config.batch_size=1024
 
@@ -63,6 +65,7 @@ REPO_URL=${REPO_URL:-}
 GIT_REF=${GIT_REF:-main}
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}
 LOG_WORKER=${LOG_WORKER:-0}
+STOP_TIMEOUT=${STOP_TIMEOUT:-300}
 COMMANDS=()
 MAIN_FLAGS=()
 
@@ -83,6 +86,7 @@ while (($#)); do
         --ref=*) GIT_REF=${1#*=} ;;
         --python=*) PYTHON_VERSION=${1#*=} ;;
         --log-worker=*) LOG_WORKER=${1#*=} ;;
+        --stop-timeout=*) STOP_TIMEOUT=${1#*=} ;;
         --) shift; MAIN_FLAGS=("$@"); break ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) COMMANDS+=("$1") ;;
@@ -188,7 +192,13 @@ echo \$! > $PID_FILE"
 }
 
 cmd_stop() {
-    on_workers all "cd $REMOTE_DIR && if [ -f $PID_FILE ]; then kill \"\$(cat $PID_FILE)\" 2>/dev/null || true; rm -f $PID_FILE; fi"
+    [[ $STOP_TIMEOUT =~ ^[0-9]+$ ]] || die "STOP_TIMEOUT must be a number of seconds"
+    on_workers all "cd $REMOTE_DIR && [ -f $PID_FILE ] || exit 0
+pid=\$(cat $PID_FILE)
+kill \"\$pid\" 2>/dev/null || true
+for _ in \$(seq $STOP_TIMEOUT); do kill -0 \"\$pid\" 2>/dev/null || break; sleep 1; done
+kill -9 \"\$pid\" 2>/dev/null || true
+rm -f $PID_FILE"
 }
 
 for command in "${COMMANDS[@]}"; do  # every check before anything runs

@@ -8,6 +8,7 @@ import os
 import pathlib
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -16,7 +17,7 @@ SCRIPTS = ("tpu_vm.sh", "gpu.sh", "slurm_gpu.sh")
 # Settings the scripts read from the environment; cleared so the caller's shell cannot leak in.
 SETTINGS = ("TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "SPOT",
             "CONFIG", "WORKDIR", "DATA_DIR", "REPO_URL", "GIT_REF", "PYTHON_VERSION",
-            "LOG_WORKER", "DRY_RUN", "GPUS", "MEM_FRACTION", "PYTHON", "NODES", "GPUS_PER_NODE",
+            "LOG_WORKER", "STOP_TIMEOUT", "DRY_RUN", "GPUS", "MEM_FRACTION", "PYTHON", "NODES", "GPUS_PER_NODE",
             "PARTITION", "ACCOUNT", "TIME", "CPUS_PER_TASK", "JOB_NAME")
 
 
@@ -178,11 +179,33 @@ def test_tpu_logs_stop_status_delete():
     assert option(logs, "--worker") == "3"
     assert option(logs, "--command") == "tail -n 200 -F resnet_v2_jax/train.log"
     assert option(stop, "--worker") == "all"
-    assert_valid_bash(option(stop, "--command"))
-    assert "kill" in option(stop, "--command")
+    remote_stop = option(stop, "--command")
+    assert_valid_bash(remote_stop)
+    assert 'kill "$pid"' in remote_stop and 'kill -9 "$pid"' in remote_stop
+    assert "$(seq 300)" in remote_stop
     assert status[4:6] == ["describe", "t"]
     assert delete[4:6] == ["delete", "t"] and "--quiet" in delete
     assert all(option(argv, "--zone") == "europe-west4-a" for argv in (logs, stop, delete))
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_tpu_stop_ends_the_training_process(tmp_path, ignores_sigterm):
+    """The remote `stop` command, run here on a stand-in for the training process."""
+    [stop] = commands("tpu_vm.sh", "stop", TPU_NAME="t", STOP_TIMEOUT="1")
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignores_sigterm else ""
+    (tmp_path / "resnet_v2_jax").mkdir()
+    with subprocess.Popen(
+            [sys.executable, "-c", f"import signal, time; {ignore}print('ready', flush=True); "
+             "time.sleep(60)"], stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout.readline() == "ready\n"
+            (tmp_path / "resnet_v2_jax" / "train.pid").write_text(f"{process.pid}\n")
+            subprocess.run(["bash", "-c", option(stop, "--command")], cwd=tmp_path, check=True,
+                           timeout=30)
+            assert process.wait(timeout=10) == (-9 if ignores_sigterm else -15)
+        finally:
+            process.kill()
+    assert not (tmp_path / "resnet_v2_jax" / "train.pid").exists()
 
 
 def test_tpu_needs_a_name_and_a_known_command():
