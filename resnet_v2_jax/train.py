@@ -352,6 +352,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     t_log, steps_since_log, steps_run = time.time(), 0, 0
     step = start_step
 
+    def diverged(what: str, at_step: int) -> str:
+        checkpoints.wait()
+        return (f"training diverged at step {at_step}: {what}; the last checkpoint (step "
+                f"{checkpoints.latest_step()}) is intact: lower learning_rate or use "
+                "warmup='constant'")
+
     def flush_metrics():
         """Fetches the steps' metrics; stops the run at the first non-finite loss."""
         nonlocal pending
@@ -359,10 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         first = step - len(values) + 1
         for i, m in enumerate(values):
             if not np.isfinite(m["loss"]):
-                raise NonFiniteLossError(
-                    f"training loss is {m['loss']} at step {first + i}; the last checkpoint "
-                    f"(step {checkpoints.latest_step()}) is intact: lower learning_rate or use "
-                    "warmup='constant'")
+                raise NonFiniteLossError(diverged(f"loss is {m['loss']}", first + i))
         pending = []
         return values
 
@@ -406,7 +409,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                           f"eval/loss_{crop}": r["loss"]})
                 t_log = time.time()  # keep eval time out of the training throughput
             if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
-                flush_metrics()  # never checkpoint a state after a non-finite loss
+                flush_metrics()  # never checkpoint a diverged state
+                if not bool(dp.to_host(all_finite(state))):
+                    raise NonFiniteLossError(diverged("the state is not finite", step))
                 checkpoints.save(step, dp.get_state(state))
             if preempted:
                 logging.warning("preempted: checkpoint of step %d written; rerun the same "
@@ -424,6 +429,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _hms(seconds: float) -> str:

@@ -215,7 +215,7 @@ BAD_INPUTS = [
     ("unprepared", ["--config.input_pipeline=tfds", "--config.dataset=cifar100",
                     "--config.data_dir=/nonexistent/tfds"], "cifar100"),
     ("nan", ["--config.learning_rate=1e12", f"--config.checkpoint_every_steps=1"],
-     "training loss is nan at step"),
+     "training diverged at step"),
 ]
 
 
@@ -241,3 +241,20 @@ def test_workdir_with_another_models_checkpoint_is_refused(tmp_path, array_dir):
     assert "error: " in result.stderr and "checkpoint of another model" in result.stderr
     assert "depth: checkpoint 20 vs config 14" in result.stderr
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(N)))  # nothing lost
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, array_dir):
+    workdir = str(tmp_path)
+    result = run(workdir, array_dir, "--config.learning_rate=1e12",
+                 "--config.checkpoint_every_steps=1", check=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged at step"), result.stderr[-3000:]
+    bad_step = int(last.split(" at step ")[1].split(":")[0])
+    assert f"the last checkpoint (step {bad_step - 1}) is intact" in last
+    if bad_step > 1:
+        state, step = saved_state(workdir)
+        assert step == bad_step - 1
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+    else:  # diverged in the first step: nothing may have been saved
+        assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
