@@ -58,10 +58,11 @@ def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = Non
 
 
 class ReadOnlyCheckpoints(checkpoint.Checkpoints):
-    """`checkpoint.Checkpoints` that never writes, creates or cleans up anything.
+    """`checkpoint.Checkpoints` that never writes, creates, renames or cleans up anything.
 
     Safe to point at a run that is still training: the writable manager deletes the temporary
-    folders of unfinished saves when it opens, which would break the run's save in flight.
+    folders of unfinished saves when it opens, which would break the run's save in flight, and
+    `restore_latest` would rename unreadable checkpoints.
     """
 
     def __init__(self, workdir: str, signature: dict):  # pylint: disable=super-init-not-called
@@ -70,6 +71,9 @@ class ReadOnlyCheckpoints(checkpoint.Checkpoints):
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
             item_names=("state", "meta"))
+
+    def _set_aside(self, step: int) -> None:
+        """Leaves an unreadable checkpoint where it is; `restore_latest` still skips it."""
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,

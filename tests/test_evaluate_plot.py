@@ -75,17 +75,25 @@ def test_eval_only_reproduces_the_logged_error(run):
     assert f"top-1 error {100 * ours['top1_error']:.2f}%" in result.stdout
 
 
-def test_eval_only_of_a_given_checkpoint_on_another_split(run):
+def test_eval_only_on_another_split_leaves_the_run_alone(run):
+    """Latest and given checkpoint; a save in flight and a damaged newer step stay untouched."""
     workdir, _ = run
-    # A save the run still has in flight: evaluation must leave it alone.
     in_flight = workdir / "checkpoints" / f"{2 * STEPS}.orbax-checkpoint-tmp-1"
+    damaged = workdir / "checkpoints" / str(3 * STEPS)
     in_flight.mkdir()
-    config = evaluate.eval_config(evaluate.load_run_config(workdir), split="test[:1000]")
-    results = evaluate.evaluate(config, str(workdir), step=STEPS)
-    assert results["step"] == STEPS and results["split"] == "test[:1000]"
-    assert results["eval"]["32"]["num_examples"] == 1000
-    assert in_flight.is_dir()
-    in_flight.rmdir()
+    damaged.mkdir()
+    try:
+        config = evaluate.eval_config(evaluate.load_run_config(workdir), split="test[:1000]")
+        for step in (None, STEPS):
+            results = evaluate.evaluate(config, str(workdir), step=step)
+            assert results["step"] == STEPS and results["split"] == "test[:1000]"
+            assert results["eval"]["32"]["num_examples"] == 1000
+        assert in_flight.is_dir() and damaged.is_dir()
+        assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == sorted(
+            [str(STEPS), in_flight.name, damaged.name])
+    finally:
+        in_flight.rmdir()
+        damaged.rmdir()
 
 
 def test_eval_only_refuses_another_models_checkpoint(run):
