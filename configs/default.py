@@ -14,9 +14,9 @@ def get_config():
 
     # Data (resnet_v2_jax.input_pipeline).
     config.dataset = "cifar10"            # any tfds image classification dataset
-    config.data_dir = config_dict.placeholder(str)               # tfds data_dir; local path or gs://; None = tfds default
+    config.data_dir = config_dict.placeholder(str)  # tfds data_dir, local or gs://; None: default
     config.input_pipeline = "tfds"        # "tfds" (tf.data on the host) or "device_resident"
-    config.array_dir = config_dict.placeholder(str)              # device_resident only: folder of <dataset>_<split>.npz
+    config.array_dir = config_dict.placeholder(str)  # device_resident: <dataset>_<split>.npz
     config.train_split = "train"
     config.eval_split = "test"
     config.batch_size = 128               # global batch over all devices of all processes
@@ -35,9 +35,9 @@ def get_config():
     config.depth = 164
     config.block = "bottleneck"           # "bottleneck" or "basic"
     config.unit = "full_preact"           # Fig. 4: original | bn_after_add | relu_before_add |
-                                                                                #         relu_preact | full_preact
+                                          #         relu_preact | full_preact
     config.shortcut = "identity"          # Fig. 2: identity | scaling | exclusive_gate |
-                                                                                #         shortcut_gate | conv | dropout
+                                          #         shortcut_gate | conv | dropout
     config.shortcut_scale = 0.5           # "scaling" only: lambda on the shortcut
     config.residual_scale = 1.0           # "scaling" only: lambda on F
     config.gate_bias_init = 0.0           # gating only: b_g

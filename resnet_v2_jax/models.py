@@ -46,37 +46,37 @@ ModuleDef = Any
 #   after_last:  after the last weight layer of F,
 #   after_add:   after the addition, i.e. the paper's f.
 UNIT_PLACEMENTS = {
-        # (a) original: conv-BN-ReLU-...-conv-BN, addition, ReLU.
-        "original": dict(before_conv=(), after_conv=("bn", "relu"), after_last=("bn",),
-                                          after_add=("relu",)),
-        # (b) BN after addition: conv-BN-ReLU-...-conv, addition, BN-ReLU.
-        "bn_after_add": dict(before_conv=(), after_conv=("bn", "relu"), after_last=(),
-                                                  after_add=("bn", "relu")),
-        # (c) ReLU before addition: conv-BN-ReLU-...-conv-BN-ReLU, addition.
-        "relu_before_add": dict(before_conv=(), after_conv=("bn", "relu"),
-                                                        after_last=("bn", "relu"), after_add=()),
-        # (d) ReLU-only pre-activation: ReLU-conv-BN-...-ReLU-conv-BN, addition.
-        "relu_preact": dict(before_conv=("relu",), after_conv=("bn",), after_last=("bn",),
-                                                after_add=()),
-        # (e) full pre-activation (the proposal): BN-ReLU-conv-...-BN-ReLU-conv, addition.
-        "full_preact": dict(before_conv=("bn", "relu"), after_conv=(), after_last=(), after_add=()),
+    # (a) original: conv-BN-ReLU-...-conv-BN, addition, ReLU.
+    "original": dict(before_conv=(), after_conv=("bn", "relu"), after_last=("bn",),
+                     after_add=("relu",)),
+    # (b) BN after addition: conv-BN-ReLU-...-conv, addition, BN-ReLU.
+    "bn_after_add": dict(before_conv=(), after_conv=("bn", "relu"), after_last=(),
+                         after_add=("bn", "relu")),
+    # (c) ReLU before addition: conv-BN-ReLU-...-conv-BN-ReLU, addition.
+    "relu_before_add": dict(before_conv=(), after_conv=("bn", "relu"), after_last=("bn", "relu"),
+                            after_add=()),
+    # (d) ReLU-only pre-activation: ReLU-conv-BN-...-ReLU-conv-BN, addition.
+    "relu_preact": dict(before_conv=("relu",), after_conv=("bn",), after_last=("bn",),
+                        after_add=()),
+    # (e) full pre-activation (the proposal): BN-ReLU-conv-...-BN-ReLU-conv, addition.
+    "full_preact": dict(before_conv=("bn", "relu"), after_conv=(), after_last=(), after_add=()),
 }
 
 # The shortcut h(x) of Fig. 2 / Table 1, and how it is combined with F (lambda, g as in the paper):
 SHORTCUTS = (
-        "identity",        # (a) x + F
-        "scaling",         # (b) shortcut_scale * x + residual_scale * F
-        "exclusive_gate",  # (c) (1 - g(x)) * x + g(x) * F,  g(x) = sigmoid(1x1 conv(x) + b_g)
-        "shortcut_gate",   # (d) (1 - g(x)) * x + F
-        "conv",            # (e) 1x1 conv(x) + F, in every unit
-        "dropout",         # (f) dropout(x) + F
+    "identity",        # (a) x + F
+    "scaling",         # (b) shortcut_scale * x + residual_scale * F
+    "exclusive_gate",  # (c) (1 - g(x)) * x + g(x) * F,  g(x) = sigmoid(1x1 conv(x) + b_g)
+    "shortcut_gate",   # (d) (1 - g(x)) * x + F
+    "conv",            # (e) 1x1 conv(x) + F, in every unit
+    "dropout",         # (f) dropout(x) + F
 )
 
 # Where the first unit of a stage takes its pre-activation from.
 PREACT_MODES = (
-        "branch",  # only F is pre-activated; the shortcut takes the raw x (identity units)
-        "shared",  # one pre-activation feeds F and the projection shortcut (shape-changing units)
-        "none",    # no pre-activation: the input is already activated (ImageNet stage 1 after the stem)
+    "branch",  # only F is pre-activated; the shortcut takes the raw x (identity units)
+    "shared",  # one pre-activation feeds F and the projection shortcut (shape-changing units)
+    "none",    # no pre-activation: the input is already activated (ImageNet stage 1 after the stem)
 )
 
 he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -87,11 +87,11 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 
 
 def _conv(features: int, kernel: int, strides: int = 1, use_bias: bool = False,
-                    **kwargs) -> nn.Conv:
+          **kwargs) -> nn.Conv:
     """Conv with Torch's symmetric padding (k-1)/2, He fan-out init and (by default) no bias."""
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), (strides, strides), padding=((pad, pad), (pad, pad)),
-                                  use_bias=use_bias, kernel_init=he_fan_out, **kwargs)
+                   use_bias=use_bias, kernel_init=he_fan_out, **kwargs)
 
 
 class ResidualUnit(nn.Module):
@@ -152,8 +152,8 @@ class ResidualUnit(nn.Module):
     def __call__(self, x: Array) -> Array:
         place = UNIT_PLACEMENTS[self.unit]
         layers = self._layers()
-        needs_projection = (self.shortcut == "conv" or self.strides != 1
-                                                or x.shape[-1] != self.features)
+        needs_projection = (self.shortcut == "conv" or self.strides != 1 or
+                            x.shape[-1] != self.features)
 
         # BN modules are named after the conv they serve: bn{i} normalises conv{i}'s input in the
         # pre-activation units and its output in the post-activation ones (never both).
@@ -183,11 +183,12 @@ class ResidualUnit(nn.Module):
             out = self.shortcut_scale * shortcut + self.residual_scale * y
         elif self.shortcut in ("exclusive_gate", "shortcut_gate"):
             gate = self.conv(self.features, 1, self.strides, name="gate", use_bias=True,
-                                              bias_init=nn.initializers.constant(self.gate_bias_init))(shortcut_in)
+                             bias_init=nn.initializers.constant(self.gate_bias_init))(shortcut_in)
             gate = nn.sigmoid(gate)
             out = (1.0 - gate) * shortcut + (gate * y if self.shortcut == "exclusive_gate" else y)
         elif self.shortcut == "dropout":
-            out = nn.Dropout(self.shortcut_dropout_rate, deterministic=self.deterministic)(shortcut) + y
+            out = nn.Dropout(self.shortcut_dropout_rate,
+                             deterministic=self.deterministic)(shortcut) + y
         else:  # identity, conv
             out = shortcut + y
         return self._ops(place["after_add"], out, "bn_out")
@@ -260,29 +261,33 @@ class ResNetV2(nn.Module):
         _check_choice("stem_norm", self.stem_norm, ("before_pool", "after_pool"))
         _check_choice("stride_on", self.stride_on, ("1x1", "3x3"))
         if len(self.stage_sizes) != len(self.widths) or min(self.stage_sizes, default=0) < 1:
-            raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
-                                              "must have the same length and at least one unit per stage")
+            raise ValueError(
+                f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
+                "must have the same length and at least one unit per stage")
         if self.bottleneck and any(w % 4 for w in self.widths):
             raise ValueError(f"bottleneck widths must divide by 4, got {tuple(self.widths)}")
         if self.stem_norm == "after_pool" and not UNIT_PLACEMENTS[self.unit]["before_conv"]:
-            raise ValueError(f"stem_norm='after_pool' needs a pre-activation unit, not {self.unit!r}")
+            raise ValueError(
+                f"stem_norm='after_pool' needs a pre-activation unit, not {self.unit!r}")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         conv = functools.partial(_conv, dtype=self.dtype)
-        norm = functools.partial(
-                nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name,
-                axis_index_groups=self.bn_axis_index_groups)
-        unit = functools.partial(
-                ResidualUnit, norm=norm, conv=conv, bottleneck=self.bottleneck, stride_on=self.stride_on,
-                unit=self.unit, shortcut=self.shortcut, shortcut_scale=self.shortcut_scale,
-                residual_scale=self.residual_scale, gate_bias_init=self.gate_bias_init,
-                shortcut_dropout_rate=self.shortcut_dropout_rate, deterministic=not train)
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                                 dtype=self.dtype, axis_name=self.bn_axis_name,
+                                 axis_index_groups=self.bn_axis_index_groups)
+        unit = functools.partial(ResidualUnit, norm=norm, conv=conv, bottleneck=self.bottleneck,
+                                 stride_on=self.stride_on, unit=self.unit, shortcut=self.shortcut,
+                                 shortcut_scale=self.shortcut_scale,
+                                 residual_scale=self.residual_scale,
+                                 gate_bias_init=self.gate_bias_init,
+                                 shortcut_dropout_rate=self.shortcut_dropout_rate,
+                                 deterministic=not train)
         if self.remat_units:
             unit = functools.partial(nn.remat(ResidualUnit, prevent_cse=not self.scan_units),
-                                                              **unit.keywords)
+                                     **unit.keywords)
         preactivates = bool(UNIT_PLACEMENTS[self.unit]["before_conv"])
 
         x = jnp.asarray(x, self.dtype)
@@ -303,12 +308,16 @@ class ResNetV2(nn.Module):
 
         for s, (size, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
             x = unit(features=width, strides=1 if s == 1 else 2,
-                              preact=first_preact if s == 1 else "shared", name=f"stage{s}_unit1")(x)
+                     preact=first_preact if s == 1 else "shared", name=f"stage{s}_unit1")(x)
             identical = functools.partial(unit, features=width, preact="branch")
             if self.scan_units and size > 1:
-                x, _ = nn.scan(_ScanBody, variable_axes={"params": 0, "batch_stats": 0},
-                                              split_rngs={"params": True, "dropout": True},
-                                              length=size - 1)(identical, name=f"stage{s}_repeat")(x, None)
+                x, _ = nn.scan(_ScanBody, variable_axes={
+                    "params": 0,
+                    "batch_stats": 0
+                }, split_rngs={
+                    "params": True,
+                    "dropout": True
+                }, length=size - 1)(identical, name=f"stage{s}_repeat")(x, None)
             else:
                 for u in range(2, size + 1):
                     x = identical(name=f"stage{s}_unit{u}")(x)
@@ -322,7 +331,7 @@ class ResNetV2(nn.Module):
         if self.num_classes is None:
             return x.astype(jnp.float32)
         x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_linear_init,
-                                  name="head")(x)
+                     name="head")(x)
         return x.astype(jnp.float32)
 
 
@@ -332,12 +341,18 @@ def _check_choice(name: str, value, choices):
 
 
 CIFAR_WIDTHS = {"bottleneck": (64, 128, 256), "basic": (16, 32, 64)}
-IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
-                                      152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+IMAGENET_STAGES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3)
+}
 
 
 def cifar_resnet(depth: int, num_classes: Optional[int] = 10, *, block: str = "bottleneck",
-                                  stride_on: str = "1x1", **options) -> ResNetV2:
+                 stride_on: str = "1x1", **options) -> ResNetV2:
     """The CIFAR networks of resnet-pre-act.lua: 3 stages, 16-channel 3x3 stem.
 
     Bottleneck units need depth = 9n+2 (ResNet-164: n=18, ResNet-1001: n=111), basic units
@@ -348,11 +363,11 @@ def cifar_resnet(depth: int, num_classes: Optional[int] = 10, *, block: str = "b
     layers = 3 if block == "bottleneck" else 2
     if depth < 3 * layers + 2 or (depth - 2) % (3 * layers):
         raise ValueError(f"CIFAR {block} ResNet depth must be {3 * layers}n+2 (e.g. "
-                                          f"{'164, 1001' if layers == 3 else '20, 56, 110'}), got {depth}")
+                         f"{'164, 1001' if layers == 3 else '20, 56, 110'}), got {depth}")
     n = (depth - 2) // (3 * layers)
-    return ResNetV2(stage_sizes=(n,) * 3, widths=CIFAR_WIDTHS[block], num_classes=num_classes,
-                                    stem="cifar", stem_width=16, bottleneck=block == "bottleneck",
-                                    stride_on=stride_on, **options)
+    return ResNetV2(stage_sizes=(n, ) * 3, widths=CIFAR_WIDTHS[block], num_classes=num_classes,
+                    stem="cifar", stem_width=16, bottleneck=block == "bottleneck",
+                    stride_on=stride_on, **options)
 
 
 def imagenet_resnet(depth: int, num_classes: Optional[int] = 1000, **options) -> ResNetV2:
@@ -362,11 +377,12 @@ def imagenet_resnet(depth: int, num_classes: Optional[int] = 1000, **options) ->
     the stride on the 3x3 conv. `options` are further `ResNetV2` attributes.
     """
     if depth not in IMAGENET_STAGES:
-        raise ValueError(f"ImageNet ResNet depth must be one of {sorted(IMAGENET_STAGES)}, got {depth}")
+        raise ValueError(
+            f"ImageNet ResNet depth must be one of {sorted(IMAGENET_STAGES)}, got {depth}")
     bottleneck = depth >= 50
     widths = (256, 512, 1024, 2048) if bottleneck else (64, 128, 256, 512)
     return ResNetV2(stage_sizes=IMAGENET_STAGES[depth], widths=widths, num_classes=num_classes,
-                                    stem="imagenet", stem_width=64, bottleneck=bottleneck, **options)
+                    stem="imagenet", stem_width=64, bottleneck=bottleneck, **options)
 
 
 _UNROLLED = re.compile(r"stage(\d+)_unit(\d+)$")
