@@ -12,6 +12,7 @@ in saving and restoring; Orbax decides which process writes what.
   one-line error instead of a shape mismatch deep inside Orbax.
 """
 
+import logging as std_logging
 from typing import Any, Optional, Tuple
 
 import jax
@@ -33,17 +34,20 @@ class Checkpoints:
       signature: JSON-able description of the model; a checkpoint whose signature differs is
         refused.
       keep: how many checkpoints to keep.
+      read_only: never write, create, clean up or set aside anything: safe on a run that is
+        still training (eval-only).
     """
 
-    def __init__(self, workdir: str, signature: dict, keep: int = 3):
+    def __init__(self, workdir: str, signature: dict, keep: int = 3, read_only: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
         self.signature = signature
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=True,
-                cleanup_tmp_directories=True),
-            item_names=("state", "meta"))
+        self.read_only = read_only
+        options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
+                   ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                enable_async_checkpointing=True,
+                                                cleanup_tmp_directories=True))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
 
     def save(self, step: int, state: Any) -> None:
         """Starts writing `state` (global arrays) for `step`; returns before it is on disk."""
@@ -58,6 +62,25 @@ class Checkpoints:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """The state of checkpoint `step`, in `abstract_state`'s shapes and shardings.
+
+        Raises CheckpointError if there is no such step or it holds another model; Orbax's own
+        errors if its files cannot be read.
+        """
+        if step not in self.manager.all_steps():
+            raise CheckpointError(f"no checkpoint of step {step} in {self.directory} (steps "
+                                  f"{sorted(self.manager.all_steps())})")
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("model") != self.signature:
+            raise CheckpointError(
+                f"{self.directory} holds a checkpoint of another model "
+                f"({_diff(meta.get('model'), self.signature)}); use a new --workdir or "
+                "the matching config")
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+
     def restore_latest(self, abstract_state: Any) -> Tuple[Optional[Any], int]:
         """Restores the newest readable checkpoint into `abstract_state`'s shapes and shardings.
 
@@ -66,25 +89,17 @@ class Checkpoints:
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
-            meta = self._read_meta(step)
-            if meta is None:
-                self._set_aside(step)
-                continue
-            if meta.get("model") != self.signature:
-                raise CheckpointError(
-                    f"{self.directory} holds a checkpoint of another model "
-                    f"({_diff(meta.get('model'), self.signature)}); use a new --workdir or "
-                    "the matching config")
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
+                state = self.restore(step, abstract_state)
+            except CheckpointError:
+                raise
             except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
                 logging.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
                                 step, type(e).__name__, str(e).splitlines()[0][:200])
                 self._set_aside(step)
                 continue
             logging.info("restored checkpoint of step %d from %s", step, self.directory)
-            return restored["state"], step
+            return state, step
         if steps:
             raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps}); "
                                   "move the folder away to start afresh")
@@ -92,7 +107,9 @@ class Checkpoints:
 
     def _set_aside(self, step: int) -> None:
         """Renames an unreadable step folder to `<step>.unreadable` (kept for inspection; the
-        resumed run will write that step again)."""
+        resumed run will write that step again). Read-only managers leave it in place."""
+        if self.read_only:
+            return
         if jax.process_index() == 0:
             source = self.directory / str(step)
             target = self.directory / f"{step}.unreadable"
@@ -102,15 +119,6 @@ class Checkpoints:
             logging.warning("moved it to %s", target)
         multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self.manager.reload()
-
-    def _read_meta(self, step: int) -> Optional[dict]:
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:
-            logging.warning("checkpoint at step %d has no readable metadata (%s); skipping it",
-                            step, type(e).__name__)
-            return None
 
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are on disk."""
@@ -131,3 +139,8 @@ def _diff(saved: Optional[dict], current: dict) -> str:
 def abstract(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def quiet_orbax_info(record: std_logging.LogRecord) -> bool:
+    """A logging filter: Orbax logs every save in detail at INFO; keep its warnings and errors."""
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname

@@ -21,7 +21,6 @@ from typing import Any, Dict, Optional, Sequence
 import jax
 import ml_collections
 import optax
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
@@ -57,66 +56,6 @@ def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = Non
     return ml_collections.ConfigDict(values)
 
 
-class ReadOnlyCheckpoints(checkpoint.Checkpoints):
-    """`checkpoint.Checkpoints` that never writes, creates, renames or cleans up anything.
-
-    Safe to point at a run that is still training: the writable manager deletes the temporary
-    folders of unfinished saves when it opens, which would break the run's save in flight, and
-    `restore_latest` would rename unreadable checkpoints.
-    """
-
-    def __init__(self, workdir: str, signature: dict):  # pylint: disable=super-init-not-called
-        self.directory = epath.Path(workdir) / "checkpoints"
-        self.signature = signature
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
-            item_names=("state", "meta"))
-
-    def _set_aside(self, step: int) -> None:
-        """Leaves an unreadable checkpoint where it is; `restore_latest` still skips it."""
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
-                         dp: parallel.DataParallel) -> train.TrainState:
-    """Shapes, dtypes and shardings of the run's train state, without computing it.
-
-    Only the optimizer state's structure matters for restoring, so any schedule will do.
-    """
-    model = train.create_model(config, num_classes, dp.axes)
-    tx = train.create_optimizer(config, optax.constant_schedule(0.0))
-    shapes = jax.eval_shape(
-        lambda rng: train.create_train_state(rng, model, tx, config.image_size),
-        jax.random.PRNGKey(0))
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dp.replicated), shapes)
-
-
-def restore(checkpoints: checkpoint.Checkpoints, abstract_state: Any,
-            step: Optional[int] = None):
-    """(state, step) of checkpoint `step`, or of the latest readable one when `step` is None."""
-    if step is None:
-        state, step = checkpoints.restore_latest(abstract_state)
-        if state is None:
-            raise checkpoint.CheckpointError(f"no checkpoint in {checkpoints.directory}: the run "
-                                             "has not saved one yet")
-        return state, step
-    if step not in checkpoints.manager.all_steps():
-        raise checkpoint.CheckpointError(
-            f"no checkpoint of step {step} in {checkpoints.directory} (steps "
-            f"{sorted(checkpoints.manager.all_steps())})")
-    meta = checkpoints.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"]
-    saved = meta.get("model") or {}
-    if saved != checkpoints.signature:
-        diff = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
-                         for k, v in checkpoints.signature.items() if saved.get(k) != v)
-        raise checkpoint.CheckpointError(f"checkpoint {checkpoints.directory / str(step)} is of "
-                                         f"another model ({diff}); pass the run's config")
-    restored = checkpoints.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"], step
-
-
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              step: Optional[int] = None) -> Dict[str, Any]:
     """Restores `workdir`'s checkpoint (latest, or `step`) and evaluates it as `config` says.
@@ -131,10 +70,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     info = datasets.get(config.dataset)
     dp = parallel.DataParallel(config.parallelism)  # BN groups do not matter in evaluation
     dp.check_batch_size(config.eval_batch_size, "eval_batch_size")
-    checkpoints = ReadOnlyCheckpoints(workdir, train.model_signature(config, info.num_classes))
+    checkpoints = checkpoint.Checkpoints(
+        workdir, train.model_signature(config, info.num_classes), read_only=True)
+    model = train.create_model(config, info.num_classes, dp.axes)
+    # Only the optimiser state's structure matters for restoring, so any schedule will do.
+    tx = train.create_optimizer(config, optax.constant_schedule(0.0))
+    abstract = train.abstract_train_state(model, tx, config.image_size, dp.replicated)
     try:
-        state, step = restore(checkpoints, abstract_train_state(config, info.num_classes, dp),
-                              step)
+        if step is None:
+            state, step = checkpoints.restore_latest(abstract)
+            if state is None:
+                raise checkpoint.CheckpointError(
+                    f"no checkpoint in {checkpoints.directory}: the run has not saved one yet")
+        else:
+            state = checkpoints.restore(step, abstract)
     finally:
         checkpoints.close()
     results = train.Evaluator(config, dp)(dp.put_state(state))
@@ -197,15 +146,15 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_batch_size", None, "Global eval batch (a multiple of the device "
                          "count); default: the config's.")
     flags.DEFINE_string("output", None, "JSON results; default: <workdir>/eval_results.json.")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (several "
-                      "processes).")
+    flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when "
+                      "the environment names several processes (TPU pods, SLURM, Open MPI).")
 
 
 def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # the results are printed; --verbosity=0 for more
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    logging.get_absl_handler().addFilter(checkpoint.quiet_orbax_info)
+    parallel.initialize_distributed(FLAGS.distributed)
     try:
         run(argv)
     except USER_ERRORS as e:

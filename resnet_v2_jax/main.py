@@ -9,15 +9,13 @@ processes (TPU pod slices, multi-node GPU) every process runs the same command;
 `jax.distributed.initialize()` finds its peers from the environment.
 """
 
-import logging as std_logging
-import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_v2_jax import checkpoint, train
+from resnet_v2_jax import checkpoint, parallel, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder (local or gs://) for checkpoints, logs, results.")
@@ -37,35 +35,23 @@ USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError,
                train.NonFiniteLossError)
 
 
-def _multi_process_environment() -> bool:
-    return any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
-                                         "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) and (
-        os.environ.get("SLURM_NTASKS", "2") != "1")
-
-
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-    """Orbax logs every save in detail at INFO; keep its warnings and errors only."""
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_quiet_orbax)
-    explicit = FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
-    if FLAGS.distributed or (FLAGS.distributed is None and (explicit or
-                                                            _multi_process_environment())):
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                                   FLAGS.process_id)
+    logging.get_absl_handler().addFilter(checkpoint.quiet_orbax_info)
+    parallel.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
+                                    FLAGS.num_processes, FLAGS.process_id)
     logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)",
                  jax.__version__, jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
     try:
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
-        logging.error("%s: %s", type(e).__name__, e)
+        logging.log(logging.DEBUG, "%s", type(e).__name__, exc_info=True)  # --verbosity=1
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if jax.process_index() != 0:
+        return
     for crop, r in results["eval"].items():
         print(f"step {results['step']}: test accuracy {100 * (1 - r['top1_error']):.2f}% "
               f"(top-1 error {100 * r['top1_error']:.2f}%, top-5 error "

@@ -15,11 +15,11 @@ groups as `axis_index_groups`.
 """
 
 import dataclasses
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import flax.jax_utils
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -130,3 +130,26 @@ class DataParallel:
     def _first_replica(self, x):
         first = np.asarray(x.addressable_data(0))
         return first.reshape(x.shape[1:]) if self.executor == "pmap" else first
+
+
+# Variables by which cluster environments announce several processes.
+_MULTI_PROCESS_ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+                              "OMPI_COMM_WORLD_SIZE")
+
+
+def initialize_distributed(force: Optional[bool] = None, coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> bool:
+    """Calls `jax.distributed.initialize` where there are several processes; returns whether.
+
+    `force` True/False decides; None decides from the arguments (any given) or the environment
+    (TPU pod slices, SLURM with more than one task, Open MPI, JAX_COORDINATOR_ADDRESS). Without
+    arguments JAX finds the coordinator, process count and index from that environment.
+    """
+    if force is None:
+        explicit = coordinator_address or num_processes or process_id is not None
+        slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        force = bool(explicit or slurm or any(k in os.environ for k in _MULTI_PROCESS_ENVIRONMENT))
+    if force:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return force

@@ -10,7 +10,7 @@ import functools
 import json
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +133,15 @@ def create_train_state(rng: jax.Array, model: models.ResNetV2, tx: optax.Gradien
     return init(rng)
 
 
+def abstract_train_state(model: models.ResNetV2, tx: optax.GradientTransformation,
+                         image_size: int, sharding: jax.sharding.Sharding) -> TrainState:
+    """Shapes, dtypes and `sharding` of the train state, computing nothing: a restore target."""
+    shapes = jax.eval_shape(lambda rng: create_train_state(rng, model, tx, image_size),
+                            jax.random.PRNGKey(0))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        shapes)
+
+
 # --- per-device steps --------------------------------------------------------------------------
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -226,25 +235,31 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 class _Preemption:
-    """SIGTERM (a single host's preemption notice) or JAX's multi-host preemption sync point."""
+    """SIGTERM (a single host's preemption notice) or JAX's multi-host preemption sync point.
+
+    On several processes JAX's own notifier (installed by jax.distributed) receives SIGTERM and
+    the sync point answers the same on every process; a Python handler would replace it.
+    """
 
     def __init__(self, checkpoints: checkpoint.Checkpoints):
         self.checkpoints = checkpoints
         self.sigterm = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous = None
+        if jax.process_count() == 1:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and stopping")
         self.sigterm = True
 
     def reached(self, step: int) -> bool:
-        # On several processes only the sync point is safe: it answers the same everywhere.
         if jax.process_count() > 1:
             return self.checkpoints.reached_preemption(step)
         return self.sigterm
 
     def close(self):
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 class _MetricsWriter:
@@ -417,6 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 logging.warning("preempted: checkpoint of step %d written; rerun the same "
                                 "command to resume", step)
                 break
+        if not eval_results and step == total_steps:  # a finished run, rerun: report it again
+            eval_results = evaluate(state)
     finally:
         checkpoints.close()
         writer.close()
