@@ -11,7 +11,6 @@ sample photos of ../shared/data/imagenet_samples, cycled. Steady state: each row
 """
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import sys
@@ -27,7 +26,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import default  # noqa: E402
-from resnet_v2_jax import datasets, device_input, input_pipeline  # noqa: E402
+from resnet_v2_jax import device_input, input_pipeline  # noqa: E402
 
 
 def throughput(batches, count, warmup: float, seconds: float) -> Tuple[float, float]:
@@ -48,25 +47,6 @@ def eval_passes(batches):
     """Endless batches from repeated passes over one `datasets.EvalBatches`."""
     while True:
         yield from batches
-
-
-def make_samples_dataset(samples: pathlib.Path, data_dir: str) -> str:
-    """Stores the sample JPEGs (bytes unchanged) as a tfds dataset; returns its name."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-    files = sorted(samples.glob("*.JPEG"))
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(names=[f.stem for f in files])})
-    examples = tf.data.Dataset.from_tensor_slices(
-        {"image": [f.read_bytes() for f in files], "label": np.arange(len(files))})
-    tfds.dataset_builders.store_as_tfds_dataset(
-        "imagenet_samples", "1.0.0", features, {"train": examples, "validation": examples},
-        data_dir=data_dir)
-    datasets.register(dataclasses.replace(
-        datasets.get("imagenet2012"), name="imagenet_samples", num_classes=len(files),
-        num_train_examples=len(files), num_eval_examples=len(files)))
-    return "imagenet_samples"
 
 
 def main():
@@ -97,7 +77,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as data_dir:
         imagenet = default.imagenet(50)
-        imagenet.dataset = make_samples_dataset(pathlib.Path(args.samples), data_dir)
+        imagenet.dataset = input_pipeline.store_jpeg_dataset(
+            "imagenet_samples", sorted(pathlib.Path(args.samples).glob("*.JPEG")), data_dir).name
         imagenet.data_dir = data_dir
         imagenet.batch_size = imagenet.eval_batch_size = 128
         for augment in ("scale", "scale_aspect"):

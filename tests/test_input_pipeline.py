@@ -7,7 +7,6 @@ devices, so batch sizes here are multiples of 8.
 """
 
 import collections
-import dataclasses
 import os
 import pathlib
 import subprocess
@@ -316,18 +315,7 @@ def imagenet_samples(shared_data_dir, tmp_path_factory):
     cmyk = root / "cmyk_copy.JPEG"
     Image.open(files[0]).convert("CMYK").save(cmyk, quality=95)
     files.append(cmyk)
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(names=[f.stem for f in files])})
-    examples = tf.data.Dataset.from_tensor_slices(
-        {"image": [f.read_bytes() for f in files], "label": np.arange(len(files))})
-    tfds.dataset_builders.store_as_tfds_dataset(
-        "imagenet_samples", "1.0.0", features, {"train": examples, "validation": examples},
-        data_dir=str(root))
-    imagenet = datasets.get("imagenet2012")
-    datasets.register(dataclasses.replace(
-        imagenet, name="imagenet_samples", num_classes=len(files),
-        num_train_examples=len(files), num_eval_examples=len(files)))
+    input_pipeline.store_jpeg_dataset("imagenet_samples", files, str(root))
     config = make_config(str(root), dataset="imagenet_samples", eval_split="validation",
                          image_size=224, eval_crop_sizes=(224, 320), augment="scale",
                          batch_size=16, eval_batch_size=16, shuffle_buffer_size=200)
