@@ -136,11 +136,6 @@ def _diff(saved: Optional[dict], current: dict) -> str:
                      for k in keys)
 
 
-def abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
 def quiet_orbax_info(record: std_logging.LogRecord) -> bool:
     """A logging filter: Orbax logs every save in detail at INFO; keep its warnings and errors."""
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname

@@ -58,8 +58,6 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
     """Builds the config's network; BN statistics are reduced over `axes.bn` in training."""
     factory = models.cifar_resnet if config.arch == "cifar" else models.imagenet_resnet
     options = model_options(config)
-    if config.arch == "cifar" and config.block not in models.CIFAR_WIDTHS:
-        raise ValueError(f"unknown block {config.block!r}; choose one of bottleneck, basic")
     return factory(config.depth, num_classes,
                    dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
                    bn_axis_name=axes.bn if axes else None,
@@ -339,14 +337,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = create_optimizer(config, schedule)
     rng = jax.random.PRNGKey(config.seed)
-    state = dp.put_state(create_train_state(rng, model, tx, config.image_size))
-
     checkpoints = checkpoint.Checkpoints(workdir, model_signature(config, info.num_classes),
                                          config.keep_checkpoints)
-    restored, start_step = checkpoints.restore_latest(checkpoint.abstract(dp.get_state(state)))
-    if restored is not None:
-        state = dp.put_state(restored)
+    state, start_step = checkpoints.restore_latest(
+        abstract_train_state(model, tx, config.image_size, dp.replicated))
+    if state is None:
+        state = create_train_state(rng, model, tx, config.image_size)
+    else:
         logging.info("resuming from step %d", start_step)
+    state = dp.put_state(state)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
