@@ -1,0 +1,76 @@
+"""Every config in configs/ builds its model and runs one training step on tiny data."""
+import functools
+import glob
+import importlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import ablation
+from resnet_v2_jax import datasets, parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith("__"))
+ABLATIONS = ["", "shortcut=exclusive_gate,gate_bias_init=-6", "shortcut=dropout",
+             "unit=relu_preact,depth=164", "shortcut=scaling,shortcut_scale=0.5,residual_scale=0.5"]
+
+
+def one_step(config):
+    """Builds the config's model and takes one step on 2 random 32x32 images, one device.
+
+    The units run scanned, so compile time does not grow with depth: the scanned network is
+    the same function (tests/test_models.py checks scanned against unrolled).
+    """
+    config.scan_units = True
+    dp = parallel.DataParallel(config.parallelism, 0, jax.devices()[:1])
+    info = datasets.get(config.dataset)
+    model = train.create_model(config, info.num_classes, dp.axes)
+    schedule = train.learning_rate_schedule(config, 100, 10_000)
+    state = train.create_train_state(jax.random.PRNGKey(0), model,
+                                     train.create_optimizer(config, schedule), 32)
+    step = dp.compile(functools.partial(
+        train.train_step, axes=dp.axes, dataset=config.dataset, dtype=model.dtype,
+        dropout_key=jax.random.PRNGKey(1)), returns_state=True)
+    rng = np.random.RandomState(0)
+    batch = {"image": rng.randint(0, 256, (2, 32, 32, 3)).astype(np.uint8),
+             "label": rng.randint(0, info.num_classes, (2,)).astype(np.int32)}
+    state, metrics = step(dp.put_state(state), dp.put_batch(batch))
+    return model, dp.to_host(state), dp.to_host(metrics)
+
+
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "ablation"])
+def test_config_builds_and_trains_one_step(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    model, state, metrics = one_step(config)
+    assert np.isfinite(metrics["loss"]) and int(state.step) == 1
+    assert model.unit == config.unit and model.num_classes == datasets.get(
+        config.dataset).num_classes
+    depth = 2 + sum(model.stage_sizes) * (3 if model.bottleneck else 2)
+    assert depth == config.depth
+
+
+@pytest.mark.parametrize("arg", ABLATIONS)
+def test_ablation_config_builds_and_trains_one_step(arg):
+    config = ablation.get_config(arg)
+    model, state, metrics = one_step(config)
+    assert np.isfinite(metrics["loss"]) and int(state.step) == 1
+    for key, value in {**ablation.DEFAULTS, **ablation.parse(arg)}.items():
+        assert config[key] == value
+    assert model.shortcut == config.shortcut and model.unit == config.unit
+
+
+def test_ablation_defaults_are_table_1s_baseline():
+    config = ablation.get_config("")
+    assert (config.depth, config.block, config.unit, config.shortcut) == (
+        110, "basic", "original", "identity")
+    assert config.warmup == "constant"  # the appendix's warm-up for original units
+
+
+@pytest.mark.parametrize("arg, message", [("unit", "not key=value"),
+                                          ("units=original", "unknown config key 'units'")])
+def test_ablation_bad_parameters(arg, message):
+    with pytest.raises(ValueError, match=message):
+        ablation.get_config(arg)
