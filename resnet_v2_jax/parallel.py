@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from resnet_v2_jax import datasets
+
 EXECUTORS = ("shard_map", "pmap")
 
 
@@ -63,6 +65,9 @@ class DataParallel:
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "bn")))
+        # pmap layout: a leading axis over this process's devices.
+        self.local_batch_sharding = NamedSharding(Mesh(np.array(self.local_devices), ("local",)),
+                                                  P("local"))
 
     @property
     def num_devices(self) -> int:
@@ -74,11 +79,11 @@ class DataParallel:
                 f"BN groups of {self.bn_group_size} device(s)")
 
     def check_batch_size(self, global_batch: int, name: str = "batch_size") -> int:
-        """Returns the per-device batch, or raises if `global_batch` does not split evenly."""
-        if global_batch < 1 or global_batch % self.num_devices:
-            raise ValueError(f"global {name} {global_batch} must be a positive multiple of the "
-                             f"device count {self.num_devices}")
-        return global_batch // self.num_devices
+        """Returns the per-device batch, or raises if `global_batch` does not split evenly
+        (the rule of `datasets.local_batch_size`, which the input pipelines apply too)."""
+        per_process = datasets.local_batch_size(global_batch, jax.process_count(),
+                                                self.num_devices, name)
+        return per_process // len(self.local_devices)
 
     # --- placement -------------------------------------------------------------------------
 
@@ -100,9 +105,8 @@ class DataParallel:
             return jax.tree.map(
                 lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
         n = len(self.local_devices)
-        mesh = Mesh(np.array(self.local_devices), ("local",))
         return jax.tree.map(lambda x: jax.device_put(
-            np.reshape(x, (n, -1) + x.shape[1:]), NamedSharding(mesh, P("local"))), batch)
+            np.reshape(x, (n, -1) + x.shape[1:]), self.local_batch_sharding), batch)
 
     # --- compilation -----------------------------------------------------------------------
 

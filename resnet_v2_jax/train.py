@@ -289,11 +289,12 @@ class Evaluator:
         self.step = dp.compile(functools.partial(
             eval_step, axes=dp.axes, dataset=config.dataset,
             dtype=jnp.bfloat16 if config.half_precision else jnp.float32), returns_state=False)
+        # Built once; every evaluation iterates them afresh (no reloading of the split).
+        self.batches = {crop: eval_batches(config, crop) for crop in config.eval_crop_sizes}
 
     def __call__(self, state: TrainState) -> Dict[str, Dict[str, float]]:
         results = {}
-        for crop in self.config.eval_crop_sizes:
-            batches = eval_batches(self.config, crop)
+        for crop, batches in self.batches.items():
             totals = None
             for i, batch in enumerate(batches):
                 if 0 <= self.config.steps_per_eval <= i:
