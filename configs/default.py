@@ -47,6 +47,8 @@ def get_config():
     config.scan_units = False             # nn.scan over the identical units of a stage
     config.remat_units = False            # nn.remat each unit (memory for compute)
     config.half_precision = False         # bf16 compute; params, BN statistics, loss stay float32
+    config.float64 = False                # float64 params and compute (jax_enable_x64): for exact
+                                          # equivalence tests, not for training
     config.bn_momentum = 0.9              # Torch's BN momentum 0.1
     config.bn_epsilon = 1e-5
     config.bn_group_size = 0              # devices per BN group: 0 = all devices, 1 = per device

@@ -1,19 +1,21 @@
 """Orbax checkpoints of the training state, with the checks a long run needs.
 
 Each step directory holds two items: "state" (the train state as global arrays, written
-asynchronously) and "meta" (JSON: the model's signature and the step). Every process takes part
-in saving and restoring; Orbax decides which process writes what.
+asynchronously) and "meta" (JSON: the step, the model's signature, the state's structure and
+the run's training metrics at that step). Every process takes part in saving and restoring;
+Orbax decides which process writes what.
 
 * Restoring onto another device count works: the state is restored into the shardings of the
   current run, whatever wrote it.
-* A latest checkpoint that cannot be read (a truncated file, a half-copied folder) is set aside
-  as `<step>.unreadable` with a warning, and the one before it is used.
-* A checkpoint of a different model (depth, unit, shortcut, width, classes ...) is refused with a
-  one-line error instead of a shape mismatch deep inside Orbax.
+* A checkpoint that does not fit this run (another model, optimiser or dtype) is refused with
+  one line naming what differs (`CheckpointMismatchError`); nothing is renamed.
+* A checkpoint whose files cannot be read (a truncated file, a half-copied folder) is set aside
+  as `<step>.unreadable` with a warning, and the one before it is used. A workdir whose
+  checkpoints are all unreadable is refused rather than trained from scratch.
 """
 
 import logging as std_logging
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,24 +23,40 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+UNREADABLE_SUFFIX = ".unreadable"
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for this run."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint of another model, optimiser or dtype than this run builds."""
+
+
+def tree_structure(tree: Any) -> Dict[str, str]:
+    """{path: "dtype[shape]"} of every leaf, empty optimiser states included (they tell, say, a
+    masked weight decay from an unmasked one). What `restore` compares before reading arrays."""
+    empty = lambda x: x is None or (isinstance(x, tuple) and not x)  # EmptyState(), (), None
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=empty)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"):
+            type(x).__name__ if empty(x) else f"{x.dtype}{list(x.shape)}" for path, x in leaves}
 
 
 class Checkpoints:
     """Saves and restores the train state under `<workdir>/checkpoints`.
 
     Args:
-      workdir: the run's folder (local path or gs://).
-      signature: JSON-able description of the model; a checkpoint whose signature differs is
-        refused.
+      workdir: the run's folder (an absolute local path or gs://; see `workdir.resolve`).
+      signature: JSON-able description of what the parameters mean (model family, classes,
+        unit placement ...); a checkpoint whose signature differs is refused.
       keep: how many checkpoints to keep.
       read_only: never write, create, clean up or set aside anything: safe on a run that is
         still training (eval-only).
     """
 
-    def __init__(self, workdir: str, signature: dict, keep: int = 3, read_only: bool = False):
+    def __init__(self, workdir: epath.Path, signature: dict, keep: int = 3,
+                 read_only: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
         self.signature = signature
         self.read_only = read_only
@@ -46,14 +64,18 @@ class Checkpoints:
                    ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                 enable_async_checkpointing=True,
                                                 cleanup_tmp_directories=True))
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
-    def save(self, step: int, state: Any) -> None:
-        """Starts writing `state` (global arrays) for `step`; returns before it is on disk."""
+    def save(self, step: int, state: Any, extra: Optional[dict] = None) -> None:
+        """Starts writing `state` (global arrays) for `step`; returns before it is on disk.
+        `extra` (JSON-able, e.g. the training metrics) is stored beside it, see `meta`."""
+        meta = {"step": step, "model": self.signature, "structure": tree_structure(state),
+                **(extra or {})}
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"step": step, "model": self.signature})), force=True)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once JAX's multi-host preemption sync point is reached."""
@@ -62,57 +84,89 @@ class Checkpoints:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def meta(self, step: int) -> dict:
+        """The JSON saved beside checkpoint `step` (raises Orbax's errors if unreadable)."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+
+    def check_fits(self, step: int, meta: dict, abstract_state: Any) -> None:
+        """Raises CheckpointMismatchError, naming what differs, unless checkpoint `step` (whose
+        `meta` is given) holds this model and a state of `abstract_state`'s structure."""
+        if meta.get("model") != self.signature:
+            raise CheckpointMismatchError(
+                f"{self.directory} holds a checkpoint of another model "
+                f"({_diff(meta.get('model'), self.signature)}); use a new --workdir or "
+                "the matching config")
+        saved = meta.get("structure")
+        current = tree_structure(abstract_state)
+        if saved is not None and saved != current:
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.directory} does not fit the state this config "
+                f"builds ({_structure_diff(saved, current)}); resume with the settings of the "
+                "run that wrote it or use a new --workdir")
+
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The state of checkpoint `step`, in `abstract_state`'s shapes and shardings.
 
-        Raises CheckpointError if there is no such step or it holds another model; Orbax's own
-        errors if its files cannot be read.
+        Raises CheckpointError if there is no such step, CheckpointMismatchError if it holds
+        another model or state structure; Orbax's own errors if its files cannot be read.
         """
         if step not in self.manager.all_steps():
             raise CheckpointError(f"no checkpoint of step {step} in {self.directory} (steps "
                                   f"{sorted(self.manager.all_steps())})")
-        meta = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
-        if meta.get("model") != self.signature:
-            raise CheckpointError(
-                f"{self.directory} holds a checkpoint of another model "
-                f"({_diff(meta.get('model'), self.signature)}); use a new --workdir or "
-                "the matching config")
+        self.check_fits(step, self.meta(step), abstract_state)
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
 
-    def restore_latest(self, abstract_state: Any) -> Tuple[Optional[Any], int]:
+    def restore_latest(self, abstract_state: Any) -> Tuple[Optional[Any], int, dict]:
         """Restores the newest readable checkpoint into `abstract_state`'s shapes and shardings.
 
-        Returns (state, step), or (None, 0) when there is no checkpoint. Unreadable checkpoints
-        are skipped newest first with a warning; a different model's checkpoint raises.
+        Returns (state, step, meta), or (None, 0, {}) when the folder holds no checkpoint at
+        all. A checkpoint that does not fit raises CheckpointMismatchError and nothing is
+        touched. Damaged ones (their files cannot be read, though their structure fits) are set
+        aside newest first with a warning; if none is left, or only set-aside ones exist,
+        CheckpointError: the run must not start from scratch over checkpoints it could not use.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                state = self.restore(step, abstract_state)
-            except CheckpointError:
-                raise
+                meta = self.meta(step)
             except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-                logging.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
-                                step, type(e).__name__, str(e).splitlines()[0][:200])
-                self._set_aside(step)
+                self._set_aside(step, e)
+                continue
+            self.check_fits(step, meta, abstract_state)  # a mismatch is not damage
+            try:
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))["state"]
+            except Exception as e:
+                if "structure" not in meta:  # written before structures were saved: unsure
+                    raise CheckpointError(
+                        f"checkpoint {step} in {self.directory} cannot be restored into this "
+                        f"run's state ({type(e).__name__}); use a new --workdir or the config of "
+                        "the run that wrote it") from e
+                self._set_aside(step, e)
                 continue
             logging.info("restored checkpoint of step %d from %s", step, self.directory)
-            return state, step
-        if steps:
-            raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps}); "
-                                  "move the folder away to start afresh")
-        return None, 0
+            return state, step, meta
+        set_aside = sorted(p.name for p in self.directory.glob(f"*{UNREADABLE_SUFFIX}")) \
+            if self.directory.exists() else []
+        if steps or set_aside:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory} (unreadable: "
+                f"{', '.join(set_aside) or steps}); a run does not start from scratch over "
+                "checkpoints it could not use: move the folder away to start afresh")
+        return None, 0, {}
 
-    def _set_aside(self, step: int) -> None:
-        """Renames an unreadable step folder to `<step>.unreadable` (kept for inspection; the
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Renames a damaged step folder to `<step>.unreadable` (kept for inspection; the
         resumed run will write that step again). Read-only managers leave it in place."""
+        logging.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
+                        step, type(error).__name__, str(error).splitlines()[0][:200])
         if self.read_only:
             return
         if jax.process_index() == 0:
             source = self.directory / str(step)
-            target = self.directory / f"{step}.unreadable"
+            target = self.directory / f"{step}{UNREADABLE_SUFFIX}"
             if target.exists():
                 target.rmtree()
             source.rename(target)
@@ -134,6 +188,27 @@ def _diff(saved: Optional[dict], current: dict) -> str:
     keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
                      for k in keys)
+
+
+def _structure_diff(saved: Dict[str, str], current: Dict[str, str], examples: int = 2) -> str:
+    """A short account of how two `tree_structure`s differ, grouped by top-level field."""
+    def group(keys):
+        return sorted({k.split("/")[0] for k in keys})
+    only_saved = [k for k in saved if k not in current]
+    only_current = [k for k in current if k not in saved]
+    changed = [k for k in saved if k in current and saved[k] != current[k]]
+    parts = []
+    if changed:
+        parts.append(f"{len(changed)} entries differ in {'/'.join(group(changed))}, e.g. "
+                     + "; ".join(f"{k}: checkpoint {saved[k]} vs config {current[k]}"
+                                 for k in changed[:examples]))
+    if only_saved:
+        parts.append(f"{len(only_saved)} entries of {'/'.join(group(only_saved))} only in the "
+                     f"checkpoint, e.g. {', '.join(only_saved[:examples])}")
+    if only_current:
+        parts.append(f"{len(only_current)} entries of {'/'.join(group(only_current))} only in "
+                     f"this config, e.g. {', '.join(only_current[:examples])}")
+    return "; ".join(parts)
 
 
 def quiet_orbax_info(record: std_logging.LogRecord) -> bool:

@@ -12,10 +12,11 @@ is registered here (`register(DatasetInfo(...))`); CIFAR-10, CIFAR-100 and Image
 
 import dataclasses
 import math
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # PAPER.md, "Training recipes": CIFAR images are zero-padded by 4 pixels on each side before
 # the random 32x32 crop. Shared by the tf.data and the device-resident implementations.
@@ -81,6 +82,56 @@ def get(dataset: str) -> DatasetInfo:
             "another tfds image classification dataset with resnet_v2_jax.datasets.register("
             "DatasetInfo(name, num_classes, mean, std, image_size, eval_crop_sizes, augment))")
     return _REGISTRY[name]
+
+
+class DataError(ValueError):
+    """A dataset whose files do not hold what the config expects."""
+
+
+def check_examples(where: str, info: DatasetInfo, *, image_dtype, image_shape: Sequence,
+                   num_images: Optional[int] = None, labels=None, label_dtype=None,
+                   num_label_classes: Optional[int] = None,
+                   image_size: Optional[int] = None) -> None:
+    """Raises DataError, in one line naming `where`, unless the data is what training expects.
+
+    Images: uint8 (0-255) with 3 channels, `image_shape` = (height, width, 3) per example
+    (None for sizes that vary, as with JPEGs), height = width = `image_size` when given. Labels:
+    integers in [0, info.num_classes), one per image: checked on `labels` (an array) when
+    given, else on `num_label_classes` (what a tfds ClassLabel feature declares). Cheap: it reads
+    shapes, dtypes and labels, never decodes an image.
+    """
+    if num_images == 0:
+        raise DataError(f"{where} holds no examples")
+    image_dtype = np.dtype(image_dtype)
+    if image_dtype != np.uint8:
+        raise DataError(f"{where}: images are {image_dtype}, expected uint8 (0-255); write the "
+                        "unnormalised pixels, e.g. np.uint8(np.round(255 * images)) for [0, 1] floats")
+    if len(image_shape) != 3 or image_shape[-1] != 3:
+        raise DataError(f"{where}: images have shape {tuple(image_shape)} per example, expected "
+                        "(height, width, 3) RGB; convert grayscale with np.repeat(x[..., None], 3, -1)")
+    if image_size and image_shape[0] is not None and tuple(image_shape[:2]) != (image_size,) * 2:
+        raise DataError(f"{where}: images are {image_shape[0]}x{image_shape[1]}, but the config "
+                        f"has image_size={image_size}; set --config.image_size={image_shape[0]} "
+                        "(or resize the data)")
+    classes = info.num_classes
+    if labels is not None:
+        labels = np.asarray(labels)
+        label_dtype = labels.dtype
+    if label_dtype is not None and not np.issubdtype(np.dtype(label_dtype), np.integer):
+        raise DataError(f"{where}: labels are {np.dtype(label_dtype)}, expected integers "
+                        f"in [0, {classes})")
+    if labels is not None:
+        if labels.ndim != 1 or (num_images is not None and len(labels) != num_images):
+            raise DataError(f"{where}: {num_images} images but labels of shape {labels.shape}; "
+                            "expected one label per image")
+        bad = np.flatnonzero((labels < 0) | (labels >= classes))
+        if bad.size:
+            raise DataError(f"{where}: label {labels[bad[0]]} at index {bad[0]} is outside "
+                            f"[0, {classes}) for {info.name} ({bad.size} such labels); is this "
+                            "another dataset's data?")
+    if num_label_classes is not None and num_label_classes != classes:
+        raise DataError(f"{where}: labels have {num_label_classes} classes, but {info.name} has "
+                        f"{classes}; is this another dataset's data?")
 
 
 def normalize(images, dataset: str, dtype=jnp.float32):

@@ -19,6 +19,8 @@ contract as `input_pipeline.create_eval_iterator` (`datasets.EvalBatches`).
 import argparse
 import math
 import os
+import zipfile
+import zlib
 from typing import Iterator, Optional, Tuple
 
 import jax
@@ -49,18 +51,65 @@ def write_arrays(array_dir: str, dataset: str, split: str, images: np.ndarray,
 
 
 def load_arrays(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    """uint8 images [N, H, W, 3] and int32 labels [N] of a split, from .npz or tfds."""
-    datasets.get(config.dataset)  # registered: normalisation needs its statistics
+    """uint8 images [N, H, W, 3] and int32 labels [N] of a split, from .npz or tfds, checked
+    with `datasets.check_examples` (one-line DataError naming the file and first bad index)."""
     if config.array_dir is None:
         from resnet_v2_jax import input_pipeline  # TensorFlow only on this path
         return input_pipeline.load_split_arrays(config, split)
+    images, labels = _read_npz(config, split, with_images=True)
+    return images, labels.astype(np.int32)
+
+
+def check_data(config) -> int:
+    """Checks the training and eval splits before anything is compiled or written: for .npz
+    files the image dtype and shape (from the array header, without reading the pixels) and
+    every label; for tfds what `input_pipeline.check_data` checks. Returns the number of
+    training examples."""
+    if config.array_dir is None:
+        from resnet_v2_jax import input_pipeline
+        return input_pipeline.check_data(config)
+    _read_npz(config, config.eval_split, with_images=False)
+    return len(_read_npz(config, config.train_split, with_images=False)[1])
+
+
+def _read_npz(config, split: str, *, with_images: bool):
+    """(images or None, labels) of `<array_dir>/<dataset>_<split>.npz`, checked."""
+    info = datasets.get(config.dataset)  # registered: normalisation needs its statistics
     path = array_path(config.array_dir, config.dataset, split)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: write it with `python -m "
-                                f"resnet_v2_jax.device_input --dataset {config.dataset} "
-                                f"--array_dir {config.array_dir}` or device_input.write_arrays")
-    with np.load(path) as data:
-        return data["image"], data["label"].astype(np.int32)
+                                f"resnet_v2_jax.device_input --dataset={config.dataset} "
+                                f"--array_dir={config.array_dir}` or device_input.write_arrays")
+    try:
+        with np.load(path) as data:
+            missing = sorted({"image", "label"} - set(data.files))
+            if missing:
+                raise datasets.DataError(
+                    f"{path} has no {' or '.join(missing)} array (it has {data.files}); expected "
+                    "'image' (uint8 [N, H, W, 3]) and 'label' ([N]), as device_input.write_arrays "
+                    "writes them")
+            labels = data["label"]
+            if with_images:
+                images = data["image"]
+                shape, dtype = images.shape, images.dtype
+            else:
+                images = None
+                with data.zip.open("image.npy") as stream:
+                    version = np.lib.format.read_magic(stream)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(stream)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        if isinstance(e, datasets.DataError):
+            raise
+        raise datasets.DataError(f"{path} cannot be read ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); it may be "
+                                 "truncated: write it again") from e
+    if len(shape) < 1:
+        raise datasets.DataError(f"{path}: 'image' is a scalar, expected uint8 [N, H, W, 3]")
+    datasets.check_examples(path, info, image_dtype=dtype, image_shape=shape[1:],
+                            num_images=shape[0], labels=labels, image_size=config.image_size)
+    return images, labels
 
 
 # --- augmentation ------------------------------------------------------------------------------

@@ -14,21 +14,19 @@ process runs the same command with `--distributed`.
 """
 
 import json
-import sys
 import time
 from typing import Any, Dict, Optional, Sequence
 
 import jax
 import ml_collections
-import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from resnet_v2_jax import checkpoint, datasets, parallel, train
+from resnet_v2_jax import checkpoint, cli, datasets, parallel, rundir, train
 
 FLAGS = flags.FLAGS
-USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError)
+USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError, DataError
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -64,29 +62,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     "top5_error", "loss", "num_examples"}}, "devices", "wall_time_s"}.
     """
     t_start = time.time()
-    directory = epath.Path(workdir) / "checkpoints"
+    workdir = rundir.resolve(workdir)
+    directory = workdir / "checkpoints"
     if not directory.exists():
         raise checkpoint.CheckpointError(f"no checkpoint in {workdir}: {directory} does not exist")
+    train.check_config(config)
     info = datasets.get(config.dataset)
     dp = parallel.DataParallel(config.parallelism)  # BN groups do not matter in evaluation
-    dp.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    setup = train.build(config, dp)  # the schedule is irrelevant: only the state's structure is
     checkpoints = checkpoint.Checkpoints(
         workdir, train.model_signature(config, info.num_classes), read_only=True)
-    model = train.create_model(config, info.num_classes, dp.axes)
-    # Only the optimiser state's structure matters for restoring, so any schedule will do.
-    tx = train.create_optimizer(config, optax.constant_schedule(0.0))
-    abstract = train.abstract_train_state(model, tx, config.image_size, dp.replicated)
     try:
         if step is None:
-            state, step = checkpoints.restore_latest(abstract)
+            state, step, _ = checkpoints.restore_latest(setup.abstract_state)
             if state is None:
                 raise checkpoint.CheckpointError(
                     f"no checkpoint in {checkpoints.directory}: the run has not saved one yet")
         else:
-            state = checkpoints.restore(step, abstract)
+            state = checkpoints.restore(step, setup.abstract_state)
     finally:
         checkpoints.close()
-    results = train.Evaluator(config, dp)(dp.put_state(state))
+    results = train.Evaluator(config, dp, setup.eval_step)(dp.put_state(state))
     return {"step": step, "checkpoint": str(directory / str(step)), "dataset": config.dataset,
             "split": config.eval_split, "eval": results, "devices": dp.describe(),
             "wall_time_s": round(time.time() - t_start, 1)}
@@ -104,9 +100,9 @@ def _parse_checkpoint(path: str):
 
 def run(argv) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not (FLAGS.workdir or FLAGS.checkpoint):
-        raise app.UsageError("give --workdir or --checkpoint")
+        cli.fail("give --workdir or --checkpoint", 2)
     step = None
     run_dir = FLAGS.workdir
     if FLAGS.checkpoint:
@@ -118,13 +114,11 @@ def run(argv) -> None:
     results = evaluate(config, run_dir, step)
     if jax.process_index() != 0:
         return
-    for crop, r in results["eval"].items():
-        print(f"step {results['step']}: top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
-              f"{100 * r['top5_error']:.2f}% on {r['num_examples']} {results['dataset']} "
-              f"{results['split']} images at crop {crop}")
-    output = epath.Path(FLAGS.output or epath.Path(workdir) / "eval_results.json")
+    cli.print_results(results, results["dataset"], results["split"])
+    output = epath.Path(FLAGS.output) if FLAGS.output else rundir.resolve(workdir) / \
+        "eval_results.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    rundir.write_json(output, results)
     print(f"wrote {output}")
 
 
@@ -155,13 +149,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # the results are printed; --verbosity=0 for more
     logging.get_absl_handler().addFilter(checkpoint.quiet_orbax_info)
     parallel.initialize_distributed(FLAGS.distributed)
-    try:
-        run(argv)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run(argv)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, USER_ERRORS)

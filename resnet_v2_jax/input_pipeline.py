@@ -37,6 +37,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 from resnet_v2_jax import datasets
 
@@ -75,26 +76,70 @@ _hide_accelerators_from_tf()
 # --- datasets on disk --------------------------------------------------------------------------
 
 def _builder(config) -> tfds.core.DatasetBuilder:
-    """The tfds builder of `config.dataset` in `config.data_dir`, prepared if possible."""
+    """The tfds builder of `config.dataset` in `config.data_dir`, prepared if possible.
+
+    A dataset that needs a manual download (ImageNet) and is not prepared fails at once, before
+    tfds creates any folder. Others are downloaded and prepared; if that fails, the folders the
+    attempt created are removed again.
+    """
     datasets.get(config.dataset)  # registered: normalisation needs its statistics
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
     if builder.is_prepared():
         return builder
+    root = epath.Path(builder.data_dir_root)
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        manual = root / "downloads" / "manual"
+        if not (manual.exists() and any(manual.iterdir())):
+            raise FileNotFoundError(
+                f"{config.dataset} is not prepared in {root} and needs a manual download: put its "
+                f"archives in {manual}, then run `tfds build {config.dataset} --data_dir={root}` "
+                "(README.md, section 'Preparing ImageNet'), or set config.data_dir to where it is "
+                "prepared")
+    created = [p for p in (root, root / builder.name) if not p.exists()]
     try:
         builder.download_and_prepare()
     except Exception as e:
-        where = builder.data_dir_root
-        if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-            manual = os.path.join(where, "downloads", "manual")
-            raise FileNotFoundError(
-                f"{config.dataset} is not prepared in {where} and needs a manual download: "
-                f"put its archives in {manual}, then run `tfds build {config.dataset} "
-                f"--data_dir={where}` (README.md, section 'ImageNet preparation')") from e
+        for folder in created:  # leave nothing behind of a failed attempt
+            if folder.exists():
+                folder.rmtree()
+                break
         raise FileNotFoundError(
-            f"{config.dataset} is not prepared in {where} and could not be downloaded "
-            f"({type(e).__name__}); prepare it where there is a network (offline CIFAR: "
-            f"`python ../shared/data/prepare_tfds.py DATA_DIR`) and set config.data_dir") from e
+            f"{config.dataset} is not prepared in {root} and could not be downloaded "
+            f"({type(e).__name__}); run `tfds build {config.dataset} --data_dir={root}` on a "
+            "machine with internet access (copy the folder here if this one is offline), or set "
+            "config.data_dir to where it is prepared") from e
     return builder
+
+
+def check_data(config) -> int:
+    """Checks, from the dataset's metadata only (nothing is decoded), that the training and eval
+    splits exist and hold uint8 RGB images of the config's size and labels of the dataset's
+    classes; raises `datasets.DataError` or FileNotFoundError in one line otherwise. Returns the
+    number of examples in `config.train_split` (over all processes)."""
+    builder = _builder(config)
+    _check_augment(config, builder)
+    where = f"{config.dataset} in {builder.data_dir}"
+    sizes = {}
+    for split in (config.eval_split, config.train_split):
+        try:
+            sizes[split] = builder.info.splits[split].num_examples
+        except (KeyError, ValueError) as e:
+            raise datasets.DataError(f"{where} has no split {split!r} ({e}); its splits are "
+                                     f"{', '.join(builder.info.splits)}") from e
+        if not sizes[split]:
+            raise datasets.DataError(f"{where}: split {split!r} holds no examples")
+    features = builder.info.features
+    missing = sorted({"image", "label"} - set(features.keys()))
+    if missing:
+        raise datasets.DataError(f"{where} has no {' or '.join(missing)} feature; expected an "
+                                 "image classification dataset with 'image' and 'label'")
+    image, label = features["image"], features["label"]
+    pad_crop_flip = config.augment == "pad_crop_flip"
+    datasets.check_examples(where, datasets.get(config.dataset), image_dtype=image.np_dtype,
+                            image_shape=image.shape, label_dtype=label.np_dtype,
+                            num_label_classes=getattr(label, "num_classes", None),
+                            image_size=config.image_size if pad_crop_flip else None)
+    return sizes[config.train_split]
 
 
 def num_examples(config, split: str) -> int:

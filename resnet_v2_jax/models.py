@@ -221,8 +221,10 @@ class ResNetV2(nn.Module):
         stem_width: channels of the stem conv.
         bottleneck, stride_on, unit, shortcut, shortcut_scale, residual_scale, gate_bias_init,
             shortcut_dropout_rate: passed to every `ResidualUnit`.
-        dtype: compute dtype (e.g. jnp.bfloat16); params and BN statistics stay float32, logits are
-            returned as float32.
+        dtype: compute dtype (e.g. jnp.bfloat16); params and BN statistics stay `param_dtype`,
+            logits are returned as float32 (as `param_dtype` when that is float64).
+        param_dtype: dtype of parameters and BN statistics: float32, or float64 for exact
+            equivalence tests (needs jax_enable_x64).
         bn_momentum, bn_epsilon: BatchNorm running-average momentum (Torch's 0.1 is 0.9 here) and eps.
         bn_axis_name: mapped axis name (or tuple of names) over which BN batch statistics are
             averaged in training; None = per device. Set by the caller, never assumed.
@@ -247,6 +249,7 @@ class ResNetV2(nn.Module):
     gate_bias_init: float = 0.0
     shortcut_dropout_rate: float = 0.5
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_axis_name: Any = None
@@ -273,10 +276,11 @@ class ResNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        conv = functools.partial(_conv, dtype=self.dtype)
+        conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                  momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                                 dtype=self.dtype, axis_name=self.bn_axis_name,
+                                 dtype=self.dtype, param_dtype=self.param_dtype,
+                                 axis_name=self.bn_axis_name,
                                  axis_index_groups=self.bn_axis_index_groups)
         unit = functools.partial(ResidualUnit, norm=norm, conv=conv, bottleneck=self.bottleneck,
                                  stride_on=self.stride_on, unit=self.unit, shortcut=self.shortcut,
@@ -328,11 +332,12 @@ class ResNetV2(nn.Module):
         for op in UNIT_PLACEMENTS[self.unit]["before_conv"]:
             x = norm(name="final_bn")(x) if op == "bn" else nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
+        out_dtype = jnp.promote_types(jnp.float32, self.param_dtype)
         if self.num_classes is None:
-            return x.astype(jnp.float32)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_linear_init,
-                     name="head")(x)
-        return x.astype(jnp.float32)
+            return x.astype(out_dtype)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=torch_linear_init, name="head")(x)
+        return x.astype(out_dtype)
 
 
 def _check_choice(name: str, value, choices):

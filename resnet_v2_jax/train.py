@@ -6,11 +6,12 @@ which runs them over every device of every process. The recipe is the paper's (P
 every parameter, learning rate 0.1 per 128 (CIFAR) or 256 (ImageNet) images, x0.1 steps.
 """
 
+import dataclasses
 import functools
 import json
 import signal
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from absl import logging
 from etils import epath
 from flax.training import train_state
 
-from resnet_v2_jax import checkpoint, datasets, models, parallel
+from resnet_v2_jax import checkpoint, datasets, models, parallel, rundir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,21 +54,37 @@ def model_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     return options
 
 
+def dtypes(config: ml_collections.ConfigDict) -> Tuple[Any, Any]:
+    """(compute, parameter) dtypes: bfloat16/float32 with `half_precision`, float64/float64 with
+    `float64` (exact equivalence tests; enables jax_enable_x64), else float32/float32."""
+    if config.get("float64", False):  # runs saved before the key existed lack it
+        jax.config.update("jax_enable_x64", True)
+        return jnp.float64, jnp.float64
+    return (jnp.bfloat16 if config.half_precision else jnp.float32), jnp.float32
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
                  axes: Optional[parallel.Axes] = None) -> models.ResNetV2:
     """Builds the config's network; BN statistics are reduced over `axes.bn` in training."""
     factory = models.cifar_resnet if config.arch == "cifar" else models.imagenet_resnet
     options = model_options(config)
-    return factory(config.depth, num_classes,
-                   dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+    dtype, param_dtype = dtypes(config)
+    return factory(config.depth, num_classes, dtype=dtype, param_dtype=param_dtype,
                    bn_axis_name=axes.bn if axes else None,
                    bn_axis_index_groups=axes.bn_groups if axes else None, **options)
 
 
 def model_signature(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
-    """What a checkpoint must match to be restored (its parameter tree depends on these)."""
-    keys = ("arch", "depth", "block", "unit", "shortcut", "stem_norm", "stride_on", "scan_units")
-    return {"num_classes": num_classes, **{k: config[k] for k in keys}}
+    """What a checkpoint's parameters mean beyond their shapes, which `checkpoint` compares
+    separately: the network as built (settings the network ignores, such as `block` on
+    ImageNet, or `stride_on` left at its default, do not count)."""
+    model = create_model(config, num_classes)
+    signature = {"num_classes": num_classes, "arch": config.arch, "depth": config.depth,
+                 "bottleneck": model.bottleneck, "unit": model.unit, "shortcut": model.shortcut,
+                 "stride_on": model.stride_on}
+    if model.stem == "imagenet":
+        signature["stem_norm"] = model.stem_norm
+    return signature
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -187,9 +204,20 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel.
     return jax.lax.psum(sums, axes.grad)
 
 
-# --- the loop ------------------------------------------------------------------------------
+# --- data ------------------------------------------------------------------------------------
 
 INPUT_PIPELINES = ("tfds", "device_resident")
+
+
+def check_data(config: ml_collections.ConfigDict) -> int:
+    """Checks the training and eval splits cheaply (dtype, shape, labels; nothing decoded) before
+    anything is compiled or written; returns the number of training examples actually read
+    (`config.train_split`, e.g. "train[:90%]"), which is what an epoch counts."""
+    if config.input_pipeline == "device_resident":
+        from resnet_v2_jax import device_input
+        return device_input.check_data(config)
+    from resnet_v2_jax import input_pipeline
+    return input_pipeline.check_data(config)
 
 
 def train_batches(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
@@ -200,8 +228,6 @@ def train_batches(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
     "device_resident": the split lives in accelerator memory (shard_map executor only).
     """
     if config.input_pipeline == "device_resident":
-        if dp.executor != "shard_map":
-            raise ValueError("input_pipeline='device_resident' needs parallelism='shard_map'")
         from resnet_v2_jax import device_input
         return device_input.create_train_iterator(config, dp.batch_sharding,
                                                   start_step=start_step)
@@ -225,46 +251,121 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.input_pipeline not in INPUT_PIPELINES:
         raise ValueError(f"unknown input_pipeline {config.input_pipeline!r}; choose one of "
                          f"{', '.join(INPUT_PIPELINES)}")
+    if config.input_pipeline == "device_resident" and config.parallelism == "pmap":
+        raise ValueError("input_pipeline='device_resident' needs parallelism='shard_map'")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise ValueError(f"{key} must be at least 1, got {config[key]}")
+    if config.eval_every_steps < 0:
+        raise ValueError(f"eval_every_steps must be 0 (once per epoch) or positive, got "
+                         f"{config.eval_every_steps}")
+    if config.steps_per_eval == 0 or config.steps_per_eval < -1:
+        raise ValueError(f"steps_per_eval must be -1 (the whole eval split) or positive, got "
+                         f"{config.steps_per_eval}")
     if not config.eval_crop_sizes:
         raise ValueError("eval_crop_sizes is empty; give at least one crop size")
+    if config.get("float64", False) and config.half_precision:
+        raise ValueError("float64 and half_precision exclude each other; set one of them")
 
 
-class _Preemption:
-    """SIGTERM (a single host's preemption notice) or JAX's multi-host preemption sync point.
+# --- the one build recipe ----------------------------------------------------------------------
 
-    On several processes JAX's own notifier (installed by jax.distributed) receives SIGTERM and
-    the sync point answers the same on every process; a Python handler would replace it.
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a config builds before data flows: used by training, eval-only, tests and
+    benchmarks alike (`build`)."""
+    model: models.ResNetV2
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    steps_per_epoch: int
+    total_steps: int
+    image_size: int
+    abstract_state: TrainState        # shapes, dtypes, replicated sharding: a restore target
+    train_step: Callable              # (state, batch) -> (state, metrics), over all devices
+    eval_step: Callable               # (state, batch) -> summed eval metrics, over all devices
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        """A freshly initialised state (on the default device; `DataParallel.put_state` it)."""
+        return create_train_state(rng, self.model, self.tx, self.image_size)
+
+
+def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
+          num_train_examples: Optional[int] = None) -> Setup:
+    """Model -> schedule -> optimiser -> abstract state -> compiled steps, for `dp`.
+
+    `num_train_examples` is what one epoch counts (default: the registry's full split); epoch
+    based settings (num_epochs, lr_boundaries_epochs, eval_every_steps=0) follow it.
+    """
+    info = datasets.get(config.dataset)
+    dp.check_batch_size(config.batch_size)
+    dp.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    examples = num_train_examples or info.num_train_examples
+    steps_per_epoch = max(examples // config.batch_size, 1)
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else int(config.num_epochs * steps_per_epoch))
+    if total_steps <= 0:
+        raise ValueError("set num_train_steps > 0 or num_epochs > 0")
+    model = create_model(config, info.num_classes, dp.axes)
+    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
+    tx = create_optimizer(config, schedule)
+    dtype = model.dtype
+    train = dp.compile(functools.partial(
+        train_step, axes=dp.axes, dataset=config.dataset, dtype=dtype,
+        dropout_key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)), returns_state=True)
+    evaluate = dp.compile(functools.partial(
+        eval_step, axes=dp.axes, dataset=config.dataset, dtype=dtype), returns_state=False)
+    return Setup(model=model, schedule=schedule, tx=tx, steps_per_epoch=steps_per_epoch,
+                 total_steps=total_steps, image_size=config.image_size,
+                 abstract_state=abstract_train_state(model, tx, config.image_size, dp.replicated),
+                 train_step=train, eval_step=evaluate)
+
+
+# --- the loop's parts ----------------------------------------------------------------------------
+
+def is_time(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action (log, eval, checkpoint) runs after `step`: every `every`
+    steps and after the last one."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+class _StopSignals:
+    """SIGTERM (a preemption notice) and SIGINT (Ctrl-C): finish the step, save, stop.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt). On several processes JAX's own notifier
+    (installed by jax.distributed) receives SIGTERM and the sync point answers the same on every
+    process; a Python handler would replace it, so only SIGINT is caught there.
     """
 
     def __init__(self, checkpoints: checkpoint.Checkpoints):
         self.checkpoints = checkpoints
-        self.sigterm = False
-        self.previous = None
-        if jax.process_count() == 1:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received: Optional[str] = None
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.sigterm = True
+        name = signal.Signals(signum).name
+        logging.warning("%s received: finishing the step, saving a checkpoint and stopping%s",
+                        name, " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")
+        self.received = name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            return self.checkpoints.reached_preemption(step)
-        return self.sigterm
+    def reached(self, step: int) -> Optional[str]:
+        """The signal to stop for after `step`, or None."""
+        if self.received is None and jax.process_count() > 1 and \
+                self.checkpoints.reached_preemption(step):
+            self.received = "preemption"
+        return self.received
 
     def close(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class _MetricsWriter:
     """TensorBoard event files (tensorboardX: standard event files without TensorFlow, local or
     gs://), written by process 0 only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: epath.Path):
         self.writer = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
@@ -281,14 +382,33 @@ class _MetricsWriter:
             self.writer.close()
 
 
+class _StepMetrics:
+    """Per-step training metrics kept on the devices until fetched (no host sync per step)."""
+
+    def __init__(self, dp: parallel.DataParallel):
+        self.dp = dp
+        self.pending: List[Tuple[int, Dict[str, jax.Array]]] = []
+
+    def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
+        self.pending.append((step, metrics))
+
+    def fetch(self) -> Tuple[Dict[str, float], Optional[Tuple[int, float]]]:
+        """(means of the pending steps' metrics, (step, loss) of the first non-finite loss)."""
+        values = [(step, self.dp.to_host(m)) for step, m in self.pending]
+        self.pending = []
+        bad = next(((step, float(m["loss"])) for step, m in values
+                    if not np.isfinite(m["loss"])), None)
+        means = {k: float(np.mean([m[k] for _, m in values])) for k in values[0][1]} \
+            if values else {}
+        return means, bad
+
+
 class Evaluator:
     """Top-1/top-5 error over a whole eval split at each crop size (pad and mask)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, dp: parallel.DataParallel):
-        self.config, self.dp = config, dp
-        self.step = dp.compile(functools.partial(
-            eval_step, axes=dp.axes, dataset=config.dataset,
-            dtype=jnp.bfloat16 if config.half_precision else jnp.float32), returns_state=False)
+    def __init__(self, config: ml_collections.ConfigDict, dp: parallel.DataParallel,
+                 eval_step: Callable):
+        self.config, self.dp, self.step = config, dp, eval_step
         # Built once; every evaluation iterates them afresh (no reloading of the split).
         self.batches = {crop: eval_batches(config, crop) for crop in config.eval_crop_sizes}
 
@@ -297,7 +417,7 @@ class Evaluator:
         for crop, batches in self.batches.items():
             totals = None
             for i, batch in enumerate(batches):
-                if 0 <= self.config.steps_per_eval <= i:
+                if 0 < self.config.steps_per_eval <= i:
                     break
                 sums = self.step(state, self.dp.put_batch(batch))
                 totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -310,142 +430,194 @@ class Evaluator:
         return results
 
 
+def _log_eval(writer: _MetricsWriter, step: int, results: Dict[str, Dict[str, float]]) -> None:
+    for crop, r in results.items():
+        logging.info("eval at step %d, crop %s: top-1 error %.2f%%, top-5 error %.2f%% on %d "
+                     "examples", step, crop, 100 * r["top1_error"], 100 * r["top5_error"],
+                     r["num_examples"])
+        writer.scalars(step, {f"eval/top1_error_{crop}": r["top1_error"],
+                              f"eval/top5_error_{crop}": r["top5_error"],
+                              f"eval/loss_{crop}": r["loss"]})
+
+
+def _diverged(checkpoints: checkpoint.Checkpoints, what: str, step: int) -> NonFiniteLossError:
+    checkpoints.wait()
+    return NonFiniteLossError(
+        f"training diverged at step {step}: {what}; the last checkpoint (step "
+        f"{checkpoints.latest_step()}) is intact: lower learning_rate or use warmup='constant'")
+
+
+def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict, limit: int = 4) -> str:
+    """The settings in which `config` differs from the run's saved config.json, as a clause."""
+    path = workdir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    current = json.loads(config.to_json_best_effort())
+    keys = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if not keys:
+        return ""
+    shown = ", ".join(f"{k}={saved.get(k)!r} there vs {current.get(k)!r} now" for k in keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"; the run's config.json differs in {shown}{more}"
+
+
+def _restore(checkpoints: checkpoint.Checkpoints, setup: Setup, workdir: epath.Path,
+             config: ml_collections.ConfigDict):
+    try:
+        return checkpoints.restore_latest(setup.abstract_state)
+    except checkpoint.CheckpointMismatchError as e:
+        raise checkpoint.CheckpointMismatchError(f"{e}{_config_changes(workdir, config)}") from e
+
+
+def _finished_run(workdir: epath.Path, step: int, total_steps: int, meta: dict, state,
+                  evaluator: Evaluator, dp: parallel.DataParallel) -> Dict[str, Any]:
+    """A rerun of a run that has nothing left to train: keeps its results.json."""
+    found = (f"{workdir} already holds the final checkpoint (step {step} of {total_steps})"
+             if step == total_steps else
+             f"the run in {workdir} is at step {step}, past this config's {total_steps} steps "
+             "(use a new --workdir for a shorter run)")
+    path = workdir / "results.json"
+    try:
+        results = json.loads(path.read_text())
+        if results.get("step") == step:
+            logging.warning("nothing to train: %s; its results.json is kept as it is", found)
+            return results
+    except (OSError, ValueError):
+        pass
+    logging.warning("nothing to train: %s; results.json is missing or stale, so the checkpoint "
+                    "is evaluated and results.json written", found)
+    results = {"step": step, "total_steps": total_steps, "preempted": False,
+               "train": meta.get("train", {}), "eval": evaluator(dp.put_state(state)),
+               "wall_time_s": None, "steps_this_run": 0, "devices": dp.describe()}
+    if jax.process_index() == 0:
+        rundir.write_json(path, results)
+    return results
+
+
+# --- training ------------------------------------------------------------------------------------
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, returns results.
 
-    Writes into `workdir`: config.json, checkpoints/ (Orbax), TensorBoard event files and
-    results.json. Raises ValueError / CheckpointError / NonFiniteLossError with one-line
-    messages for bad configs, data or checkpoints.
+    Writes into `workdir`: config.json, run.lock (while running), checkpoints/ (Orbax),
+    TensorBoard event files and results.json. Raises ValueError (DataError, WorkdirError,
+    CheckpointError) or NonFiniteLossError with one-line messages for bad configs, data,
+    workdirs or checkpoints; before anything is written when it can be known at start.
     """
     t_start = time.time()
+    workdir = rundir.resolve(workdir)
     check_config(config)
-    workdir = epath.Path(workdir)
-    info = datasets.get(config.dataset)
     dp = parallel.DataParallel(config.parallelism, config.bn_group_size)
-    per_device = dp.check_batch_size(config.batch_size)
-    dp.check_batch_size(config.eval_batch_size, "eval_batch_size")
-    steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else int(config.num_epochs * steps_per_epoch))
-    if total_steps <= 0:
-        raise ValueError("set num_train_steps > 0 or num_epochs > 0")
+    num_train_examples = check_data(config)
+    setup = build(config, dp, num_train_examples)
+    evaluator = Evaluator(config, dp, setup.eval_step)
+    total_steps, steps_per_epoch = setup.total_steps, setup.steps_per_epoch
     logging.info("devices: %s", dp.describe())
-    logging.info("batch: %d global, %d per process, %d per device; %d steps (%.1f epochs)",
-                 config.batch_size, config.batch_size // jax.process_count(), per_device,
-                 total_steps, total_steps / steps_per_epoch)
+    logging.info("batch: %d global, %d per process, %d per device; %d steps (%.1f epochs of %d "
+                 "examples)", config.batch_size, config.batch_size // jax.process_count(),
+                 dp.check_batch_size(config.batch_size), total_steps,
+                 total_steps / steps_per_epoch, num_train_examples)
 
-    model = create_model(config, info.num_classes, dp.axes)
-    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-    tx = create_optimizer(config, schedule)
-    rng = jax.random.PRNGKey(config.seed)
-    checkpoints = checkpoint.Checkpoints(workdir, model_signature(config, info.num_classes),
-                                         config.keep_checkpoints)
-    state, start_step = checkpoints.restore_latest(
-        abstract_train_state(model, tx, config.image_size, dp.replicated))
-    if state is None:
-        state = create_train_state(rng, model, tx, config.image_size)
-    else:
-        logging.info("resuming from step %d", start_step)
-    state = dp.put_state(state)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-    p_train = dp.compile(functools.partial(
-        train_step, axes=dp.axes, dataset=config.dataset, dtype=dtype,
-        dropout_key=jax.random.fold_in(rng, 1)), returns_state=True)
-    evaluate = Evaluator(config, dp)
-    eval_every = config.eval_every_steps or steps_per_epoch
-    writer = _MetricsWriter(workdir)
-    preemption = _Preemption(checkpoints)
-    batches = train_batches(config, dp, start_step)
-
-    pending: List[Dict[str, jax.Array]] = []
-    train_metrics: Dict[str, float] = {}
-    eval_results: Dict[str, Dict[str, float]] = {}
-    t_log, steps_since_log, steps_run = time.time(), 0, 0
-    step = start_step
-
-    def diverged(what: str, at_step: int) -> str:
-        checkpoints.wait()
-        return (f"training diverged at step {at_step}: {what}; the last checkpoint (step "
-                f"{checkpoints.latest_step()}) is intact: lower learning_rate or use "
-                "warmup='constant'")
-
-    def flush_metrics():
-        """Fetches the steps' metrics; stops the run at the first non-finite loss."""
-        nonlocal pending
-        values = [dp.to_host(m) for m in pending]
-        first = step - len(values) + 1
-        for i, m in enumerate(values):
-            if not np.isfinite(m["loss"]):
-                raise NonFiniteLossError(diverged(f"loss is {m['loss']}", first + i))
-        pending = []
-        return values
-
-    try:
-        while step < total_steps:
-            state, metrics = p_train(state, next(batches))
-            step += 1
-            steps_run += 1
-            steps_since_log += 1
-            pending.append(metrics)
-            if steps_run == 1:  # keep compilation out of the throughput and ETA
-                jax.block_until_ready(metrics)
-                t_log, steps_since_log = time.time(), 0
-            preempted = preemption.reached(step)
-            if step % config.log_every_steps == 0 or step == total_steps or preempted:
-                values = flush_metrics()
-                now = time.time()
-                train_metrics = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-                lr = float(schedule(step - 1))
-                scalars = {"train/loss": train_metrics["loss"],
-                           "train/error": train_metrics["error"], "train/learning_rate": lr}
-                speed = ""
-                if steps_since_log:  # not right after compilation
-                    seconds_per_step = (now - t_log) / steps_since_log
-                    scalars["train/images_per_second"] = config.batch_size / seconds_per_step
-                    speed = (f"  {config.batch_size / seconds_per_step:.0f} img/s  ETA "
-                             f"{_hms((total_steps - step) * seconds_per_step)}")
-                logging.info("step %d/%d  loss %.4f  error %.2f%%  lr %.4g%s", step, total_steps,
-                             train_metrics["loss"], 100 * train_metrics["error"], lr, speed)
-                writer.scalars(step, scalars)
-                t_log, steps_since_log = time.time(), 0
-            if step % eval_every == 0 or step == total_steps:
-                flush_metrics()
-                eval_results = evaluate(state)
-                for crop, r in eval_results.items():
-                    logging.info("eval at step %d, crop %s: top-1 error %.2f%%, top-5 error "
-                                 "%.2f%% on %d examples", step, crop, 100 * r["top1_error"],
-                                 100 * r["top5_error"], r["num_examples"])
-                    writer.scalars(step, {f"eval/top1_error_{crop}": r["top1_error"],
-                                          f"eval/top5_error_{crop}": r["top5_error"],
-                                          f"eval/loss_{crop}": r["loss"]})
-                t_log = time.time()  # keep eval time out of the training throughput
-            if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
-                flush_metrics()  # never checkpoint a diverged state
-                if not bool(dp.to_host(all_finite(state))):
-                    raise NonFiniteLossError(diverged("the state is not finite", step))
-                checkpoints.save(step, dp.get_state(state))
-            if preempted:
-                logging.warning("preempted: checkpoint of step %d written; rerun the same "
-                                "command to resume", step)
-                break
-        if not eval_results and step == total_steps:  # a finished run, rerun: report it again
-            eval_results = evaluate(state)
-    finally:
-        checkpoints.close()
-        writer.close()
-        preemption.close()
-
-    results = {"step": step, "total_steps": total_steps, "preempted": step < total_steps,
-               "train": train_metrics, "eval": eval_results,
-               "wall_time_s": round(time.time() - t_start, 1), "steps_this_run": steps_run,
-               "devices": dp.describe()}
-    if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    rundir.make(workdir)
+    with rundir.RunLock(workdir):
+        checkpoints = checkpoint.Checkpoints(
+            workdir, model_signature(config, datasets.get(config.dataset).num_classes),
+            config.keep_checkpoints)
+        try:
+            state, start_step, meta = _restore(checkpoints, setup, workdir, config)
+            if start_step >= total_steps:
+                return _finished_run(workdir, start_step, total_steps, meta, state, evaluator, dp)
+            if state is None:
+                state = setup.init_state(jax.random.PRNGKey(config.seed))
+            else:
+                logging.info("resuming from step %d", start_step)
+            if jax.process_index() == 0:
+                (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            results = _train(config, setup, dp, dp.put_state(state), start_step, workdir,
+                             checkpoints, evaluator, meta.get("train", {}))
+        finally:
+            checkpoints.close()
+        results.update(wall_time_s=round(time.time() - t_start, 1), devices=dp.describe())
+        if jax.process_index() == 0:
+            rundir.write_json(workdir / "results.json", results)
     return results
+
+
+def _train(config: ml_collections.ConfigDict, setup: Setup, dp: parallel.DataParallel,
+           state: TrainState, start_step: int, workdir: epath.Path,
+           checkpoints: checkpoint.Checkpoints, evaluator: Evaluator,
+           train_metrics: Dict[str, float]) -> Dict[str, Any]:
+    """The loop from `start_step`: step, then log, checkpoint and evaluate when it is time.
+    At the last step the checkpoint is written before evaluation, so nothing that can fail
+    afterwards costs the trained state."""
+    total_steps = setup.total_steps
+    eval_every = config.eval_every_steps or setup.steps_per_epoch
+    batches = train_batches(config, dp, start_step)
+    writer = _MetricsWriter(workdir)
+    stop_signals = _StopSignals(checkpoints)
+    metrics = _StepMetrics(dp)
+    eval_results: Dict[str, Dict[str, float]] = {}
+    t_log, steps_since_log, step, stopped = time.time(), 0, start_step, None
+    try:
+        while step < total_steps and stopped is None:
+            state, step_metrics = setup.train_step(state, next(batches))
+            step += 1
+            steps_since_log += 1
+            metrics.add(step, step_metrics)
+            if step == start_step + 1:  # keep compilation out of the throughput and ETA
+                jax.block_until_ready(step_metrics)
+                t_log, steps_since_log = time.time(), 0
+            stopped = stop_signals.reached(step)
+            saving = stopped is not None or is_time(step, config.checkpoint_every_steps,
+                                                    total_steps)
+            if saving or is_time(step, config.log_every_steps, total_steps) or \
+                    is_time(step, eval_every, total_steps):
+                means, bad = metrics.fetch()
+                if bad:
+                    raise _diverged(checkpoints, f"loss is {bad[1]}", bad[0])
+                if means:
+                    train_metrics = means
+            if stopped is not None or is_time(step, config.log_every_steps, total_steps):
+                now = time.time()
+                _log_train(writer, step, total_steps, train_metrics,
+                           float(setup.schedule(step - 1)), config.batch_size,
+                           (now - t_log) / steps_since_log if steps_since_log else None)
+                t_log, steps_since_log = now, 0
+            if saving:  # never checkpoint a diverged state
+                if not bool(dp.to_host(all_finite(state))):
+                    raise _diverged(checkpoints, "the state is not finite", step)
+                checkpoints.save(step, dp.get_state(state), {"train": train_metrics})
+            if is_time(step, eval_every, total_steps):
+                eval_results = evaluator(state)
+                _log_eval(writer, step, eval_results)
+                t_log = time.time()  # keep eval time out of the training throughput
+    finally:
+        writer.close()
+        stop_signals.close()
+    if stopped is not None and step < total_steps:
+        logging.warning("%s (%s): checkpoint of step %d written; rerun the same command to "
+                        "resume", "interrupted" if stopped == "SIGINT" else "preempted", stopped,
+                        step)
+    return {"step": step, "total_steps": total_steps, "preempted": step < total_steps,
+            "stop_signal": stopped if step < total_steps else None,
+            "train": train_metrics, "eval": eval_results,
+            "steps_this_run": step - start_step}
+
+
+def _log_train(writer: _MetricsWriter, step: int, total_steps: int, metrics: Dict[str, float],
+               lr: float, batch_size: int, seconds_per_step: Optional[float]) -> None:
+    scalars = {"train/loss": metrics["loss"], "train/error": metrics["error"],
+               "train/learning_rate": lr}
+    speed = ""
+    if seconds_per_step:  # not right after compilation
+        scalars["train/images_per_second"] = batch_size / seconds_per_step
+        speed = (f"  {batch_size / seconds_per_step:.0f} img/s  ETA "
+                 f"{_hms((total_steps - step) * seconds_per_step)}")
+    logging.info("step %d/%d  loss %.4f  error %.2f%%  lr %.4g%s", step, total_steps,
+                 metrics["loss"], 100 * metrics["error"], lr, speed)
+    writer.scalars(step, scalars)
 
 
 @jax.jit
