@@ -44,3 +44,40 @@ def shared_data_dir():
     if not (path / "imagenet_samples").is_dir():
         pytest.skip(f"shared real data not found at {path}: set RESNET_V2_JAX_DATA")
     return path
+
+
+# --- small array datasets for the command-line tests (tests/cli_runs.py) -----------------------
+import numpy as np
+
+
+@pytest.fixture(scope="session")
+def array_dir(tmp_path_factory):
+    """512 training and 100 test images of CIFAR shape, random but fixed, as device_input .npz."""
+    from resnet_v2_jax import device_input
+    folder = str(tmp_path_factory.mktemp("arrays"))
+    rng = np.random.RandomState(0)
+    for split, n in (("train", 512), ("test", 100)):
+        device_input.write_arrays(folder, "cifar10", split,
+                                  rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+                                  rng.randint(0, 10, n))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_array_dir(tmp_path_factory, array_dir):
+    """512 + 100 REAL CIFAR-10 images (the first 612 of the shared test split, read with the
+    shared folder's cifar_npz.py), or `array_dir`'s random ones where the shared data is absent."""
+    path = pathlib.Path(os.environ.get("RESNET_V2_JAX_DATA", _REPO.parent / "shared" / "data"))
+    if not (path / "cifar_npz.py").is_file():
+        return array_dir
+    import importlib.util
+    from resnet_v2_jax import device_input
+    spec = importlib.util.spec_from_file_location("cifar_npz", path / "cifar_npz.py")
+    cifar_npz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cifar_npz)
+    images, labels = cifar_npz.load_split("cifar10", "test")[:2]
+    labels = labels["label"]
+    folder = str(tmp_path_factory.mktemp("real_arrays"))
+    device_input.write_arrays(folder, "cifar10", "train", images[:512], labels[:512])
+    device_input.write_arrays(folder, "cifar10", "test", images[512:612], labels[512:612])
+    return folder

@@ -1,0 +1,108 @@
+"""Helpers for tests that run the real command line, `python -m resnet_v2_jax.main`, as
+subprocesses on small array datasets (device-resident input, so no TensorFlow start-up)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "cifar10_quick.py")
+N = 3  # checkpoint interval; runs are 2N steps
+
+
+def command(workdir, array_dir, *overrides, config=CONFIG):
+    return [sys.executable, "-m", "resnet_v2_jax.main", f"--config={config}",
+            f"--workdir={workdir}", "--config.depth=20", "--config.input_pipeline=device_resident",
+            f"--config.array_dir={array_dir}", "--config.batch_size=64",
+            "--config.eval_batch_size=40", f"--config.num_train_steps={2 * N}",
+            f"--config.checkpoint_every_steps={N}", "--config.log_every_steps=1",
+            "--config.eval_every_steps=1000", "--config.lr_schedule=steps", "--config.warmup=none",
+            "--config.lr_boundaries_steps=(1000,)", *overrides]
+
+
+def environment(devices=1, **extra):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
+
+
+def run(workdir, array_dir, *overrides, devices=1, check=True, cwd=ROOT, env=None,
+        config=CONFIG):
+    result = subprocess.run(command(workdir, array_dir, *overrides, config=config), cwd=cwd,
+                            text=True, env=environment(devices, **(env or {})),
+                            capture_output=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def start(workdir, array_dir, *overrides, devices=1, **env):
+    return subprocess.Popen(command(workdir, array_dir, *overrides), cwd=ROOT, text=True,
+                            env=environment(devices, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def wait_for_checkpoint(workdir, step, process, timeout=300):
+    """Polls until checkpoint `step` is finalised (Orbax renames it into place when done)."""
+    path = os.path.join(workdir, "checkpoints", str(step))
+    deadline = time.time() + timeout
+    while not os.path.isdir(os.path.join(path, "state")):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+def kill(process, sig=signal.SIGKILL):
+    process.send_signal(sig)
+    return process.communicate(timeout=300)
+
+
+def saved_state(workdir, step=None):
+    directory = os.path.join(workdir, "checkpoints")
+    step = step if step is not None else max(int(s) for s in os.listdir(directory) if s.isdigit())
+    path = os.path.join(directory, str(step), "state")
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # float64 checkpoints (config.float64) read back as float64, whatever this process uses.
+    with jax.enable_x64(True), ocp.StandardCheckpointer() as checkpointer:
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                              checkpointer.metadata(path).item_metadata.tree)
+        state = jax.tree.map(np.asarray, checkpointer.restore(path, target))
+    return state, step
+
+
+def assert_same_params(a, b, **tolerance):
+    flat_a = dict(ocp.tree.to_flat_dict(a["params"]))
+    flat_b = dict(ocp.tree.to_flat_dict(b["params"]))
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        if tolerance:
+            np.testing.assert_allclose(flat_a[key], flat_b[key], err_msg=str(key), **tolerance)
+        else:
+            np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=str(key))
+
+
+def snapshot(folder):
+    """{relative path: (size, mtime_ns)} of every file under `folder`: equal snapshots mean
+    nothing was written, renamed or deleted."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            info = os.stat(path)
+            files[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns)
+    return files
+
+
+def assert_one_error_line(result, message, returncode=1):
+    """The command ended with exactly one `error: ...` line containing `message`, the expected
+    exit code and no traceback of ours."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == returncode, result.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: ") and message in lines[-1], \
+        result.stderr[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -1,0 +1,314 @@
+"""Never lose a run: workdir paths, resumes that do not fit, concurrent runs, finished runs,
+bad data and bad configs, through the real command line (tests/cli_runs.py). Every refusal
+is one line, and each test checks that nothing written before was lost or changed."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cli_runs import (CONFIG, N, assert_one_error_line, kill, run, snapshot, start,
+                      wait_for_checkpoint)
+from resnet_v2_jax import device_input, rundir
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, array_dir):
+    """A finished 2N-step run, to be copied by tests that try to spoil it."""
+    workdir = str(tmp_path_factory.mktemp("finished"))
+    run(workdir, array_dir)
+    return workdir
+
+
+@pytest.fixture
+def copy_of_finished(tmp_path, finished):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished, workdir)
+    return workdir
+
+
+def strict_json(path):
+    """Parses JSON the strict way: NaN or Infinity would raise."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+# --- workdir paths ---------------------------------------------------------------------------
+
+def test_relative_and_home_workdirs_train_and_resume_from_any_directory(tmp_path, array_dir):
+    """`--workdir=runs/r` from another directory (config given by absolute path) trains and
+    checkpoints; the same run named as `~/runs/r` resumes from it."""
+    run("runs/r", array_dir, f"--config.num_train_steps={N}", cwd=str(tmp_path))
+    workdir = tmp_path / "runs" / "r"
+    assert (workdir / "checkpoints" / str(N) / "state").is_dir()
+    assert strict_json(workdir / "results.json")["step"] == N
+    resumed = run("~/runs/r", array_dir, cwd="/", env={"HOME": str(tmp_path)})
+    assert f"resuming from step {N}" in resumed.stderr
+    assert strict_json(workdir / "results.json")["step"] == 2 * N
+    assert not (workdir / rundir.LOCK_FILE).exists()  # released at the end
+
+
+# --- resumes that do not fit -----------------------------------------------------------------
+
+@pytest.mark.parametrize("override, differs", [
+    ("--config.weight_decay_bn_and_bias=False", "weight_decay_bn_and_bias=True there vs False"),
+    ("--config.float64=True", "vs config float64["),
+    ("--config.scan_units=True", "scan_units=False there vs True"),
+], ids=["optimiser", "dtype", "scan"])
+def test_a_resume_that_does_not_fit_is_refused_and_renames_nothing(copy_of_finished, array_dir,
+                                                                   override, differs):
+    before = snapshot(copy_of_finished)
+    result = run(copy_of_finished, array_dir, f"--config.num_train_steps={3 * N}", override,
+                 check=False)
+    assert_one_error_line(result, "does not fit the state this config builds")
+    assert differs in result.stderr.splitlines()[-1]
+    assert snapshot(copy_of_finished) == before
+    resumed = run(copy_of_finished, array_dir, f"--config.num_train_steps={3 * N}")
+    assert f"resuming from step {2 * N}" in resumed.stderr
+
+
+def test_workdir_of_unreadable_checkpoints_is_never_trained_from_scratch(copy_of_finished,
+                                                                          array_dir):
+    checkpoints = os.path.join(copy_of_finished, "checkpoints")
+    for step in (N, 2 * N):  # both checkpoints damaged
+        for root, _, files in os.walk(os.path.join(checkpoints, str(step), "state")):
+            for name in files:
+                path = os.path.join(root, name)
+                if os.path.getsize(path) > 10_000:
+                    with open(path, "r+b") as f:
+                        f.truncate(os.path.getsize(path) // 3)
+    results = open(os.path.join(copy_of_finished, "results.json")).read()
+    for _ in range(2):  # the first run sets them aside; the second finds only those
+        result = run(copy_of_finished, array_dir, f"--config.num_train_steps={3 * N}",
+                     check=False)
+        assert_one_error_line(result, "no readable checkpoint")
+        assert "does not start from scratch" in result.stderr
+        assert set(os.listdir(checkpoints)) == {f"{N}.unreadable", f"{2 * N}.unreadable"}
+    assert open(os.path.join(copy_of_finished, "results.json")).read() == results
+
+
+# --- one run per workdir -----------------------------------------------------------------------
+
+def test_second_run_is_refused_while_the_first_runs_and_a_killed_runs_lock_is_taken_over(
+        tmp_path, array_dir):
+    workdir = str(tmp_path)
+    first = start(workdir, array_dir, "--config.num_train_steps=1000")
+    wait_for_checkpoint(workdir, N, first)
+    lock = json.loads(open(os.path.join(workdir, rundir.LOCK_FILE)).read())
+    assert lock["pid"] == first.pid
+    second = run(workdir, array_dir, check=False)
+    assert_one_error_line(second, f"is in use by another run (pid {first.pid}")
+    assert first.poll() is None  # the first run goes on
+    kill(first, signal.SIGKILL)
+    saved = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    third = run(workdir, array_dir, f"--config.num_train_steps={saved + 1}")
+    assert "taking over" in third.stderr and f"resuming from step {saved}" in third.stderr
+
+
+def test_lock_staleness(tmp_path, monkeypatch):
+    """A lock of a live process on this host is kept, of a dead one taken over; a lock from
+    another host is kept while its heartbeat is fresh, taken over once it is STALE_AFTER_S old."""
+    workdir = rundir.resolve(str(tmp_path))
+    path = tmp_path / rundir.LOCK_FILE
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as sleeper:
+        holder = rundir.RunLock(workdir)._record()
+        path.write_text(json.dumps(dict(holder, pid=sleeper.pid)))
+        with pytest.raises(rundir.WorkdirError, match=f"pid {sleeper.pid}"):
+            rundir.RunLock(workdir).__enter__()
+        sleeper.kill()
+        sleeper.wait()
+        with rundir.RunLock(workdir) as lock:
+            assert json.loads(path.read_text())["token"] == lock.token
+        assert not path.exists()
+    elsewhere = dict(holder, host="another-host", pid=1)
+    path.write_text(json.dumps(elsewhere))
+    with pytest.raises(rundir.WorkdirError, match="another-host"):
+        rundir.RunLock(workdir).__enter__()
+    path.write_text(json.dumps(dict(elsewhere, heartbeat=time.time() - rundir.STALE_AFTER_S - 1)))
+    with rundir.RunLock(workdir):
+        pass
+
+
+# --- finished runs -----------------------------------------------------------------------------
+
+def test_rerunning_a_finished_run_keeps_its_results(copy_of_finished, array_dir):
+    before = snapshot(copy_of_finished)
+    results = strict_json(os.path.join(copy_of_finished, "results.json"))
+    assert results["train"] and results["steps_this_run"] == 2 * N
+    again = run(copy_of_finished, array_dir)
+    assert f"already holds the final checkpoint (step {2 * N} of {2 * N})" in again.stderr
+    assert f"step {2 * N}: test accuracy" in again.stdout
+    shorter = run(copy_of_finished, array_dir, "--config.num_train_steps=4")
+    assert f"is at step {2 * N}, past this config's 4 steps" in shorter.stderr
+    assert snapshot(copy_of_finished) == before
+    # Without results.json (say a crash right after the final checkpoint), the rerun rebuilds it
+    # from the checkpoint: evaluation, and the training metrics saved beside the checkpoint.
+    os.remove(os.path.join(copy_of_finished, "results.json"))
+    run(copy_of_finished, array_dir)
+    rebuilt = strict_json(os.path.join(copy_of_finished, "results.json"))
+    assert rebuilt["step"] == 2 * N and rebuilt["train"] == results["train"]
+    assert rebuilt["eval"] == results["eval"]
+
+
+def test_final_checkpoint_is_written_before_evaluation(tmp_path, array_dir, monkeypatch):
+    """If the final evaluation fails, the trained state is already on disk."""
+    from configs import cifar10_quick
+    from resnet_v2_jax import train
+    config = cifar10_quick.get_config()
+    config.update(dict(depth=8, input_pipeline="device_resident", array_dir=array_dir,
+                       batch_size=64, eval_batch_size=40, num_train_steps=2,
+                       checkpoint_every_steps=1000, eval_every_steps=1000))
+
+    def broken_eval(self, state):
+        raise RuntimeError("evaluation failed")
+    monkeypatch.setattr(train.Evaluator, "__call__", broken_eval)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "checkpoints" / "2" / "state").is_dir()
+    assert not (tmp_path / rundir.LOCK_FILE).exists()
+
+
+def test_results_json_is_strict():
+    path = rundir.resolve(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"r{os.getpid()}.json"))
+    rundir.write_json(path, {"loss": float("nan"), "eval": {"32": {"top1": np.float32(np.inf)}},
+                             "n": np.int64(3)})
+    assert strict_json(path) == {"loss": None, "eval": {"32": {"top1": None}}, "n": 3}
+    os.remove(path)
+
+
+# --- bad data: refused before anything is written ----------------------------------------------
+
+def _arrays(folder, train_images, train_labels, test_images=None, test_labels=None,
+            train_extra=None):
+    rng = np.random.RandomState(1)
+    os.makedirs(folder, exist_ok=True)
+    np.savez(os.path.join(folder, "cifar10_train.npz"),
+             **{"image": train_images, "label": train_labels, **(train_extra or {})})
+    if test_images is None:
+        test_images = rng.randint(0, 256, (100, 32, 32, 3)).astype(np.uint8)
+        test_labels = rng.randint(0, 10, 100)
+    np.savez(os.path.join(folder, "cifar10_test.npz"), image=test_images, label=test_labels)
+    return folder
+
+
+_IMAGES = np.random.RandomState(0).randint(0, 256, (512, 32, 32, 3)).astype(np.uint8)
+_LABELS = np.random.RandomState(0).randint(0, 10, 512)
+BAD_DATA = [
+    ("label_10", dict(train_labels=np.where(np.arange(512) == 7, 10, _LABELS)),
+     "cifar10_train.npz: label 10 at index 7 is outside [0, 10)"),
+    ("label_255", dict(train_labels=np.where(np.arange(512) >= 5, 255, _LABELS)),
+     "label 255 at index 5"),
+    ("label_minus_1", dict(train_labels=np.where(np.arange(512) == 3, -1, _LABELS)),
+     "label -1 at index 3"),
+    ("cifar100_labels", dict(train_labels=np.arange(512) % 100),
+     "label 10 at index 10 is outside [0, 10) for cifar10 (452 such labels)"),
+    ("eval_labels", dict(test_images=_IMAGES[:100], test_labels=np.full(100, 12)),
+     "cifar10_test.npz: label 12 at index 0"),
+    ("float_images", dict(train_images=_IMAGES.astype(np.float32) / 255),
+     "images are float32, expected uint8"),
+    ("grayscale", dict(train_images=_IMAGES[..., 0]),
+     "shape (32, 32) per example, expected (height, width, 3)"),
+    ("fewer_labels", dict(train_labels=_LABELS[:500]),
+     "512 images but labels of shape (500,)"),
+    ("float_labels", dict(train_labels=_LABELS.astype(np.float32)),
+     "labels are float32, expected integers"),
+]
+
+
+@pytest.mark.parametrize("name, arrays, message", BAD_DATA, ids=[b[0] for b in BAD_DATA])
+def test_bad_data_is_refused_in_one_line_before_anything_is_written(tmp_path, name, arrays,
+                                                                    message):
+    folder = _arrays(str(tmp_path / "arrays"), **{"train_images": _IMAGES,
+                                                   "train_labels": _LABELS, **arrays})
+    result = run(str(tmp_path / "run"), folder, check=False)
+    assert_one_error_line(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_npz_without_labels_or_truncated_is_refused(tmp_path, array_dir):
+    folder = str(tmp_path / "arrays")
+    shutil.copytree(array_dir, folder)
+    path = os.path.join(folder, "cifar10_train.npz")
+    np.savez(path, image=_IMAGES)
+    assert_one_error_line(run(str(tmp_path / "run"), folder, check=False),
+                          "cifar10_train.npz has no label array")
+    device_input.write_arrays(folder, "cifar10", "train", _IMAGES, _LABELS)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    assert_one_error_line(run(str(tmp_path / "run"), folder, check=False),
+                          "cifar10_train.npz cannot be read")
+    assert not (tmp_path / "run").exists()
+
+
+def test_tfds_metadata_checks(tfds_data_dir, tmp_path):
+    """The tfds pipeline checks splits, image size and classes from metadata, and an unprepared
+    manual-download dataset (ImageNet) fails at once without creating folders."""
+    from configs import default
+    from resnet_v2_jax import datasets, input_pipeline, train
+    config = default.cifar("cifar10", 20)
+    config.data_dir = tfds_data_dir
+    assert train.check_data(config) == 50_000
+    config.train_split = "train[:90%]"
+    assert train.check_data(config) == 45_000
+    config.image_size = 48
+    with pytest.raises(datasets.DataError, match="images are 32x32, but the config has "
+                                                 "image_size=48"):
+        train.check_data(config)
+    config.image_size, config.eval_split = 32, "validation"
+    with pytest.raises(datasets.DataError, match="has no split 'validation'"):
+        train.check_data(config)
+    imagenet = default.imagenet(50)
+    imagenet.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match="needs a manual download"):
+        input_pipeline.check_data(imagenet)
+    assert not (tmp_path / "tfds").exists()
+
+
+# --- bad configs and workdirs: one line, nothing created ---------------------------------------
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_bad_config_files_and_overrides_are_one_line(tmp_path, array_dir):
+    cases = [
+        (dict(config=tmp_path / "missing.py"), "config file", 2),
+        (dict(config=_write(tmp_path / "syntax.py", "x = (")), "syntax error", 2),
+        (dict(config=_write(tmp_path / "empty.py", "X = 1")), "has no get_config()", 2),
+        (dict(overrides=["--config.foo=1"]), "unknown config key 'foo'", 2),
+        (dict(overrides=["--config.steps_per_eval=0"]), "steps_per_eval must be -1", 1),
+        (dict(overrides=["--config.image_size=48"]), "image_size=48", 1),
+    ]
+    workdir = tmp_path / "run"
+    for case, message, code in cases:
+        result = run(str(workdir), array_dir, *case.get("overrides", []), check=False,
+                     config=case.get("config", CONFIG))
+        assert_one_error_line(result, message, returncode=code)
+        assert not workdir.exists(), case
+
+
+def test_unusable_workdirs_are_one_line(tmp_path, array_dir):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for workdir, message in ((a_file, "it is a file"), (a_file / "sub", "Not a directory")):
+        assert_one_error_line(run(str(workdir), array_dir, check=False), message)
+    assert a_file.read_text() == "keep me"
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(read_only)],
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        assert_one_error_line(run(str(read_only / "run"), array_dir, check=False),
+                              "Read-only file system")
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
