@@ -10,26 +10,29 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["resnet_v2_jax", "resnet_v2_jax.*"]),
     install_requires=[
+        # Exactly what resnet_v2_jax imports.
         "jax>=0.7",
         "flax>=0.10.6",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
-        "chex>=0.1.89",
         "ml-collections>=1.0",
         "absl-py>=2.1",
+        "etils[epath]>=1.5",
         "numpy>=1.26",
         "tensorflow-datasets>=4.9.6",
         # tf.data only (kept off the accelerators); the CPU build where one is published.
         "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
         "tensorflow>=2.16; platform_machine != 'x86_64'",
-        "tensorboardX>=2.6",
-        "tensorboard>=2.16",
-        "matplotlib>=3.8",
-        "pillow>=10",
-        "importlib_resources>=6",
+        "tensorboardX>=2.6",   # writes event files (train)
+        "tensorboard>=2.16",   # reads them (plot), and views them
+        "matplotlib>=3.8",     # plot
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # The offline CIFAR copy some machines keep beside the checkout (its prepare_tfds.py and
+        # cifar_npz.py read WebP images); also needed by the tests that use it.
+        "offline_data": ["pillow>=10", "importlib_resources>=6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89", "pillow>=10",
+                 "importlib_resources>=6"],
         # Weight import from timm (resnet_v2_jax.timm_import); large, never required.
         "timm": ["timm>=1.0", "torch>=2.3"],
     },

@@ -9,15 +9,15 @@ takes (Python tracing to StableHLO), the seconds `.compile()` takes (XLA), and
 abstract (jax.ShapeDtypeStruct).
 
     python benchmarks/compile_time.py                      # everything (the unrolled 1001 is slow)
-    python benchmarks/compile_time.py --models cifar1001 --scan scanned
+    python benchmarks/compile_time.py --models=cifar1001 --scan=scanned
 """
 
-import argparse
 import math
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
 from resnet_v2_jax import models
 
@@ -61,22 +61,23 @@ def measure(network, scan_units, remat_units, batch):
     return traced - start, done - traced, temp
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=tuple(NETWORKS), default=tuple(NETWORKS))
-    parser.add_argument("--batch", type=int, default=64, help="CIFAR batch size")
-    parser.add_argument("--imagenet-batch", type=int, default=8, help="ImageNet batch (224x224)")
-    parser.add_argument("--scan", choices=tuple(SCAN), default="both")
-    parser.add_argument("--remat", choices=tuple(REMAT), default="both")
-    args = parser.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", list(NETWORKS), f"Networks, from {', '.join(NETWORKS)}.")
+flags.DEFINE_integer("batch", 64, "CIFAR batch size.")
+flags.DEFINE_integer("imagenet_batch", 8, "ImageNet batch size (224x224).")
+flags.DEFINE_enum("scan", "both", list(SCAN), "scan_units setting(s) to measure.")
+flags.DEFINE_enum("remat", "both", list(REMAT), "remat_units setting(s) to measure.")
 
+
+def main(argv):
+    del argv
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{jax.device_count()} device(s)")
     print(ROW.format(*COLUMNS), flush=True)
-    for network in args.models:
-        batch = args.imagenet_batch if network.startswith("imagenet") else args.batch
-        for scan_units in SCAN[args.scan]:
-            for remat_units in REMAT[args.remat]:
+    for network in FLAGS.models:
+        batch = FLAGS.imagenet_batch if network.startswith("imagenet") else FLAGS.batch
+        for scan_units in SCAN[FLAGS.scan]:
+            for remat_units in REMAT[FLAGS.remat]:
                 trace_s, compile_s, temp_mib = measure(network, scan_units, remat_units, batch)
                 print(ROW.format(network, "yes" if scan_units else "no",
                                  "yes" if remat_units else "no", batch, f"{trace_s:.1f}",
@@ -84,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -3,14 +3,14 @@
 Rows: CIFAR-10 training batches from tf.data (real CIFAR-10 as tfds, the default config),
 CIFAR-10 device-resident batches on this machine's JAX devices (pad-crop-flip under jit),
 ImageNet training batches (scale and scale + aspect augmentation, colour augmentation on, as
-in the ImageNet configs) and ImageNet eval batches (224 and 320 centre crops) from the 125
-sample photos of ../shared/data/imagenet_samples, cycled. Steady state: each row first runs
+in the ImageNet configs) and ImageNet eval batches (224 and 320 centre crops) from a folder of
+JPEG photos (--samples, default $RESNET_V2_JAX_DATA/imagenet_samples: the figures in the README
+use 125 ImageNet validation-style photos, one per class), cycled. Steady state: each row first runs
 `--warmup` seconds (caches filled, functions compiled), then counts images for `--seconds`.
 
-    python benchmarks/input_pipeline.py [--tfds_data_dir DIR] [--samples DIR] [--seconds 10]
+    python benchmarks/input_pipeline.py [--tfds_data_dir=DIR] [--samples=DIR] [--seconds=10]
 """
 
-import argparse
 import os
 import pathlib
 import sys
@@ -20,12 +20,15 @@ from typing import Tuple
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the JPEG-folder tfds fixture
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import default  # noqa: E402
+import jpeg_datasets  # noqa: E402
 from resnet_v2_jax import device_input, input_pipeline  # noqa: E402
 
 
@@ -44,30 +47,31 @@ def throughput(batches, count, warmup: float, seconds: float) -> Tuple[float, fl
 
 
 def eval_passes(batches):
-    """Endless batches from repeated passes over one `datasets.EvalBatches`."""
+    """Endless batches from repeated passes over one `input_common.EvalBatches`."""
     while True:
         yield from batches
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tfds_data_dir", default=os.environ.get(
-        "TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets")))
-    parser.add_argument("--samples", default=os.path.join(os.environ.get(
-        "RESNET_V2_JAX_DATA", str(REPO.parent / "shared" / "data")), "imagenet_samples"))
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=8.0)
-    args = parser.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_string("tfds_data_dir", os.environ.get(
+    "TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets")), "tfds data_dir with cifar10.")
+flags.DEFINE_string("samples", os.path.join(os.environ.get("RESNET_V2_JAX_DATA", ""),
+                                            "imagenet_samples"), "A folder of *.JPEG photos.")
+flags.DEFINE_float("seconds", 10.0, "Seconds counted per row.")
+flags.DEFINE_float("warmup", 8.0, "Seconds run before counting.")
 
+
+def main(argv):
+    del argv
     rows = []
 
     def measure(name, batches, batch_size, count=lambda batch: len(batch["label"])):
-        rate, cpu_rate = throughput(batches, count, args.warmup, args.seconds)
+        rate, cpu_rate = throughput(batches, count, FLAGS.warmup, FLAGS.seconds)
         rows.append((name, batch_size, rate, cpu_rate))
         print(f"  {name}: {rate:,.0f} images/s", flush=True)
 
     cifar = default.get_config()
-    cifar.data_dir = args.tfds_data_dir
+    cifar.data_dir = FLAGS.tfds_data_dir
     measure("CIFAR-10 train, tf.data", input_pipeline.create_train_iterator(cifar),
             cifar.batch_size)
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
@@ -77,8 +81,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as data_dir:
         imagenet = default.imagenet(50)
-        imagenet.dataset = input_pipeline.store_jpeg_dataset(
-            "imagenet_samples", sorted(pathlib.Path(args.samples).glob("*.JPEG")), data_dir).name
+        imagenet.dataset = jpeg_datasets.store_jpeg_dataset(
+            "imagenet_samples", sorted(pathlib.Path(FLAGS.samples).glob("*.JPEG")), data_dir).name
         imagenet.data_dir = data_dir
         imagenet.batch_size = imagenet.eval_batch_size = 128
         for augment in ("scale", "scale_aspect"):
@@ -103,4 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

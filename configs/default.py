@@ -3,7 +3,7 @@
 Keys that the Flax ImageNet example also has keep its names (`dataset`, `batch_size` as the
 GLOBAL batch, `learning_rate`, `momentum`, `num_epochs`, `num_train_steps`, `log_every_steps`,
 `steps_per_eval`, `half_precision`, `cache`). Defaults are the paper's CIFAR recipe
-(PAPER.md, "Training recipes"): ResNet-164 with full pre-activation, batch 128, lr 0.1.
+(docs/paper.md, "Training recipes"): ResNet-164 with full pre-activation, batch 128, lr 0.1.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -31,7 +31,7 @@ def get_config():
     config.seed = 0
 
     # Model (resnet_v2_jax.models).
-    config.arch = "cifar"                 # "cifar" (PAPER.md CIFAR nets) or "imagenet"
+    config.arch = "cifar"                 # "cifar" or "imagenet" (docs/paper.md)
     config.depth = 164
     config.block = "bottleneck"           # "bottleneck" or "basic"
     config.unit = "full_preact"           # Fig. 4: original | bn_after_add | relu_before_add |

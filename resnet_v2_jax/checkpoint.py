@@ -47,7 +47,7 @@ class Checkpoints:
     """Saves and restores the train state under `<workdir>/checkpoints`.
 
     Args:
-      workdir: the run's folder (an absolute local path or gs://; see `workdir.resolve`).
+      workdir: the run's folder (an absolute local path or gs://; see `rundir.resolve`).
       signature: JSON-able description of what the parameters mean (model family, classes,
         unit placement ...); a checkpoint whose signature differs is refused.
       keep: how many checkpoints to keep.

@@ -13,10 +13,9 @@ Arrays come from `<config.array_dir>/<dataset>_<split>.npz` (uint8 "image" [N, H
 "label" [N]; see `write_arrays` and `python -m resnet_v2_jax.device_input`) or, when
 `config.array_dir` is None, from tfds: TensorFlow is imported only then, so a machine without
 TensorFlow trains CIFAR from .npz files. The eval iterator is plain numpy with the same
-contract as `input_pipeline.create_eval_iterator` (`datasets.EvalBatches`).
+contract as `input_pipeline.create_eval_iterator` (`input_common.EvalBatches`).
 """
 
-import argparse
 import math
 import os
 import zipfile
@@ -25,10 +24,12 @@ from typing import Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_v2_jax import datasets
+from resnet_v2_jax import cli, datasets, input_common
 
 
 # --- arrays ------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def write_arrays(array_dir: str, dataset: str, split: str, images: np.ndarray,
 
 def load_arrays(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """uint8 images [N, H, W, 3] and int32 labels [N] of a split, from .npz or tfds, checked
-    with `datasets.check_examples` (one-line DataError naming the file and first bad index)."""
+    with `input_common.check_examples` (one-line DataError naming the file and first bad index)."""
     if config.array_dir is None:
         from resnet_v2_jax import input_pipeline  # TensorFlow only on this path
         return input_pipeline.load_split_arrays(config, split)
@@ -84,7 +85,7 @@ def _read_npz(config, split: str, *, with_images: bool):
         with np.load(path) as data:
             missing = sorted({"image", "label"} - set(data.files))
             if missing:
-                raise datasets.DataError(
+                raise input_common.DataError(
                     f"{path} has no {' or '.join(missing)} array (it has {data.files}); expected "
                     "'image' (uint8 [N, H, W, 3]) and 'label' ([N]), as device_input.write_arrays "
                     "writes them")
@@ -100,14 +101,14 @@ def _read_npz(config, split: str, *, with_images: bool):
                                    else np.lib.format.read_array_header_2_0)
                     shape, _, dtype = read_header(stream)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        if isinstance(e, datasets.DataError):
+        if isinstance(e, input_common.DataError):
             raise
-        raise datasets.DataError(f"{path} cannot be read ({type(e).__name__}: "
+        raise input_common.DataError(f"{path} cannot be read ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}); it may be "
                                  "truncated: write it again") from e
     if len(shape) < 1:
-        raise datasets.DataError(f"{path}: 'image' is a scalar, expected uint8 [N, H, W, 3]")
-    datasets.check_examples(path, info, image_dtype=dtype, image_shape=shape[1:],
+        raise input_common.DataError(f"{path}: 'image' is a scalar, expected uint8 [N, H, W, 3]")
+    input_common.check_examples(path, info, image_dtype=dtype, image_shape=shape[1:],
                             num_images=shape[0], labels=labels, image_size=config.image_size)
     return images, labels
 
@@ -116,9 +117,9 @@ def _read_npz(config, split: str, *, with_images: bool):
 
 def pad_crop_flip(images, offsets_y, offsets_x, flips, crop_size: int):
     """Batched twin of `input_pipeline.pad_crop_flip`: zero-pad each image by
-    `datasets.CIFAR_PADDING`, crop `crop_size` squares at the given offsets, mirror where
+    `input_common.CIFAR_PADDING`, crop `crop_size` squares at the given offsets, mirror where
     `flips` is True. Identical outputs for identical offsets and flips."""
-    pad = datasets.CIFAR_PADDING
+    pad = input_common.CIFAR_PADDING
     padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     channels = images.shape[-1]
 
@@ -131,9 +132,9 @@ def pad_crop_flip(images, offsets_y, offsets_x, flips, crop_size: int):
 
 
 def random_pad_crop_flip(images, key, crop_size: int):
-    """PAPER.md "Training recipes": uniform crop offsets in the padded image, flip with p=1/2."""
+    """docs/paper.md, "Training recipes": uniform crop offsets in the padded image, flip with p=1/2."""
     key_y, key_x, key_flip = jax.random.split(key, 3)
-    pad = datasets.CIFAR_PADDING
+    pad = input_common.CIFAR_PADDING
     batch, height, width = images.shape[:3]
     offsets_y = jax.random.randint(key_y, (batch,), 0, height + 2 * pad - crop_size + 1)
     offsets_x = jax.random.randint(key_x, (batch,), 0, width + 2 * pad - crop_size + 1)
@@ -154,7 +155,7 @@ def create_train_iterator(config, sharding: NamedSharding, *,
     if config.augment != "pad_crop_flip":
         raise ValueError(f"the device-resident input supports augment='pad_crop_flip' only, "
                          f"not {config.augment!r}; use input_pipeline='tfds'")
-    datasets.local_batch_size(config.batch_size, jax.process_count(), jax.device_count())
+    input_common.local_batch_size(config.batch_size, jax.process_count(), jax.device_count())
     mesh, batch_axes = sharding.mesh, sharding.spec[0]
     names = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
     num_shards = math.prod(mesh.shape[name] for name in names)
@@ -208,15 +209,15 @@ def create_train_iterator(config, sharding: NamedSharding, *,
 
 def create_eval_iterator(config, *, split: Optional[str] = None,
                          process_index: Optional[int] = None,
-                         process_count: Optional[int] = None) -> datasets.EvalBatches:
+                         process_count: Optional[int] = None) -> input_common.EvalBatches:
     """One exact pass over `split` (default config.eval_split) as per-process numpy batches
     {"image", "label", "mask"}; the same contract as `input_pipeline.create_eval_iterator`."""
-    process_index, process_count = datasets.resolve_process(process_index, process_count)
-    batch = datasets.local_batch_size(config.eval_batch_size, process_count, jax.device_count(),
+    process_index, process_count = input_common.resolve_process(process_index, process_count)
+    batch = input_common.local_batch_size(config.eval_batch_size, process_count, jax.device_count(),
                                       "eval_batch_size")
     images, labels = load_arrays(config, split or config.eval_split)
-    start, stop = datasets.process_share(len(images), process_index, process_count)
-    num_batches = datasets.eval_num_batches(len(images), process_count, batch)
+    start, stop = input_common.process_share(len(images), process_index, process_count)
+    num_batches = input_common.eval_num_batches(len(images), process_count, batch)
 
     def batches():
         for first in range(start, start + num_batches * batch, batch):
@@ -226,24 +227,33 @@ def create_eval_iterator(config, *, split: Optional[str] = None,
             image[:real], label[:real] = images[first:first + real], labels[first:first + real]
             yield {"image": image, "label": label, "mask": np.arange(batch) < real}
 
-    return datasets.EvalBatches(batches, num_batches, len(images))
+    return input_common.EvalBatches(batches, num_batches, len(images))
 
 
-def main(argv=None):
-    """Writes .npz arrays of tfds splits for `config.array_dir`."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--data_dir", default=None, help="tfds data_dir (default: tfds's)")
-    parser.add_argument("--array_dir", required=True)
-    parser.add_argument("--splits", nargs="+", default=["train", "test"])
-    args = parser.parse_args(argv)
+def define_flags() -> None:
+    """The command line's flags; defined by the command only, so importing defines none."""
+    flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
+    flags.DEFINE_string("data_dir", None, "tfds data_dir; default: tfds's.")
+    flags.DEFINE_string("array_dir", None, "Folder for <dataset>_<split>.npz (config.array_dir).")
+    flags.DEFINE_list("splits", ["train", "test"], "tfds splits to write.")
+    flags.mark_flag_as_required("array_dir")
+
+
+def main(argv) -> None:
+    """Writes .npz arrays of tfds splits for `config.array_dir`:
+
+        python -m resnet_v2_jax.device_input --dataset=cifar10 --array_dir=/data/arrays
+    """
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     from resnet_v2_jax import input_pipeline
-    config = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir)
-    for split in args.splits:
-        path = write_arrays(args.array_dir, args.dataset, split,
-                            *input_pipeline.load_split_arrays(config, split))
-        print(path)
+    FLAGS = flags.FLAGS
+    config = ml_collections.ConfigDict({"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir})
+    for split in FLAGS.splits:
+        print(write_arrays(FLAGS.array_dir, FLAGS.dataset, split,
+                           *input_pipeline.load_split_arrays(config, split)))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    cli.run(main, (ValueError, FileNotFoundError))

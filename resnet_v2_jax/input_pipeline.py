@@ -12,7 +12,7 @@ that stream (i = step * local_batch + row) is augmented with stateless ops keyed
 the batches an uninterrupted run sees from step k: it starts at epoch k * local_batch // n and
 skips the examples before step k within that epoch, before any decoding.
 
-Augmentation (PAPER.md, "Training recipes"):
+Augmentation (docs/paper.md, "Training recipes"):
 - "pad_crop_flip" (CIFAR): 4-pixel zero padding, random 32x32 crop, random horizontal flip;
   eval images are used as stored.
 - "scale" (ImageNet): shorter side random in [256, 480], random 224 crop, flip.
@@ -26,12 +26,10 @@ Eval resizes the shorter side to crop / `config.eval_resize_ratio` and takes the
 (also as one fused decode of the centre window).
 """
 
-import dataclasses
 import itertools
-import os
 import queue
 import threading
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
@@ -39,7 +37,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from resnet_v2_jax import datasets
+from resnet_v2_jax import datasets, input_common
 
 AUGMENTATIONS = ("pad_crop_flip", "scale", "scale_aspect")
 # fb.resnet.torch (datasets/imagenet.lua), used by the paper for ImageNet: RandomScale(256, 480).
@@ -114,7 +112,7 @@ def _builder(config) -> tfds.core.DatasetBuilder:
 def check_data(config) -> int:
     """Checks, from the dataset's metadata only (nothing is decoded), that the training and eval
     splits exist and hold uint8 RGB images of the config's size and labels of the dataset's
-    classes; raises `datasets.DataError` or FileNotFoundError in one line otherwise. Returns the
+    classes; raises `input_common.DataError` or FileNotFoundError in one line otherwise. Returns the
     number of examples in `config.train_split` (over all processes)."""
     builder = _builder(config)
     _check_augment(config, builder)
@@ -124,18 +122,18 @@ def check_data(config) -> int:
         try:
             sizes[split] = builder.info.splits[split].num_examples
         except (KeyError, ValueError) as e:
-            raise datasets.DataError(f"{where} has no split {split!r} ({e}); its splits are "
+            raise input_common.DataError(f"{where} has no split {split!r} ({e}); its splits are "
                                      f"{', '.join(builder.info.splits)}") from e
         if not sizes[split]:
-            raise datasets.DataError(f"{where}: split {split!r} holds no examples")
+            raise input_common.DataError(f"{where}: split {split!r} holds no examples")
     features = builder.info.features
     missing = sorted({"image", "label"} - set(features.keys()))
     if missing:
-        raise datasets.DataError(f"{where} has no {' or '.join(missing)} feature; expected an "
+        raise input_common.DataError(f"{where} has no {' or '.join(missing)} feature; expected an "
                                  "image classification dataset with 'image' and 'label'")
     image, label = features["image"], features["label"]
     pad_crop_flip = config.augment == "pad_crop_flip"
-    datasets.check_examples(where, datasets.get(config.dataset), image_dtype=image.np_dtype,
+    input_common.check_examples(where, datasets.get(config.dataset), image_dtype=image.np_dtype,
                             image_shape=image.shape, label_dtype=label.np_dtype,
                             num_label_classes=getattr(label, "num_classes", None),
                             image_size=config.image_size if pad_crop_flip else None)
@@ -181,10 +179,10 @@ def _read(builder, split, config, *, shuffle_files: bool) -> tf.data.Dataset:
 # --- CIFAR: pad, crop, flip --------------------------------------------------------------------
 
 def pad_crop_flip(image, offset_y, offset_x, flip, crop_size: int):
-    """Zero-pads by `datasets.CIFAR_PADDING`, crops a `crop_size` square at (offset_y, offset_x)
+    """Zero-pads by `input_common.CIFAR_PADDING`, crops a `crop_size` square at (offset_y, offset_x)
     of the padded image and mirrors it if `flip`. `device_input.pad_crop_flip` is the same
     function in JAX; given the same offsets and flips both return identical images."""
-    pad = datasets.CIFAR_PADDING
+    pad = input_common.CIFAR_PADDING
     height, width = image.shape[0], image.shape[1]
     padded = tf.image.pad_to_bounding_box(image, pad, pad, height + 2 * pad, width + 2 * pad)
     crop = tf.image.crop_to_bounding_box(padded, offset_y, offset_x, crop_size, crop_size)
@@ -192,9 +190,10 @@ def pad_crop_flip(image, offset_y, offset_x, flip, crop_size: int):
 
 
 def _random_pad_crop_flip(image, key, crop_size: int):
-    """PAPER.md: random crop of the 4-pixel zero-padded image, then a coin-flip mirror."""
+    """docs/paper.md, "Training recipes": random crop of the 4-pixel zero-padded image, then a
+    coin-flip mirror."""
     key_y, key_x, key_flip = tf.unstack(tf.random.experimental.stateless_split(key, 3))
-    pad = datasets.CIFAR_PADDING
+    pad = input_common.CIFAR_PADDING
     offset_y = tf.random.stateless_uniform(
         [], key_y, 0, image.shape[0] + 2 * pad - crop_size + 1, tf.int32)
     offset_x = tf.random.stateless_uniform(
@@ -329,8 +328,8 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: Optiona
 
     `process_index`/`process_count` default to JAX's; tests pass them to simulate hosts.
     """
-    process_index, process_count = datasets.resolve_process(process_index, process_count)
-    batch = datasets.local_batch_size(config.batch_size, process_count, jax.device_count())
+    process_index, process_count = input_common.resolve_process(process_index, process_count)
+    batch = input_common.local_batch_size(config.batch_size, process_count, jax.device_count())
     builder = _builder(config)
     _check_augment(config, builder)
     split = tfds.split_for_jax_process(config.train_split, process_index=process_index,
@@ -363,12 +362,12 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: Optiona
 
 def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Optional[str] = None,
                          process_index: Optional[int] = None,
-                         process_count: Optional[int] = None) -> datasets.EvalBatches:
+                         process_count: Optional[int] = None) -> input_common.EvalBatches:
     """One exact pass over `split` (default config.eval_split) at `crop_size` (default the
     first of config.eval_crop_sizes), in per-process batches {"image": uint8, "label": int32,
-    "mask": bool} of config.eval_batch_size // process_count; see `datasets.EvalBatches`."""
-    process_index, process_count = datasets.resolve_process(process_index, process_count)
-    batch = datasets.local_batch_size(config.eval_batch_size, process_count, jax.device_count(),
+    "mask": bool} of config.eval_batch_size // process_count; see `input_common.EvalBatches`."""
+    process_index, process_count = input_common.resolve_process(process_index, process_count)
+    batch = input_common.local_batch_size(config.eval_batch_size, process_count, jax.device_count(),
                                       "eval_batch_size")
     crop_size = crop_size or config.eval_crop_sizes[0]
     split = split or config.eval_split
@@ -377,7 +376,7 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Opti
     local_split = tfds.split_for_jax_process(split, process_index=process_index,
                                              process_count=process_count)
     total = builder.info.splits[split].num_examples
-    num_batches = datasets.eval_num_batches(total, process_count, batch)
+    num_batches = input_common.eval_num_batches(total, process_count, batch)
     preprocess = _eval_preprocess(config, builder, crop_size)
     ds = _read(builder, local_split, config, shuffle_files=False).map(
         lambda ex: {"image": preprocess(ex["image"]), "label": ex["label"], "mask": True},
@@ -386,33 +385,7 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Opti
         tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec))
     num_padding = num_batches * batch - builder.info.splits[local_split].num_examples
     ds = ds.concatenate(padding.repeat(num_padding)).batch(batch).prefetch(_AUTOTUNE)
-    return datasets.EvalBatches(lambda: iter(tfds.as_numpy(ds)), num_batches, total)
-
-
-# --- small datasets from JPEG files ----------------------------------------------------------
-
-def store_jpeg_dataset(name: str, files: Sequence[str], data_dir: str,
-                       like: str = "imagenet2012") -> datasets.DatasetInfo:
-    """Stores JPEG files, bytes unchanged, as the tfds dataset `name` in `data_dir` and
-    registers it with `like`'s statistics and sizes: one class per file, and "train" and
-    "validation" both hold every file. How tests and benchmarks run the ImageNet pipeline on a
-    handful of real photos; a folder of your own photos works the same way."""
-    files = [str(f) for f in files]
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(
-            names=[os.path.splitext(os.path.basename(f))[0] for f in files])})
-    jpegs = []
-    for f in files:
-        with tf.io.gfile.GFile(f, "rb") as stream:
-            jpegs.append(stream.read())
-    examples = tf.data.Dataset.from_tensor_slices(
-        {"image": jpegs, "label": np.arange(len(files))})
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name, "1.0.0", features, {"train": examples, "validation": examples}, data_dir=data_dir)
-    return datasets.register(dataclasses.replace(
-        datasets.get(like), name=name, num_classes=len(files), eval_split="validation",
-        num_train_examples=len(files), num_eval_examples=len(files)))
+    return input_common.EvalBatches(lambda: iter(tfds.as_numpy(ds)), num_batches, total)
 
 
 # --- host to device ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that mean "the input is wrong", not "the program is wrong": one line, exit code 1.
-# ValueError covers bad config values, datasets.DataError, rundir.WorkdirError and
+# ValueError covers bad config values, input_common.DataError, rundir.WorkdirError and
 # checkpoint.CheckpointError.
 USER_ERRORS = (ValueError, FileNotFoundError, train.NonFiniteLossError)
 

@@ -41,25 +41,28 @@ Array = jax.Array
 ModuleDef = Any
 
 # Where BN and ReLU sit in a unit (Fig. 4). Each entry lists the ops applied
-#   before_conv: in front of every weight layer of F (a pre-activation),
-#   after_conv:  after every weight layer of F but the last,
-#   after_last:  after the last weight layer of F,
-#   after_add:   after the addition, i.e. the paper's f.
+#   before_conv:     in front of every weight layer of F (a pre-activation),
+#   after_conv:      after every weight layer of F but the last,
+#   after_last:      after the last weight layer of F,
+#   after_add:       after the addition, i.e. the paper's f,
+#   after_proj:      after the 1x1 projection shortcut of a shape-changing unit.
 UNIT_PLACEMENTS = {
-    # (a) original: conv-BN-ReLU-...-conv-BN, addition, ReLU.
+    # (a) original: conv-BN-ReLU-...-conv-BN, addition, ReLU; the projection is conv-BN
+    # (fb.resnet.torch resnet.lua, shortcut type B).
     "original": dict(before_conv=(), after_conv=("bn", "relu"), after_last=("bn",),
-                     after_add=("relu",)),
+                     after_add=("relu",), after_proj=("bn",)),
     # (b) BN after addition: conv-BN-ReLU-...-conv, addition, BN-ReLU.
     "bn_after_add": dict(before_conv=(), after_conv=("bn", "relu"), after_last=(),
-                         after_add=("bn", "relu")),
+                         after_add=("bn", "relu"), after_proj=()),
     # (c) ReLU before addition: conv-BN-ReLU-...-conv-BN-ReLU, addition.
     "relu_before_add": dict(before_conv=(), after_conv=("bn", "relu"), after_last=("bn", "relu"),
-                            after_add=()),
+                            after_add=(), after_proj=()),
     # (d) ReLU-only pre-activation: ReLU-conv-BN-...-ReLU-conv-BN, addition.
     "relu_preact": dict(before_conv=("relu",), after_conv=("bn",), after_last=("bn",),
-                        after_add=()),
+                        after_add=(), after_proj=()),
     # (e) full pre-activation (the proposal): BN-ReLU-conv-...-BN-ReLU-conv, addition.
-    "full_preact": dict(before_conv=("bn", "relu"), after_conv=(), after_last=(), after_add=()),
+    "full_preact": dict(before_conv=("bn", "relu"), after_conv=(), after_last=(), after_add=(),
+                        after_proj=()),
 }
 
 # The shortcut h(x) of Fig. 2 / Table 1, and how it is combined with F (lambda, g as in the paper):
@@ -174,8 +177,7 @@ class ResidualUnit(nn.Module):
 
         if needs_projection:
             shortcut = self.conv(self.features, 1, self.strides, name="proj_conv")(shortcut_in)
-            if self.unit == "original":  # fb.resnet.torch resnet.lua, shortcut type B: conv-BN.
-                shortcut = self.norm(name="proj_bn")(shortcut)
+            shortcut = self._ops(place["after_proj"], shortcut, "proj_bn")
         else:
             shortcut = shortcut_in
 
@@ -282,16 +284,15 @@ class ResNetV2(nn.Module):
                                  dtype=self.dtype, param_dtype=self.param_dtype,
                                  axis_name=self.bn_axis_name,
                                  axis_index_groups=self.bn_axis_index_groups)
-        unit = functools.partial(ResidualUnit, norm=norm, conv=conv, bottleneck=self.bottleneck,
+        unit_class = (nn.remat(ResidualUnit, prevent_cse=not self.scan_units)
+                      if self.remat_units else ResidualUnit)
+        unit = functools.partial(unit_class, norm=norm, conv=conv, bottleneck=self.bottleneck,
                                  stride_on=self.stride_on, unit=self.unit, shortcut=self.shortcut,
                                  shortcut_scale=self.shortcut_scale,
                                  residual_scale=self.residual_scale,
                                  gate_bias_init=self.gate_bias_init,
                                  shortcut_dropout_rate=self.shortcut_dropout_rate,
                                  deterministic=not train)
-        if self.remat_units:
-            unit = functools.partial(nn.remat(ResidualUnit, prevent_cse=not self.scan_units),
-                                     **unit.keywords)
         preactivates = bool(UNIT_PLACEMENTS[self.unit]["before_conv"])
 
         x = jnp.asarray(x, self.dtype)
@@ -327,8 +328,9 @@ class ResNetV2(nn.Module):
                     x = identical(name=f"stage{s}_unit{u}")(x)
             self.sow("intermediates", f"stage{s}", x)
 
-        # The extra activation after the last unit (PAPER.md: "an extra BN-ReLU before the global
-        # pool"): the last unit's output gets what a following unit's branch would apply to it.
+        # The extra activation after the last unit (docs/paper.md, "CIFAR networks": an extra
+        # BN-ReLU before the global pool): the last unit's output gets what a following unit's
+        # branch would apply to it.
         for op in UNIT_PLACEMENTS[self.unit]["before_conv"]:
             x = norm(name="final_bn")(x) if op == "bn" else nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))

@@ -12,16 +12,17 @@ some steps twice; the later value is kept.
 """
 
 import dataclasses
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
 from matplotlib.lines import Line2D
 from tensorboard.backend.event_processing import event_accumulator
+
+from resnet_v2_jax import cli
 
 TEST_PREFIX = "eval/top1_error_"
 Series = Tuple[np.ndarray, np.ndarray]  # (steps, values)
@@ -117,20 +118,15 @@ def define_flags() -> None:
 
 def main(argv: List[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     labels = FLAGS.labels or [epath.Path(w).name for w in FLAGS.workdir]
     if len(labels) != len(FLAGS.workdir):
-        raise app.UsageError(f"{len(labels)} --labels for {len(FLAGS.workdir)} --workdir")
-    try:
-        runs = [load_run(w, label, FLAGS.train, FLAGS.crop)
-                for w, label in zip(FLAGS.workdir, labels)]
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(f"{len(labels)} --labels for {len(FLAGS.workdir)} --workdir", 2)
+    runs = [load_run(w, label, FLAGS.train, FLAGS.crop) for w, label in zip(FLAGS.workdir, labels)]
     draw(runs, FLAGS.out, FLAGS.train, FLAGS.title)
     print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, (ValueError, FileNotFoundError))

@@ -1,7 +1,7 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)` is what the CLI runs.
 
 The steps are written once, per device (pmap semantics), and handed to `parallel.DataParallel`,
-which runs them over every device of every process. The recipe is the paper's (PAPER.md,
+which runs them over every device of every process. The recipe is the paper's (docs/paper.md,
 "Training recipes"): SGD with momentum 0.9 (Nesterov in the released code), weight decay 1e-4 on
 every parameter, learning rate 0.1 per 128 (CIFAR) or 256 (ImageNet) images, x0.1 steps.
 """
@@ -22,7 +22,7 @@ from absl import logging
 from etils import epath
 from flax.training import train_state
 
-from resnet_v2_jax import checkpoint, datasets, models, parallel, rundir
+from resnet_v2_jax import checkpoint, datasets, input_common, models, parallel, rundir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -164,9 +164,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel.Axes,
-               dataset: str, dtype: Any, dropout_key: jax.Array):
-    """One SGD step on one device's share of the batch; gradients averaged over `axes.grad`."""
-    images = datasets.normalize(batch["image"], dataset, dtype)
+               normalize: Callable, dropout_key: jax.Array):
+    """One SGD step on one device's share of the batch; gradients averaged over `axes.grad`.
+    `normalize` turns the uint8 images into the model's input (`datasets.normalize` with the
+    dataset's statistics and the compute dtype bound)."""
+    images = normalize(batch["image"])
     labels = batch["label"]
     rng = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step),
                              jax.lax.axis_index(axes.grad))
@@ -188,9 +190,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel
 
 
 def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel.Axes,
-              dataset: str, dtype: Any):
+              normalize: Callable):
     """Sums of top-1/top-5 errors, loss and examples over the valid (mask) entries."""
-    images = datasets.normalize(batch["image"], dataset, dtype)
+    images = normalize(batch["image"])
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images,
                             train=False)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
@@ -236,7 +238,7 @@ def train_batches(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
     return input_pipeline.prefetch_to_device(host, dp.put_batch, size=2)
 
 
-def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> datasets.EvalBatches:
+def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> input_common.EvalBatches:
     """One exact pass over the eval split: host batches with a validity mask."""
     if config.input_pipeline == "device_resident":
         from resnet_v2_jax import device_input
@@ -308,12 +310,13 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
     model = create_model(config, info.num_classes, dp.axes)
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = create_optimizer(config, schedule)
-    dtype = model.dtype
+    normalize = functools.partial(datasets.normalize, mean=info.mean, std=info.std,
+                                  dtype=model.dtype)
     train = dp.compile(functools.partial(
-        train_step, axes=dp.axes, dataset=config.dataset, dtype=dtype,
+        train_step, axes=dp.axes, normalize=normalize,
         dropout_key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)), returns_state=True)
-    evaluate = dp.compile(functools.partial(
-        eval_step, axes=dp.axes, dataset=config.dataset, dtype=dtype), returns_state=False)
+    evaluate = dp.compile(functools.partial(eval_step, axes=dp.axes, normalize=normalize),
+                          returns_state=False)
     return Setup(model=model, schedule=schedule, tx=tx, steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps, image_size=config.image_size,
                  abstract_state=abstract_train_state(model, tx, config.image_size, dp.replicated),

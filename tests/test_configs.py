@@ -1,5 +1,4 @@
 """Every config in configs/ builds its model and runs one training step on tiny data."""
-import functools
 import glob
 import importlib
 import os
@@ -25,20 +24,16 @@ def one_step(config):
     the same function (tests/test_models.py checks scanned against unrolled).
     """
     config.scan_units = True
+    config.image_size = 32  # parameter shapes do not depend on it; initialisation is cheaper
     dp = parallel.DataParallel(config.parallelism, 0, jax.devices()[:1])
+    setup = train.build(config, dp)
     info = datasets.get(config.dataset)
-    model = train.create_model(config, info.num_classes, dp.axes)
-    schedule = train.learning_rate_schedule(config, 100, 10_000)
-    state = train.create_train_state(jax.random.PRNGKey(0), model,
-                                     train.create_optimizer(config, schedule), 32)
-    step = dp.compile(functools.partial(
-        train.train_step, axes=dp.axes, dataset=config.dataset, dtype=model.dtype,
-        dropout_key=jax.random.PRNGKey(1)), returns_state=True)
+    state = setup.init_state(jax.random.PRNGKey(0))
     rng = np.random.RandomState(0)
     batch = {"image": rng.randint(0, 256, (2, 32, 32, 3)).astype(np.uint8),
              "label": rng.randint(0, info.num_classes, (2,)).astype(np.int32)}
-    state, metrics = step(dp.put_state(state), dp.put_batch(batch))
-    return model, dp.to_host(state), dp.to_host(metrics)
+    state, metrics = setup.train_step(dp.put_state(state), dp.put_batch(batch))
+    return setup.model, dp.to_host(state), dp.to_host(metrics)
 
 
 @pytest.mark.parametrize("name", [c for c in CONFIGS if c != "ablation"])

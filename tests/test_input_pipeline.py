@@ -21,8 +21,9 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
+import jpeg_datasets
 from configs import default
-from resnet_v2_jax import datasets, device_input, input_pipeline
+from resnet_v2_jax import datasets, device_input, input_common, input_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def take(iterator, n):
 def window_table(originals):
     """{crop bytes: (source, offset_y, offset_x, flipped)} over every 32x32 window of every
     zero-padded original, mirrored or not."""
-    pad = datasets.CIFAR_PADDING
+    pad = input_common.CIFAR_PADDING
     size = originals.shape[1]
     table = {}
     for source, image in enumerate(np.pad(originals, ((0, 0), (pad, pad), (pad, pad), (0, 0)))):
@@ -89,11 +90,12 @@ def image_counts(images):
 def test_registry_and_normalize():
     assert datasets.get("cifar10:3.0.2").num_classes == 10
     assert datasets.get("cifar100").mean != datasets.get("cifar10").mean
-    assert datasets.get("imagenet2012").eval_crop_sizes == (224, 320)
+    assert default.imagenet(50).eval_crop_sizes == (224, 320)  # Table 5's two test crops
     with pytest.raises(ValueError, match="supported are cifar10, cifar100, imagenet2012"):
         datasets.get("mnist")
     images = np.full((2, 4, 4, 3), [125, 123, 114], np.uint8)
-    out = datasets.normalize(images, "cifar10", jnp.bfloat16)
+    cifar10 = datasets.get("cifar10")
+    out = datasets.normalize(images, cifar10.mean, cifar10.std, jnp.bfloat16)
     assert out.dtype == jnp.bfloat16 and out.shape == images.shape
     expected = (np.array([125, 123, 114]) - np.array([125.3, 123.0, 113.9])) / np.array(
         [63.0, 62.1, 66.7])
@@ -101,17 +103,17 @@ def test_registry_and_normalize():
 
 
 def test_tf_free_modules_do_not_import_tensorflow():
-    code = ("import sys; from resnet_v2_jax import datasets, device_input; "
+    code = ("import sys; from resnet_v2_jax import datasets, device_input, input_common; "
             "assert not {'tensorflow', 'tensorflow_datasets'} & set(sys.modules), 'TF imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_local_batch_size_errors():
-    assert datasets.local_batch_size(256, 2, 8) == 128
+    assert input_common.local_batch_size(256, 2, 8) == 128
     with pytest.raises(ValueError, match="device count 8"):
-        datasets.local_batch_size(100, 1, 8)
-    assert [datasets.process_share(11, i, 3) for i in range(3)] == [(0, 4), (4, 8), (8, 11)]
+        input_common.local_batch_size(100, 1, 8)
+    assert [input_common.process_share(11, i, 3) for i in range(3)] == [(0, 4), (4, 8), (8, 11)]
 
 
 def test_prefetch_to_device_order_and_errors():
@@ -161,7 +163,8 @@ def test_eval_normalisation_gives_zero_mean_unit_std(tfds_data_dir, dataset):
     config = make_config(tfds_data_dir, dataset=dataset, eval_batch_size=10_000)
     batch = next(iter(input_pipeline.create_eval_iterator(config)))
     assert batch["mask"].all()
-    images = np.asarray(datasets.normalize(batch["image"], dataset))
+    info = datasets.get(dataset)
+    images = np.asarray(datasets.normalize(batch["image"], info.mean, info.std))
     np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), 0.0, atol=0.05)
     np.testing.assert_allclose(images.std(axis=(0, 1, 2)), 1.0, atol=0.05)
 
@@ -315,7 +318,7 @@ def imagenet_samples(shared_data_dir, tmp_path_factory):
     cmyk = root / "cmyk_copy.JPEG"
     Image.open(files[0]).convert("CMYK").save(cmyk, quality=95)
     files.append(cmyk)
-    input_pipeline.store_jpeg_dataset("imagenet_samples", files, str(root))
+    jpeg_datasets.store_jpeg_dataset("imagenet_samples", files, str(root))
     config = make_config(str(root), dataset="imagenet_samples", eval_split="validation",
                          image_size=224, eval_crop_sizes=(224, 320), augment="scale",
                          batch_size=16, eval_batch_size=16, shuffle_buffer_size=200)

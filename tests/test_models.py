@@ -1,4 +1,4 @@
-"""Tests of `resnet_v2_jax.models` against the paper (../shared/PAPER.md) and its public contract.
+"""Tests of `resnet_v2_jax.models` against the paper (docs/paper.md) and its public contract.
 
 Units and small networks are checked against the formulas of Fig. 2 (shortcuts) and Fig. 4 (where
 BN and ReLU sit) written out with lax/jnp ops on the modules' own weights, with randomised BN

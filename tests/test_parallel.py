@@ -1,6 +1,5 @@
 """The data-parallel executors against a single device (8 fake CPU devices, see conftest)."""
-import functools
-
+import chex
 import jax
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from resnet_v2_jax import parallel, train
 
 def tiny_config(**overrides):
     config = default.cifar("cifar10", 8)  # basic units, one per stage
-    config.batch_size = 16
+    config.batch_size = config.eval_batch_size = 16
     config.weight_decay = 1e-4
     for key, value in overrides.items():
         config[key] = value
@@ -26,13 +25,9 @@ def batch(n=16, seed=0):
 
 def run_steps(config, dp, steps=2):
     """`steps` training steps on fixed batches; returns (host state, per-step metrics)."""
-    model = train.create_model(config, 10, dp.axes)
-    schedule = train.learning_rate_schedule(config, 100, 1000)
-    state = train.create_train_state(jax.random.PRNGKey(0), model,
-                                     train.create_optimizer(config, schedule), 32)
-    step = dp.compile(functools.partial(
-        train.train_step, axes=dp.axes, dataset="cifar10", dtype=np.float32,
-        dropout_key=jax.random.PRNGKey(1)), returns_state=True)
+    setup = train.build(config, dp)
+    state = setup.init_state(jax.random.PRNGKey(0))
+    step = setup.train_step
     state = dp.put_state(state)
     metrics = []
     for i in range(steps):
@@ -42,7 +37,7 @@ def run_steps(config, dp, steps=2):
 
 
 def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(scope="module")

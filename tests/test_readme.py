@@ -37,3 +37,20 @@ def test_every_config_in_the_table_exists():
                                           if p.stem != "__init__"))
 def test_every_module_is_in_the_design_table(module):
     assert f"| `resnet_v2_jax/{module}` |" in README
+
+
+def test_the_repository_cites_only_itself():
+    """Code, configs, launch scripts and docs cite documents of this repository, by headings
+    that exist; none points outside the checkout (users have no ../shared)."""
+    paths = [*ROOT.glob("resnet_v2_jax/*.py"), *ROOT.glob("configs/*.py"),
+             *ROOT.glob("launch/*"), *ROOT.glob("docs/*.md")]
+    text = "\n".join(path.read_text() for path in paths)
+    for path in paths:
+        body = path.read_text()
+        assert "PAPER.md" not in body and "../shared" not in body, path
+    paper_headings = set(re.findall(r"^## (.+)$", (ROOT / "docs" / "paper.md").read_text(), re.M))
+    cited = set(re.findall(r'docs/paper\.md, "([^"]+)"', text))
+    assert cited and cited <= paper_headings, cited - paper_headings
+    readme_headings = set(re.findall(r"^## (.+)$", README, re.M))
+    sections = set(re.findall(r"README\.md, section '([^']+)'", text))
+    assert sections <= readme_headings, sections - readme_headings

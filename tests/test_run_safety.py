@@ -14,7 +14,7 @@ import pytest
 
 from cli_runs import (CONFIG, N, assert_one_error_line, kill, run, snapshot, start,
                       wait_for_checkpoint)
-from resnet_v2_jax import device_input, rundir
+from resnet_v2_jax import device_input, input_common, rundir
 
 
 @pytest.fixture(scope="module")
@@ -251,18 +251,18 @@ def test_tfds_metadata_checks(tfds_data_dir, tmp_path):
     """The tfds pipeline checks splits, image size and classes from metadata, and an unprepared
     manual-download dataset (ImageNet) fails at once without creating folders."""
     from configs import default
-    from resnet_v2_jax import datasets, input_pipeline, train
+    from resnet_v2_jax import input_pipeline, train
     config = default.cifar("cifar10", 20)
     config.data_dir = tfds_data_dir
     assert train.check_data(config) == 50_000
     config.train_split = "train[:90%]"
     assert train.check_data(config) == 45_000
     config.image_size = 48
-    with pytest.raises(datasets.DataError, match="images are 32x32, but the config has "
+    with pytest.raises(input_common.DataError, match="images are 32x32, but the config has "
                                                  "image_size=48"):
         train.check_data(config)
     config.image_size, config.eval_split = 32, "validation"
-    with pytest.raises(datasets.DataError, match="has no split 'validation'"):
+    with pytest.raises(input_common.DataError, match="has no split 'validation'"):
         train.check_data(config)
     imagenet = default.imagenet(50)
     imagenet.data_dir = str(tmp_path / "tfds")

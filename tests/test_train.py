@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from configs import default
-from resnet_v2_jax import train
+from resnet_v2_jax import checkpoint, parallel, train
 
 
 def config_with(**overrides):
@@ -108,8 +108,71 @@ def test_eval_step_counts_only_masked_examples():
     batch = {"image": jnp.zeros((3, 2, 2, 3), jnp.uint8), "label": jnp.array([0, 2, 1]),
              "mask": jnp.array([True, True, False])}
     sums = jax.vmap(lambda b: train.eval_step(State, b, axes=train.parallel.Axes("d", "d"),
-                                              dataset="cifar10", dtype=jnp.float32),
+                                              normalize=lambda x: x.astype(jnp.float32)),
                     axis_name="d")(jax.tree.map(lambda x: x[None], batch))
     assert float(sums["count"][0]) == 2
     assert float(sums["top1_wrong"][0]) == 1   # the second example: predicted 1, label 2
     assert float(sums["top5_wrong"][0]) == 0
+
+
+def test_epochs_count_the_split_actually_read(tfds_data_dir):
+    """With train_split="train[:90%]" an epoch is 45,000 images, not the registry's 50,000:
+    the schedule's epoch boundaries and the run length follow the split that is read."""
+    config = config_with(data_dir=tfds_data_dir, train_split="train[:90%]", num_epochs=2.0,
+                         eval_batch_size=400)
+    dp = parallel.DataParallel("shard_map")
+    setup = train.build(config, dp, train.check_data(config))
+    assert setup.steps_per_epoch == 45_000 // 128
+    assert setup.total_steps == 2 * (45_000 // 128)
+    boundary = 81 * (45_000 // 128)
+    assert float(setup.schedule(boundary - 1)) == pytest.approx(0.1)
+    assert float(setup.schedule(boundary)) == pytest.approx(0.01)
+
+
+def test_signature_ignores_settings_the_network_ignores():
+    """What a checkpoint must match is the network as built: `block` on an ImageNet config and
+    `stride_on` set to its default do not change it; `stride_on` set otherwise does."""
+    imagenet = default.imagenet(50)
+    assert train.model_signature(imagenet, 1000) == train.model_signature(
+        default.imagenet(50, block="basic"), 1000)
+    cifar = config_with()
+    assert train.model_signature(cifar, 10) == train.model_signature(
+        config_with(stride_on="1x1"), 10)
+    assert train.model_signature(cifar, 10) != train.model_signature(
+        config_with(stride_on="3x3"), 10)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A saved ResNet-20 state and the config that made it."""
+    config = config_with(depth=20, block="basic", eval_batch_size=8, batch_size=8)
+    dp = parallel.DataParallel("shard_map")
+    setup = train.build(config, dp)
+    workdir = tmp_path_factory.mktemp("checkpoint")
+    checkpoints = checkpoint.Checkpoints(workdir, train.model_signature(config, 10))
+    checkpoints.save(1, dp.put_state(setup.init_state(jax.random.PRNGKey(0))))
+    checkpoints.close()
+    return workdir, config
+
+
+def test_checkpoint_check_compares_the_built_network(small_checkpoint):
+    workdir, config = small_checkpoint
+    dp = parallel.DataParallel("shard_map")
+
+    def restore(**overrides):
+        other = config_with(**{**config.to_dict(), **overrides})
+        checkpoints = checkpoint.Checkpoints(workdir, train.model_signature(other, 10),
+                                             read_only=True)
+        try:
+            return checkpoints.restore_latest(train.build(other, dp).abstract_state)
+        finally:
+            checkpoints.close()
+
+    state, step, meta = restore(stride_on="1x1")  # the default, spelled out
+    assert step == 1 and meta["structure"] == checkpoint.tree_structure(state)
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match="another model .stride_on: checkpoint '1x1' vs config '3x3'"):
+        restore(stride_on="3x3")
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match="opt_state only in the checkpoint, e.g. opt_state/0;"):
+        restore(weight_decay_bn_and_bias=False)
