@@ -336,13 +336,15 @@ class _StopSignals:
 
     A second Ctrl-C stops at once (KeyboardInterrupt). On several processes JAX's own notifier
     (installed by jax.distributed) receives SIGTERM and the sync point answers the same on every
-    process; a Python handler would replace it, so only SIGINT is caught there.
+    process; a Python handler would replace it. Ctrl-C reaches one process only, which cannot
+    stop alone without leaving the others waiting in a collective, so it keeps its default
+    there (use SIGTERM, e.g. `launch/tpu_vm.sh stop`, to stop a multi-host run cleanly).
     """
 
     def __init__(self, checkpoints: checkpoint.Checkpoints):
         self.checkpoints = checkpoints
         self.received: Optional[str] = None
-        signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+        signals = [signal.SIGINT, signal.SIGTERM] if jax.process_count() == 1 else []
         self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
