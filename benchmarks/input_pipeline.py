@@ -54,7 +54,7 @@ def eval_passes(batches):
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tfds_data_dir", os.environ.get(
-    "TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets")), "tfds data_dir with cifar10.")
+    "TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets")), "tfds data_dir, cifar10.")
 flags.DEFINE_string("samples", os.path.join(os.environ.get("RESNET_V2_JAX_DATA", ""),
                                             "imagenet_samples"), "A folder of *.JPEG photos.")
 flags.DEFINE_float("seconds", 10.0, "Seconds counted per row.")

@@ -103,13 +103,13 @@ def _read_npz(config, split: str, *, with_images: bool):
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         if isinstance(e, input_common.DataError):
             raise
-        raise input_common.DataError(f"{path} cannot be read ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}); it may be "
-                                 "truncated: write it again") from e
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise input_common.DataError(f"{path} cannot be read ({type(e).__name__}: {first_line}); "
+                                     "it may be truncated: write it again") from e
     if len(shape) < 1:
         raise input_common.DataError(f"{path}: 'image' is a scalar, expected uint8 [N, H, W, 3]")
     input_common.check_examples(path, info, image_dtype=dtype, image_shape=shape[1:],
-                            num_images=shape[0], labels=labels, image_size=config.image_size)
+                                num_images=shape[0], labels=labels, image_size=config.image_size)
     return images, labels
 
 
@@ -132,7 +132,8 @@ def pad_crop_flip(images, offsets_y, offsets_x, flips, crop_size: int):
 
 
 def random_pad_crop_flip(images, key, crop_size: int):
-    """docs/paper.md, "Training recipes": uniform crop offsets in the padded image, flip with p=1/2."""
+    """docs/paper.md, "Training recipes": uniform crop offsets in the padded image, flip with
+    p=1/2."""
     key_y, key_x, key_flip = jax.random.split(key, 3)
     pad = input_common.CIFAR_PADDING
     batch, height, width = images.shape[:3]
@@ -213,8 +214,8 @@ def create_eval_iterator(config, *, split: Optional[str] = None,
     """One exact pass over `split` (default config.eval_split) as per-process numpy batches
     {"image", "label", "mask"}; the same contract as `input_pipeline.create_eval_iterator`."""
     process_index, process_count = input_common.resolve_process(process_index, process_count)
-    batch = input_common.local_batch_size(config.eval_batch_size, process_count, jax.device_count(),
-                                      "eval_batch_size")
+    batch = input_common.local_batch_size(config.eval_batch_size, process_count,
+                                          jax.device_count(), "eval_batch_size")
     images, labels = load_arrays(config, split or config.eval_split)
     start, stop = input_common.process_share(len(images), process_index, process_count)
     num_batches = input_common.eval_num_batches(len(images), process_count, batch)

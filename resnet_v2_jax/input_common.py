@@ -91,10 +91,10 @@ def check_examples(where: str, info: datasets.DatasetInfo, *, image_dtype, image
     image_dtype = np.dtype(image_dtype)
     if image_dtype != np.uint8:
         raise DataError(f"{where}: images are {image_dtype}, expected uint8 (0-255); write the "
-                        "unnormalised pixels, e.g. np.uint8(np.round(255 * images)) for [0, 1] floats")
+                        "unnormalised pixels, e.g. np.uint8(np.round(255 * x)) for x in [0, 1]")
     if len(image_shape) != 3 or image_shape[-1] != 3:
         raise DataError(f"{where}: images have shape {tuple(image_shape)} per example, expected "
-                        "(height, width, 3) RGB; convert grayscale with np.repeat(x[..., None], 3, -1)")
+                        "(height, width, 3) RGB; convert grayscale: np.repeat(x[..., None], 3, -1)")
     if image_size and image_shape[0] is not None and tuple(image_shape[:2]) != (image_size,) * 2:
         raise DataError(f"{where}: images are {image_shape[0]}x{image_shape[1]}, but the config "
                         f"has image_size={image_size}; set --config.image_size={image_shape[0]} "

@@ -122,21 +122,21 @@ def check_data(config) -> int:
         try:
             sizes[split] = builder.info.splits[split].num_examples
         except (KeyError, ValueError) as e:
-            raise input_common.DataError(f"{where} has no split {split!r} ({e}); its splits are "
-                                     f"{', '.join(builder.info.splits)}") from e
+            raise input_common.DataError(f"{where} has no split {split!r} ({e}); its splits "
+                                         f"are {', '.join(builder.info.splits)}") from e
         if not sizes[split]:
             raise input_common.DataError(f"{where}: split {split!r} holds no examples")
     features = builder.info.features
     missing = sorted({"image", "label"} - set(features.keys()))
     if missing:
-        raise input_common.DataError(f"{where} has no {' or '.join(missing)} feature; expected an "
-                                 "image classification dataset with 'image' and 'label'")
+        raise input_common.DataError(f"{where} has no {' or '.join(missing)} feature; expected "
+                                     "an image classification dataset with 'image' and 'label'")
     image, label = features["image"], features["label"]
     pad_crop_flip = config.augment == "pad_crop_flip"
     input_common.check_examples(where, datasets.get(config.dataset), image_dtype=image.np_dtype,
-                            image_shape=image.shape, label_dtype=label.np_dtype,
-                            num_label_classes=getattr(label, "num_classes", None),
-                            image_size=config.image_size if pad_crop_flip else None)
+                                image_shape=image.shape, label_dtype=label.np_dtype,
+                                num_label_classes=getattr(label, "num_classes", None),
+                                image_size=config.image_size if pad_crop_flip else None)
     return sizes[config.train_split]
 
 
@@ -367,8 +367,8 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Opti
     first of config.eval_crop_sizes), in per-process batches {"image": uint8, "label": int32,
     "mask": bool} of config.eval_batch_size // process_count; see `input_common.EvalBatches`."""
     process_index, process_count = input_common.resolve_process(process_index, process_count)
-    batch = input_common.local_batch_size(config.eval_batch_size, process_count, jax.device_count(),
-                                      "eval_batch_size")
+    batch = input_common.local_batch_size(config.eval_batch_size, process_count,
+                                          jax.device_count(), "eval_batch_size")
     crop_size = crop_size or config.eval_crop_sizes[0]
     split = split or config.eval_split
     builder = _builder(config)

@@ -82,7 +82,7 @@ class DataParallel:
         """Returns the per-device batch, or raises if `global_batch` does not split evenly
         (the rule of `input_common.local_batch_size`, which the input pipelines apply too)."""
         per_process = input_common.local_batch_size(global_batch, jax.process_count(),
-                                                self.num_devices, name)
+                                                    self.num_devices, name)
         return per_process // len(self.local_devices)
 
     # --- placement -------------------------------------------------------------------------
