@@ -115,6 +115,9 @@ class Checkpoints:
             raise CheckpointError(f"no checkpoint of step {step} in {self.directory} (steps "
                                   f"{sorted(self.manager.all_steps())})")
         self.check_fits(step, self.meta(step), abstract_state)
+        return self._read_state(step, abstract_state)
+
+    def _read_state(self, step: int, abstract_state: Any) -> Any:
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
 
@@ -136,8 +139,7 @@ class Checkpoints:
                 continue
             self.check_fits(step, meta, abstract_state)  # a mismatch is not damage
             try:
-                state = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))["state"]
+                state = self._read_state(step, abstract_state)
             except Exception as e:
                 if "structure" not in meta:  # written before structures were saved: unsure
                     raise CheckpointError(

@@ -116,6 +116,7 @@ class RunLock:
     def __init__(self, workdir: epath.Path):
         self.path = workdir / LOCK_FILE
         self.token = uuid.uuid4().hex
+        self.started = time.time()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -138,10 +139,8 @@ class RunLock:
         self.release()
 
     def _record(self) -> dict:
-        now = time.time()
         return {"host": socket.gethostname(), "pid": os.getpid(), "boot": _boot_id(),
-                "token": self.token, "started": getattr(self, "_started", now),
-                "heartbeat": now}
+                "token": self.token, "started": self.started, "heartbeat": time.time()}
 
     def _holder(self) -> Optional[dict]:
         try:
@@ -174,7 +173,6 @@ class RunLock:
             logging.warning("taking over %s from a run that is gone (%s)", self.path,
                             {k: holder.get(k) for k in ("host", "pid")})
             self.path.unlink(missing_ok=True)
-        self._started = time.time()
         if not self._create():
             raise WorkdirError(f"{self.path.parent} was locked by another run that started at "
                                "the same moment: use another --workdir")

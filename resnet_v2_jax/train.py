@@ -528,8 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     rundir.make(workdir)
     with rundir.RunLock(workdir):
         checkpoints = checkpoint.Checkpoints(
-            workdir, model_signature(config, datasets.get(config.dataset).num_classes),
-            config.keep_checkpoints)
+            workdir, model_signature(config, setup.model.num_classes), config.keep_checkpoints)
         try:
             state, start_step, meta = _restore(checkpoints, setup, workdir, config)
             if start_step >= total_steps:
