@@ -30,7 +30,7 @@ setup(
     extras_require={
         # The offline CIFAR copy some machines keep beside the checkout (its prepare_tfds.py and
         # cifar_npz.py read WebP images); also needed by the tests that use it.
-        "offline_data": ["pillow>=10", "importlib_resources>=6"],
+        "offline": ["pillow>=10", "importlib_resources>=6"],
         "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89", "pillow>=10",
                  "importlib_resources>=6"],
         # Weight import from timm (resnet_v2_jax.timm_import); large, never required.
