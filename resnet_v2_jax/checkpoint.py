@@ -68,6 +68,14 @@ class Checkpoints:
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
+        # Newer Orbax deletes the temporary folders of interrupted saves in a background
+        # thread and waits for it only at the first save. A run that restores, sets a damaged
+        # checkpoint aside or fails before saving would race that thread, which then dies at
+        # interpreter exit with a traceback after our error line. Wait for it here (older
+        # Orbax, without the method, cleans up synchronously in the constructor).
+        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def save(self, step: int, state: Any, extra: Optional[dict] = None) -> None:
         """Starts writing `state` (global arrays) for `step`; returns before it is on disk.

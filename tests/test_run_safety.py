@@ -14,7 +14,7 @@ import pytest
 
 from cli_runs import (CONFIG, N, assert_one_error_line, kill, run, snapshot, start,
                       wait_for_checkpoint)
-from resnet_v2_jax import device_input, input_common, rundir
+from resnet_v2_jax import checkpoint, device_input, input_common, rundir
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,21 @@ def test_workdir_of_unreadable_checkpoints_is_never_trained_from_scratch(copy_of
         assert "does not start from scratch" in result.stderr
         assert set(os.listdir(checkpoints)) == {f"{N}.unreadable", f"{2 * N}.unreadable"}
     assert open(os.path.join(copy_of_finished, "results.json")).read() == results
+
+
+def test_interrupted_saves_are_cleaned_up_before_checkpoints_is_used(tmp_path):
+    """Orbax (0.12) deletes the temporary folders of interrupted saves in a background thread.
+    Checkpoints waits for it, so nothing races a rename of a damaged checkpoint, and a run that
+    fails before its first save does not end with that thread's traceback (a CI failure once)."""
+    folder = tmp_path / "checkpoints"
+    for step in range(40):
+        leftover = folder / f"{step}.orbax-checkpoint-tmp-{1000 + step}" / "state"
+        leftover.mkdir(parents=True)
+        (leftover / "data").write_bytes(b"x" * 1000)
+    checkpoints = checkpoint.Checkpoints(tmp_path, {"model": "test"})
+    assert os.listdir(folder) == []
+    assert checkpoints.latest_step() is None
+    checkpoints.close()
 
 
 # --- one run per workdir -----------------------------------------------------------------------
