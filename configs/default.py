@@ -28,6 +28,9 @@ def get_config():
     config.eval_resize_ratio = 0.875      # JPEG eval: shorter side to crop / ratio (224 <- 256)
     config.augment = "pad_crop_flip"      # CIFAR: pad_crop_flip; ImageNet: scale | scale_aspect
     config.color_augment = False          # ImageNet colour augmentation
+    config.augment_on_device = True       # ImageNet: flip + colour in the train step, not on the
+                                          # host (resnet_v2_jax/augment.py)
+    config.antialias = False              # ImageNet: low-pass filter before a shrinking resize
     config.seed = 0
 
     # Model (resnet_v2_jax.models).

@@ -29,12 +29,16 @@ FLAGS = flags.FLAGS
 USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError, DataError
 
 
+# Config keys added after runs were saved, with the behaviour those runs had.
+KEYS_ADDED_LATER = {"float64": False, "augment_on_device": False, "antialias": True}
+
+
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a training run saved as `<workdir>/config.json`."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pass the run's --config=configs/<name>.py")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict({**KEYS_ADDED_LATER, **json.loads(path.read_text())})
 
 
 def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = None,

@@ -1,6 +1,7 @@
 """What both input pipelines share, without TensorFlow: how a global batch and a split divide
-over processes and devices, the exact eval pass (`EvalBatches`), and the checks that data is
-what training expects (`check_examples`).
+over processes and devices, the exact eval pass (`EvalBatches`), the checks that data is
+what training expects (`check_examples`), and moving host batches onto the devices ahead of the
+step that needs them (`prefetch_to_device`, for training and evaluation alike).
 
 `input_pipeline` (tf.data on the host) and `device_input` (arrays in accelerator memory) use
 these, and so does `parallel` for the batch rule.
@@ -8,7 +9,9 @@ these, and so does `parallel` for the batch rule.
 
 import dataclasses
 import math
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -118,3 +121,47 @@ def check_examples(where: str, info: datasets.DatasetInfo, *, image_dtype, image
     if num_label_classes is not None and num_label_classes != classes:
         raise DataError(f"{where}: labels have {num_label_classes} classes, but {info.name} has "
                         f"{classes}; is this another dataset's data?")
+
+
+# --- host to device ----------------------------------------------------------------------------
+
+def prefetch_to_device(iterator: Iterable, put: Callable, size: int = 2) -> Iterator:
+    """Yields `put(batch)` for each batch, computed by a background thread `size` batches ahead.
+
+    `put` turns a host batch into device arrays laid out for the data-parallel step (for
+    example `DataParallel.put_batch`), so the transfer overlaps the previous step. Exceptions
+    in the thread are re-raised here; closing the generator stops the thread.
+    """
+    done = object()
+    results = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for batch in iterator:
+                if not offer((put(batch), None)):
+                    return
+            offer((done, None))
+        except BaseException as e:  # handed to the consumer
+            offer((None, e))
+
+    threading.Thread(target=produce, daemon=True, name="prefetch_to_device").start()
+    try:
+        while True:
+            item, error = results.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()

@@ -1,8 +1,8 @@
 """Host input pipelines on tf.data/tfds: CIFAR and ImageNet, with the paper's augmentation.
 
 Every process reads its own disjoint, equal share of a split (`tfds.split_for_jax_process`) and
-yields numpy batches of `config.batch_size // process_count` uint8 images; `prefetch_to_device`
-moves them onto the accelerators ahead of the step, where `datasets.normalize` runs.
+yields numpy batches of `config.batch_size // process_count` uint8 images;
+`input_common.prefetch_to_device` moves them onto the accelerators ahead of the step, where `datasets.normalize` runs.
 TensorFlow is kept off the accelerators, which belong to JAX.
 
 Determinism. The training stream of a process is its share in a fresh order each epoch, the
@@ -20,16 +20,16 @@ Augmentation (docs/paper.md, "Training recipes"):
   ratio in [3/4, 4/3], flip.
 - `config.color_augment`: fb.resnet.torch's colour jitter (brightness, contrast, saturation in
   random order) and AlexNet-style PCA lighting noise.
+- `config.augment_on_device` (ImageNet): the host stops after decode, crop and resize; the flip
+  and the colour augmentation run in the train step on the uint8 batch (`augment`), where they
+  cost the host nothing. False does them here, with `color_augment`.
 JPEG datasets are decoded with the fused `tf.image.decode_and_crop_jpeg`: the crop window is
 chosen in the coordinates of the stored image, so only that window is decoded, then resized.
 Eval resizes the shorter side to crop / `config.eval_resize_ratio` and takes the centre crop
 (also as one fused decode of the centre window).
 """
 
-import itertools
-import queue
-import threading
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
@@ -37,7 +37,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 
-from resnet_v2_jax import datasets, input_common
+from resnet_v2_jax import augment, datasets, input_common
 
 AUGMENTATIONS = ("pad_crop_flip", "scale", "scale_aspect")
 # fb.resnet.torch (datasets/imagenet.lua), used by the paper for ImageNet: RandomScale(256, 480).
@@ -47,15 +47,6 @@ AREA_RANGE = (0.08, 1.0)
 ASPECT_RANGE = (3 / 4, 4 / 3)
 # fb.resnet.torch resizes with bicubic interpolation (image.scale's default).
 RESIZE_METHOD = "bicubic"
-# fb.resnet.torch ColorJitter{brightness=0.4, contrast=0.4, saturation=0.4} and
-# Lighting(0.1, eigval, eigvec) with the ImageNet RGB PCA below (on 0-1 images).
-COLOR_JITTER = 0.4
-LIGHTING_STD = 0.1
-PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
-              (-0.5808, -0.0045, -0.8140),
-              (-0.5836, -0.6948, 0.4203))
-
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -240,74 +231,81 @@ def center_window(shape, crop_size: int, resize_ratio: float):
     return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
 
-def decode_window(jpeg, window, size: int):
-    """Decodes only `window` of a JPEG (grayscale and CMYK come out RGB), resized to `size`^2,
-    as float32 on the 0-255 scale."""
+def decode_window(jpeg, window, size: int, antialias: bool):
+    """Decodes only `window` of a JPEG (grayscale and CMYK come out RGB), resized to `size`^2
+    (low-pass filtered first when shrinking if `antialias`), as float32 on the 0-255 scale."""
     crop = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-    return tf.image.resize(crop, [size, size], method=RESIZE_METHOD, antialias=True)
+    return tf.image.resize(crop, [size, size], method=RESIZE_METHOD, antialias=antialias)
 
 
-def color_augment(image, key):
-    """fb.resnet.torch ColorJitter (brightness, contrast, saturation blends, in random order)
-    then PCA lighting noise, on a float image with values in [0, 1]."""
-    keys = tf.unstack(tf.random.experimental.stateless_split(key, 5))
+def color_draws(key):
+    """The tf.data counterpart of `augment.draw`'s colour draws (same distributions)."""
+    key_factors, key_order, key_lighting = tf.unstack(
+        tf.random.experimental.stateless_split(key, 3))
+    jitter = augment.COLOR_JITTER
+    return (tf.random.stateless_uniform([3], key_factors, 1 - jitter, 1 + jitter),
+            tf.random.stateless_uniform([], key_order, 0, len(augment.JITTER_ORDERS), tf.int32),
+            tf.random.stateless_normal([3], key_lighting, stddev=augment.LIGHTING_STD))
 
-    def factor(k):
-        return tf.random.stateless_uniform([], k, 1 - COLOR_JITTER, 1 + COLOR_JITTER)
 
-    def blend(x, other, k):
-        alpha = factor(k)
-        return alpha * x + (1 - alpha) * other
+def color_augment(image, factors, order, lighting):
+    """`augment.color_augment` in TensorFlow, for `augment_on_device=False`: the same blends in
+    the order JITTER_ORDERS[order], then PCA lighting, on a float image in [0, 1]."""
+    def gray(x):
+        return tf.tensordot(x, tf.constant(augment.GRAY_WEIGHTS, x.dtype), axes=1)[..., None]
 
-    jitters = (
-        lambda x: blend(x, tf.zeros_like(x), keys[0]),                                   # brightness
-        lambda x: blend(x, tf.reduce_mean(tf.image.rgb_to_grayscale(x)), keys[1]),        # contrast
-        lambda x: blend(x, tf.image.rgb_to_grayscale(x), keys[2]),                        # saturation
-    )
+    def blend(x, which):
+        other = (tf.zeros_like(x), tf.reduce_mean(gray(x)), gray(x))[which]
+        return factors[which] * x + (1 - factors[which]) * other
 
-    def in_order(order):
+    def in_order(jitter_order):
         def apply():
             x = image
-            for i in order:
-                x = jitters[i](x)
+            for which in jitter_order:
+                x = blend(x, which)
             return x
         return apply
 
-    orders = list(itertools.permutations(range(len(jitters))))
-    choice = tf.random.stateless_uniform([], keys[3], 0, len(orders), tf.int32)
-    image = tf.switch_case(choice, [in_order(order) for order in orders])
-    alpha = tf.random.stateless_normal([3], keys[4], stddev=LIGHTING_STD)
-    rgb = tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL))
+    image = tf.switch_case(order, [in_order(o) for o in augment.JITTER_ORDERS])
+    rgb = tf.linalg.matvec(tf.constant(augment.PCA_EIGVEC),
+                           lighting * tf.constant(augment.PCA_EIGVAL))
     return tf.clip_by_value(image + rgb, 0.0, 1.0)
 
 
 def _to_uint8(image):
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    """Rounds a float image on the 0-255 scale to uint8 (half up), clipping: two ops instead of
+    round, clip and cast (a tenth of the host's time per ImageNet image)."""
+    return tf.saturate_cast(image + 0.5, tf.uint8)
 
 
 def _random_jpeg_crop(jpeg, key, config):
-    """ImageNet training example: random window, fused decode, flip, optional colour."""
+    """ImageNet training example: random window, fused decode, resize; then, unless the train
+    step does them (`config.augment_on_device`, see `augment`), flip and optional colour."""
     key_window, key_flip, key_color = tf.unstack(tf.random.experimental.stateless_split(key, 3))
     shape = tf.image.extract_jpeg_shape(jpeg)
     if config.augment == "scale":
         window = scale_window(shape, key_window, config.image_size)
     else:
         window = scale_aspect_window(shape, key_window)
-    image = decode_window(jpeg, window, config.image_size)
+    image = decode_window(jpeg, window, config.image_size, config.antialias)
+    if config.augment_on_device:
+        return _to_uint8(image)
     image = tf.cond(tf.random.stateless_uniform([], key_flip) < 0.5,
                     lambda: tf.image.flip_left_right(image), lambda: image)
     if config.color_augment:
-        image = 255.0 * color_augment(image / 255.0, key_color)
+        image = 255.0 * color_augment(image / 255.0, *color_draws(key_color))
     return _to_uint8(image)
 
 
-def _train_preprocess(config) -> Callable:
+def train_preprocess(config) -> Callable:
+    """(encoded or stored image, stateless key) -> the uint8 training image of `config`."""
     if config.augment == "pad_crop_flip":
         return lambda image, key: _random_pad_crop_flip(image, key, config.image_size)
     return lambda image, key: _random_jpeg_crop(image, key, config)
 
 
-def _eval_preprocess(config, builder, crop_size: int) -> Callable:
+def eval_preprocess(config, builder, crop_size: int) -> Callable:
+    """(encoded or stored image) -> the uint8 eval image at `crop_size`."""
     if config.augment == "pad_crop_flip":
         stored = builder.info.features["image"].shape[0]
         if crop_size != stored:
@@ -316,7 +314,7 @@ def _eval_preprocess(config, builder, crop_size: int) -> Callable:
         return lambda image: image
     return lambda jpeg: _to_uint8(decode_window(
         jpeg, center_window(tf.image.extract_jpeg_shape(jpeg), crop_size,
-                            config.eval_resize_ratio), crop_size))
+                            config.eval_resize_ratio), crop_size, config.antialias))
 
 
 # --- iterators ---------------------------------------------------------------------------------
@@ -347,7 +345,7 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: Optiona
             minval=None, maxval=None, dtype=tf.int64)
         return examples.shuffle(buffer, seed=seed).enumerate(start=index * size)
 
-    preprocess = _train_preprocess(config)
+    preprocess = train_preprocess(config)
 
     def augment(position, example):
         key = tf.random.experimental.stateless_fold_in(augment_key, position)
@@ -377,7 +375,7 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Opti
                                              process_count=process_count)
     total = builder.info.splits[split].num_examples
     num_batches = input_common.eval_num_batches(total, process_count, batch)
-    preprocess = _eval_preprocess(config, builder, crop_size)
+    preprocess = eval_preprocess(config, builder, crop_size)
     ds = _read(builder, local_split, config, shuffle_files=False).map(
         lambda ex: {"image": preprocess(ex["image"]), "label": ex["label"], "mask": True},
         num_parallel_calls=_AUTOTUNE)
@@ -386,47 +384,3 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Opti
     num_padding = num_batches * batch - builder.info.splits[local_split].num_examples
     ds = ds.concatenate(padding.repeat(num_padding)).batch(batch).prefetch(_AUTOTUNE)
     return input_common.EvalBatches(lambda: iter(tfds.as_numpy(ds)), num_batches, total)
-
-
-# --- host to device ----------------------------------------------------------------------------
-
-def prefetch_to_device(iterator: Iterable, put: Callable, size: int = 2) -> Iterator:
-    """Yields `put(batch)` for each batch, computed by a background thread `size` batches ahead.
-
-    `put` turns a host batch into device arrays laid out for the data-parallel step (for
-    example `DataParallel.put_batch`), so the transfer overlaps the previous step. Exceptions
-    in the thread are re-raised here; closing the generator stops the thread.
-    """
-    done = object()
-    results = queue.Queue(maxsize=size)
-    stop = threading.Event()
-
-    def offer(item) -> bool:
-        while not stop.is_set():
-            try:
-                results.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce():
-        try:
-            for batch in iterator:
-                if not offer((put(batch), None)):
-                    return
-            offer((done, None))
-        except BaseException as e:  # handed to the consumer
-            offer((None, e))
-
-    threading.Thread(target=produce, daemon=True, name="prefetch_to_device").start()
-    try:
-        while True:
-            item, error = results.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()

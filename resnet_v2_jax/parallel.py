@@ -30,10 +30,27 @@ EXECUTORS = ("shard_map", "pmap")
 
 @dataclasses.dataclass(frozen=True)
 class Axes:
-    """Named axes a per-device step reduces over."""
-    grad: Any                     # gradient and metric mean: every device
-    bn: Any                       # BN statistics
+    """Named axes a per-device step reduces over. An axis is None where its reduction would span
+    a single device: the step then emits no collective for it (see `pmean`)."""
+    grad: Any                     # gradient and metric mean: every device (None: one device)
+    bn: Any                       # BN batch statistics (None: per-device BN)
     bn_groups: Optional[Sequence[Sequence[int]]] = None  # pmap only
+    bn_stats: Any = None          # running BN averages, when BN groups differ (else None)
+
+
+def pmean(tree, axis_name):
+    """`jax.lax.pmean` over `axis_name`; the tree itself when the axis is None (one device)."""
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def psum(tree, axis_name):
+    """`jax.lax.psum` over `axis_name`; the tree itself when the axis is None (one device)."""
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def axis_index(axis_name):
+    """This device's index along `axis_name`; 0 when the axis is None (one device)."""
+    return 0 if axis_name is None else jax.lax.axis_index(axis_name)
 
 
 class DataParallel:
@@ -57,11 +74,19 @@ class DataParallel:
                              "(0 = all devices, 1 = per device)")
         self.bn_group_size = group
         self.mesh = Mesh(np.array(self.devices).reshape(n // group, group), ("data", "bn"))
+        # Collectives only where they reduce something: none on one device, no BN reduction
+        # with per-device BN, and the running BN averages (identical within a group) averaged
+        # over all devices only when there are several groups.
+        several_groups = 1 < n // group
         if executor == "shard_map":
-            self.axes = Axes(grad=("data", "bn"), bn="bn")
+            grad = ("data", "bn")
+            self.axes = Axes(grad=grad if n > 1 else None, bn="bn" if group > 1 else None,
+                             bn_stats=grad if several_groups else None)
         else:
-            groups = None if group == n else [list(range(i, i + group)) for i in range(0, n, group)]
-            self.axes = Axes(grad="data", bn="data", bn_groups=groups)
+            groups = [list(range(i, i + group)) for i in range(0, n, group)]
+            self.axes = Axes(grad="data" if n > 1 else None, bn="data" if group > 1 else None,
+                             bn_groups=groups if group > 1 and several_groups else None,
+                             bn_stats="data" if several_groups else None)
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "bn")))

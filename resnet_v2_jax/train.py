@@ -8,6 +8,7 @@ every parameter, learning rate 0.1 per 128 (CIFAR) or 256 (ImageNet) images, x0.
 
 import dataclasses
 import functools
+import itertools
 import json
 import signal
 import time
@@ -22,7 +23,8 @@ from absl import logging
 from etils import epath
 from flax.training import train_state
 
-from resnet_v2_jax import checkpoint, datasets, input_common, models, parallel, rundir
+from resnet_v2_jax import (augment, checkpoint, datasets, input_common, models, parallel,
+                           rundir)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -164,14 +166,23 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel.Axes,
-               normalize: Callable, dropout_key: jax.Array):
+               normalize: Callable, dropout_key: jax.Array, augment_key: Optional[jax.Array] = None,
+               color_augment: bool = False):
     """One SGD step on one device's share of the batch; gradients averaged over `axes.grad`.
     `normalize` turns the uint8 images into the model's input (`datasets.normalize` with the
-    dataset's statistics and the compute dtype bound)."""
-    images = normalize(batch["image"])
+    dataset's statistics and the compute dtype bound). With `augment_key` the images are first
+    flipped and (`color_augment`) colour-augmented here (`augment.augment_batch`), each example
+    keyed by its index in the global batch."""
+    images = batch["image"]
+    if augment_key is not None:
+        local = images.shape[0]
+        keys = augment.example_keys(augment_key, state.step,
+                                    parallel.axis_index(axes.grad) * local, local)
+        images = augment.augment_batch(images, keys, color_augment)
+    images = normalize(images)
     labels = batch["label"]
     rng = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step),
-                             jax.lax.axis_index(axes.grad))
+                             parallel.axis_index(axes.grad))
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -180,13 +191,13 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel
         return cross_entropy(logits, labels).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, axes.grad)
-    # BN statistics are normalised within a group; the running averages are kept identical on
-    # every device by averaging them over all devices (a no-op with all-device BN).
-    batch_stats = jax.lax.pmean(updates["batch_stats"], axes.grad)
+    grads = parallel.pmean(grads, axes.grad)
+    # BN statistics are normalised within a group; with several groups the running averages
+    # are kept identical on every device by averaging them over all devices.
+    batch_stats = parallel.pmean(updates["batch_stats"], axes.bn_stats)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss": loss, "error": jnp.mean(jnp.argmax(logits, -1) != labels)}
-    return state, jax.lax.pmean(metrics, axes.grad)
+    return state, parallel.pmean(metrics, axes.grad)
 
 
 def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel.Axes,
@@ -203,7 +214,7 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel.
         "loss": jnp.sum(cross_entropy(logits, labels) * mask),
         "count": jnp.sum(mask),
     }
-    return jax.lax.psum(sums, axes.grad)
+    return parallel.psum(sums, axes.grad)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -218,7 +229,13 @@ def check_data(config: ml_collections.ConfigDict) -> int:
     if config.input_pipeline == "device_resident":
         from resnet_v2_jax import device_input
         return device_input.check_data(config)
-    from resnet_v2_jax import input_pipeline
+    try:
+        from resnet_v2_jax import input_pipeline
+    except ImportError as e:
+        raise ValueError(
+            f"input_pipeline='tfds' needs TensorFlow and tensorflow-datasets ({e}): pip install "
+            "'.[offline]' tensorflow-cpu tensorflow-datasets, or train CIFAR from .npz arrays "
+            "with --config.input_pipeline=device_resident --config.array_dir=DIR") from e
     return input_pipeline.check_data(config)
 
 
@@ -235,7 +252,7 @@ def train_batches(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
                                                   start_step=start_step)
     from resnet_v2_jax import input_pipeline
     host = input_pipeline.create_train_iterator(config, start_step=start_step)
-    return input_pipeline.prefetch_to_device(host, dp.put_batch, size=2)
+    return input_common.prefetch_to_device(host, dp.put_batch, size=2)
 
 
 def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> input_common.EvalBatches:
@@ -312,9 +329,12 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
     tx = create_optimizer(config, schedule)
     normalize = functools.partial(datasets.normalize, mean=info.mean, std=info.std,
                                   dtype=model.dtype)
+    seed = jax.random.PRNGKey(config.seed)
+    on_device = config.augment != "pad_crop_flip" and config.augment_on_device
     train = dp.compile(functools.partial(
-        train_step, axes=dp.axes, normalize=normalize,
-        dropout_key=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)), returns_state=True)
+        train_step, axes=dp.axes, normalize=normalize, dropout_key=jax.random.fold_in(seed, 1),
+        augment_key=jax.random.fold_in(seed, 2) if on_device else None,
+        color_augment=config.color_augment), returns_state=True)
     evaluate = dp.compile(functools.partial(eval_step, axes=dp.axes, normalize=normalize),
                           returns_state=False)
     return Setup(model=model, schedule=schedule, tx=tx, steps_per_epoch=steps_per_epoch,
@@ -418,13 +438,16 @@ class Evaluator:
         self.batches = {crop: eval_batches(config, crop) for crop in config.eval_crop_sizes}
 
     def __call__(self, state: TrainState) -> Dict[str, Dict[str, float]]:
+        """Batches are put onto the devices two ahead of the step (as in training) and the sums
+        stay on the devices until the pass is over: one fetch per crop size."""
         results = {}
+        limit = None if self.config.steps_per_eval < 0 else self.config.steps_per_eval
         for crop, batches in self.batches.items():
             totals = None
-            for i, batch in enumerate(batches):
-                if 0 < self.config.steps_per_eval <= i:
-                    break
-                sums = self.step(state, self.dp.put_batch(batch))
+            device_batches = input_common.prefetch_to_device(
+                itertools.islice(batches, limit), self.dp.put_batch, size=2)
+            for batch in device_batches:
+                sums = self.step(state, batch)
                 totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             totals = self.dp.to_host(totals)
             count = float(totals["count"])

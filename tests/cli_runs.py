@@ -1,5 +1,6 @@
 """Helpers for tests that run the real command line, `python -m resnet_v2_jax.main`, as
-subprocesses on small array datasets (device-resident input, so no TensorFlow start-up)."""
+subprocesses on small array datasets (device-resident input). TensorFlow cannot be imported in
+them (tests/without_tensorflow): that path must run on machines without it."""
 import os
 import signal
 import subprocess
@@ -25,15 +26,19 @@ def command(workdir, array_dir, *overrides, config=CONFIG):
             "--config.lr_boundaries_steps=(1000,)", *overrides]
 
 
-def environment(devices=1, **extra):
+WITHOUT_TENSORFLOW = os.path.join(ROOT, "tests", "without_tensorflow")
+
+
+def environment(devices=1, tensorflow=False, **extra):
+    path = [ROOT] if tensorflow else [WITHOUT_TENSORFLOW, ROOT]
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
+                JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path), **extra)
 
 
 def run(workdir, array_dir, *overrides, devices=1, check=True, cwd=ROOT, env=None,
-        config=CONFIG):
+        config=CONFIG, tensorflow=False):
     result = subprocess.run(command(workdir, array_dir, *overrides, config=config), cwd=cwd,
-                            text=True, env=environment(devices, **(env or {})),
+                            text=True, env=environment(devices, tensorflow, **(env or {})),
                             capture_output=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]

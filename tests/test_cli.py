@@ -207,6 +207,8 @@ BAD_INPUTS = [
     # takes minutes offline) is tested in-process in test_input_pipeline.py.
     ("unprepared", ["--config.input_pipeline=tfds", "--config.dataset=imagenet2012",
                     "--config.data_dir={tmp}/tfds"], "needs a manual download"),
+    # These runs cannot import TensorFlow (cli_runs): the tfds pipeline says what to do.
+    ("no_tensorflow", ["--config.input_pipeline=tfds"], "needs TensorFlow and tensorflow-datasets"),
     ("nan", ["--config.learning_rate=1e12", "--config.checkpoint_every_steps=1"],
      "training diverged at step"),
 ]
@@ -217,7 +219,8 @@ def test_bad_input_ends_with_one_line_and_nonzero_exit(tmp_path, array_dir, name
                                                        message):
     workdir = tmp_path / "run"
     overrides = [o.format(tmp=tmp_path) for o in overrides]
-    result = run(str(workdir), array_dir, *overrides, devices=8, check=False)
+    result = run(str(workdir), array_dir, *overrides, devices=8, check=False,
+                 tensorflow=name == "unprepared")
     assert_one_error_line(result, message)
     if name != "nan":  # refused at start: nothing created, not even the dataset's folder
         assert sorted(os.listdir(tmp_path)) == []

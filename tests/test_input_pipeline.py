@@ -23,7 +23,7 @@ from PIL import Image
 
 import jpeg_datasets
 from configs import default
-from resnet_v2_jax import datasets, device_input, input_common, input_pipeline
+from resnet_v2_jax import augment, datasets, device_input, input_common, input_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -117,14 +117,14 @@ def test_local_batch_size_errors():
 
 
 def test_prefetch_to_device_order_and_errors():
-    assert list(input_pipeline.prefetch_to_device(iter(range(10)), lambda x: 2 * x, 3)) == list(
+    assert list(input_common.prefetch_to_device(iter(range(10)), lambda x: 2 * x, 3)) == list(
         range(0, 20, 2))
 
     def failing():
         yield 1
         raise RuntimeError("boom")
 
-    prefetched = input_pipeline.prefetch_to_device(failing(), lambda x: x)
+    prefetched = input_common.prefetch_to_device(failing(), lambda x: x)
     assert next(prefetched) == 1
     with pytest.raises(RuntimeError, match="boom"):
         next(prefetched)
@@ -151,7 +151,7 @@ def test_train_batches_shapes_dtypes_and_device_put(tfds_data_dir):
     assert batch["label"].shape == (64,) and batch["label"].dtype == np.int32
     sharding = batch_sharding()
     put = lambda b: jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), b)
-    on_device = next(input_pipeline.prefetch_to_device(iter([batch]), put))
+    on_device = next(input_common.prefetch_to_device(iter([batch]), put))
     assert on_device["image"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(on_device["image"]), batch["image"])
 
@@ -325,11 +325,13 @@ def imagenet_samples(shared_data_dir, tmp_path_factory):
     return config, files
 
 
-@pytest.mark.parametrize("augment,color", [("scale", False), ("scale_aspect", True)])
-def test_imagenet_train_on_real_jpegs(imagenet_samples, augment, color):
+@pytest.mark.parametrize("augment,color,on_device", [
+    ("scale", False, True), ("scale_aspect", True, True), ("scale_aspect", True, False)])
+def test_imagenet_train_on_real_jpegs(imagenet_samples, augment, color, on_device):
     config, files = imagenet_samples
     config = config.copy_and_resolve_references()
-    config.augment, config.color_augment = augment, color
+    config.augment, config.color_augment, config.augment_on_device = augment, color, on_device
+    color = color and not on_device  # on the host
     gray = {i for i, f in enumerate(files) if Image.open(f).mode == "L"}
     for batch in take(input_pipeline.create_train_iterator(config), 8):  # one epoch
         assert batch["image"].shape == (16, 224, 224, 3) and batch["image"].dtype == np.uint8
@@ -339,8 +341,42 @@ def test_imagenet_train_on_real_jpegs(imagenet_samples, augment, color):
                 assert (image[..., 1] == image[..., 2]).all()
 
 
+def test_device_augmentation_equals_the_host_version_given_the_same_draws(imagenet_samples):
+    """`augment.augment_image` (in the train step) and the tf.data flip + `color_augment` give
+    the same image from the same draws, for every jitter order, on a real photo."""
+    _, files = imagenet_samples
+    photo = np.asarray(Image.open(files[1]).convert("RGB").resize((64, 48)), np.uint8)
+    for order in range(len(augment.JITTER_ORDERS)):
+        draws = {**augment.draw(jax.random.PRNGKey(order)), "order": jnp.int32(order),
+                 "flip": jnp.bool_(order % 2)}
+        on_device = np.asarray(augment.augment_image(jnp.asarray(photo), draws, color=True))
+        image = tf.constant(photo, tf.float32)
+        if draws["flip"]:
+            image = tf.image.flip_left_right(image)
+        on_host = 255.0 * input_pipeline.color_augment(
+            image / 255.0, tf.constant(np.asarray(draws["factors"])),
+            tf.constant(int(draws["order"])), tf.constant(np.asarray(draws["lighting"])))
+        np.testing.assert_allclose(on_device, on_host.numpy(), atol=2e-3)
+        assert np.abs(on_device - photo).mean() > 1  # it did change the image
+
+
+def test_host_colour_draws_follow_the_device_distributions():
+    draws = [input_pipeline.color_draws(tf.constant([seed, 0], tf.int64)) for seed in range(400)]
+    factors = np.array([d[0].numpy() for d in draws])
+    orders = np.array([int(d[1]) for d in draws])
+    lighting = np.array([d[2].numpy() for d in draws])
+    device = jax.vmap(augment.draw)(jax.random.split(jax.random.PRNGKey(0), 400))
+    for host, dev in ((factors, device["factors"]), (lighting, device["lighting"])):
+        np.testing.assert_allclose(host.mean(0), np.asarray(dev).mean(0), atol=0.03)
+        np.testing.assert_allclose(host.std(0), np.asarray(dev).std(0), rtol=0.15)
+    assert (factors.min(), factors.max()) >= (0.6, 0) and factors.max() <= 1.4
+    assert set(orders) == set(np.asarray(device["order"])) == set(range(6))
+
+
 def test_imagenet_eval_on_real_jpegs(imagenet_samples):
     config, files = imagenet_samples
+    config = config.copy_and_resolve_references()
+    config.antialias = True  # as PIL's bicubic resize, the reference below, does
     for crop in (224, 320):
         batches = input_pipeline.create_eval_iterator(config, crop)
         seen = list(batches)

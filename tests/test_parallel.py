@@ -56,6 +56,21 @@ def test_eight_devices_equal_one_device_with_all_device_bn(single_device_run):
     assert int(state.step) == 2
 
 
+def test_augmentation_on_device_is_the_same_on_eight_devices_as_on_one():
+    """Flips and colour in the train step are keyed by each example's index in the global
+    batch, not by device: 8 devices give the single device's result (and differ from no
+    augmentation, so the test can fail)."""
+    config = tiny_config(augment="scale", color_augment=True)
+    state, metrics = run_steps(config, parallel.DataParallel("shard_map", 0))
+    ref_state, ref_metrics = run_steps(config, parallel.DataParallel("shard_map", 0,
+                                                                     jax.devices()[:1]))
+    assert_trees_close(state.params, ref_state.params)
+    assert_trees_close(metrics, ref_metrics)
+    plain_state, _ = run_steps(tiny_config(), parallel.DataParallel("shard_map", 0))
+    diff = jax.tree.map(lambda x, y: np.max(np.abs(x - y)), state.params, plain_state.params)
+    assert max(jax.tree.leaves(diff)) > 1e-4
+
+
 @pytest.mark.parametrize("bn_group_size", [0, 2, 1])
 def test_shard_map_and_pmap_agree(bn_group_size):
     config = tiny_config(bn_group_size=bn_group_size)
@@ -74,10 +89,33 @@ def test_bn_groups_change_the_result(single_device_run):
     assert max(jax.tree.leaves(diff)) > 1e-4
 
 
+def all_reduces(config, dp):
+    """The all-reduce ops in the compiled train step's HLO."""
+    setup = train.build(config, dp)
+    state = dp.put_state(setup.init_state(jax.random.PRNGKey(0)))
+    hlo = setup.train_step.lower(state, dp.put_batch(batch())).compile().as_text()
+    return hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
+
+
+@pytest.mark.parametrize("executor", parallel.EXECUTORS)
+def test_no_collective_that_does_nothing(executor):
+    """One device: no all-reduce at all. Per-device BN (the paper's setting): none per BN layer,
+    unlike all-device BN, only the few for gradients, running BN averages and metrics (XLA may
+    combine those)."""
+    one = parallel.DataParallel(executor, 0, jax.devices()[:1])
+    assert all_reduces(tiny_config(), one) == 0
+    per_device = all_reduces(tiny_config(bn_group_size=1), parallel.DataParallel(executor, 1))
+    all_device = all_reduces(tiny_config(), parallel.DataParallel(executor, 0))
+    num_bn_layers = 3 * 2 + 1  # ResNet-8: three basic units of two BN layers, and the last BN
+    assert 0 < per_device <= 3 < num_bn_layers < all_device
+
+
 def test_mesh_layout_for_bn_groups():
     dp = parallel.DataParallel("shard_map", 2)
     assert dict(dp.mesh.shape) == {"data": 4, "bn": 2}
-    assert dp.axes.bn == "bn" and dp.axes.grad == ("data", "bn")
+    assert dp.axes.bn == "bn" and dp.axes.grad == ("data", "bn") and dp.axes.bn_stats is not None
+    assert parallel.DataParallel("shard_map", 0).axes.bn_stats is None  # one group: identical
+    assert parallel.DataParallel("shard_map", 1).axes.bn is None
     pm = parallel.DataParallel("pmap", 2)
     assert pm.axes.bn_groups == [[0, 1], [2, 3], [4, 5], [6, 7]]
 

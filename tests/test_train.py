@@ -1,4 +1,6 @@
 """Optimiser, schedules and the per-device steps of resnet_v2_jax.train."""
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,29 @@ def test_eval_step_counts_only_masked_examples():
     assert float(sums["count"][0]) == 2
     assert float(sums["top1_wrong"][0]) == 1   # the second example: predicted 1, label 2
     assert float(sums["top5_wrong"][0]) == 0
+
+
+def test_evaluator_prefetches_onto_the_devices_and_fetches_once(array_dir, monkeypatch):
+    """Eval batches reach the devices from the prefetch thread, ahead of the step, and the sums
+    stay on the devices until one fetch per crop size; the 100 examples are counted exactly
+    (3 batches of 40, the last padded and masked)."""
+    config = default.cifar("cifar10", 8, input_pipeline="device_resident", array_dir=array_dir,
+                           eval_batch_size=40)
+    dp = parallel.DataParallel("shard_map", 0)
+    setup = train.build(config, dp)
+    state = dp.put_state(setup.init_state(jax.random.PRNGKey(0)))
+    put_by, fetches = [], []
+    put_batch, to_host = dp.put_batch, dp.to_host
+    monkeypatch.setattr(dp, "put_batch", lambda b: put_by.append(
+        threading.current_thread().name) or put_batch(b))
+    monkeypatch.setattr(dp, "to_host", lambda tree: fetches.append(tree) or to_host(tree))
+    results = train.Evaluator(config, dp, setup.eval_step)(state)
+    assert put_by == ["prefetch_to_device"] * 3 and len(fetches) == 1
+    assert results["32"]["num_examples"] == 100
+    config.steps_per_eval = 2
+    put_by.clear()
+    assert train.Evaluator(config, dp, setup.eval_step)(state)["32"]["num_examples"] == 80
+    assert len(put_by) == 2  # nothing read past the limit
 
 
 def test_epochs_count_the_split_actually_read(tfds_data_dir):

@@ -1,0 +1,91 @@
+"""ImageNet augmentation that runs inside the jitted train step, on the uint8 batch.
+
+The host must decode each JPEG and cut its random window (that sets how many pixels exist);
+everything after the resize is cheap per pixel on an accelerator and costly on a host CPU: the
+horizontal flip and fb.resnet.torch's colour augmentation (docs/paper.md, "Training recipes"):
+brightness, contrast and saturation blends by factors uniform in [0.6, 1.4], applied in a random
+order, then AlexNet-style PCA lighting noise. With `config.augment_on_device` (the default for
+ImageNet) `input_pipeline` stops after the resize and the train step calls `augment_batch`.
+
+Randomness: example `i` of the global batch at step `s` draws from
+`fold_in(fold_in(key, s), i)`, so a batch is augmented the same on any device count, and a
+resumed run the same as an uninterrupted one. `draw` returns the draws as plain arrays and
+`augment_image` applies them; `input_pipeline.color_augment` is the tf.data version of the same
+operations, and the two agree given the same draws (tests/test_input_pipeline.py).
+"""
+
+import itertools
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+# fb.resnet.torch ColorJitter{brightness=0.4, contrast=0.4, saturation=0.4} and
+# Lighting(0.1, eigval, eigvec) with the ImageNet RGB PCA below (on 0-1 images).
+COLOR_JITTER = 0.4
+LIGHTING_STD = 0.1
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
+# The orders in which the three blends can run: `draw`'s "order" indexes this table.
+JITTER_ORDERS = tuple(itertools.permutations(range(3)))
+# ITU-R 601 luma, the weights of tf.image.rgb_to_grayscale.
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+
+def draw(key: jax.Array) -> Dict[str, jax.Array]:
+    """One example's random draws: "flip" (bool), "factors" (brightness, contrast, saturation),
+    "order" (index into JITTER_ORDERS) and "lighting" (the PCA noise coefficients)."""
+    key_flip, key_factors, key_order, key_lighting = jax.random.split(key, 4)
+    return {"flip": jax.random.bernoulli(key_flip),
+            "factors": jax.random.uniform(key_factors, (3,), minval=1 - COLOR_JITTER,
+                                          maxval=1 + COLOR_JITTER),
+            "order": jax.random.randint(key_order, (), 0, len(JITTER_ORDERS)),
+            "lighting": LIGHTING_STD * jax.random.normal(key_lighting, (3,))}
+
+
+def _gray(image):
+    return jnp.tensordot(image, jnp.asarray(GRAY_WEIGHTS, image.dtype), axes=1)[..., None]
+
+
+def color_augment(image: jax.Array, factors: jax.Array, order: jax.Array,
+                  lighting: jax.Array) -> jax.Array:
+    """fb.resnet.torch's colour augmentation of one float image [H, W, 3] in [0, 1]: the blends
+    `factor * x + (1 - factor) * other`, with other = 0 (brightness), the mean gray level
+    (contrast) and the gray image (saturation), in the order JITTER_ORDERS[order]; then
+    eigvec @ (lighting * eigval) added to every pixel, clipped to [0, 1]."""
+    def blend(x, which):
+        gray = _gray(x)
+        other = jnp.stack([jnp.zeros_like(x), jnp.broadcast_to(jnp.mean(gray), x.shape),
+                           jnp.broadcast_to(gray, x.shape)])[which]
+        return factors[which] * x + (1 - factors[which]) * other
+
+    orders = jnp.asarray(JITTER_ORDERS)
+    for slot in range(3):
+        image = blend(image, orders[order, slot])
+    rgb = jnp.asarray(PCA_EIGVEC, image.dtype) @ (lighting * jnp.asarray(PCA_EIGVAL, image.dtype))
+    return jnp.clip(image + rgb, 0.0, 1.0)
+
+
+def augment_image(image: jax.Array, draws: Dict[str, jax.Array], color: bool) -> jax.Array:
+    """Flip and (with `color`) colour-augment one uint8 image [H, W, 3] with `draws` (`draw`);
+    returns float32 on the 0-255 scale."""
+    image = image.astype(jnp.float32)
+    image = jnp.where(draws["flip"], image[:, ::-1], image)
+    if color:
+        image = 255.0 * color_augment(image / 255.0, draws["factors"], draws["order"],
+                                      draws["lighting"])
+    return image
+
+
+def example_keys(key: jax.Array, step: jax.Array, first_index: jax.Array, count: int):
+    """Keys of examples first_index .. first_index + count - 1 of the global batch of `step`."""
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first_index + jnp.arange(count))
+
+
+def augment_batch(images: jax.Array, keys: jax.Array, color: bool) -> jax.Array:
+    """`augment_image` over a uint8 batch [B, H, W, 3] with one key per example (`example_keys`)."""
+    return jax.vmap(lambda image, key: augment_image(image, draw(key), color))(images, keys)
+
