@@ -1,0 +1,379 @@
+"""One command for what a GPU/TPU user asks: train and eval images/s, compile time, peak memory, MFU.
+
+Every JAX part builds its network with `train.build` (the real train and eval steps, over every
+device, uint8 images normalised inside the step) from the project's own recipe configs, in bf16.
+The PyTorch peer is timm's `resnetv2_50` with bf16 autocast, channels_last and `torch.compile`,
+run with the same batch, the same uint8 input and the same timing method, where torch, timm and a
+CUDA device are there.
+
+Method, the same for every part: synthetic batches already on the device (the accelerator's
+figure, not the input pipeline's); compile (and the first run) excluded; the steps of one timed
+repetition are sized to take about `--rep_s` seconds; `--reps` repetitions; the median
+repetition's images/s is reported. Each part runs in its own process, so that its peak memory is
+its own and a failure (out of memory, a missing package) costs that part alone; a part stops
+timing when its `--part_budget_s` is spent, and the whole run starts no part once `--budget_s`
+is spent. MFU = XLA's FLOP count of one compiled train step (`cost_analysis`, per device) / step
+time / the device's dense bf16 peak (`PEAK_TFLOPS`; n/a for devices not listed).
+
+    python benchmarks/accelerator.py                       # every part; JSON + markdown in --out
+    python benchmarks/accelerator.py --parts=cifar164_b128,timm_resnetv2_50
+    python benchmarks/accelerator.py --smoke               # every part, tiny, on any CPU (CI)
+
+Nothing here imports TensorFlow, tfds or ml_collections' data side: it runs on a GPU machine with
+no internet once ml_collections' wheel is there (benchmarks/README.md gives the recipe).
+"""
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# Dense bf16 peak per chip, TFLOP/s, matched against `device_kind` (first match wins).
+PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v4", 275.0),
+               ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0),
+               ("TPU v6 lite", 918.0), ("TPU v6e", 918.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One measured network: a recipe config (configs/default.py) at one batch size."""
+    recipe: str                  # "cifar" | "imagenet" | "timm"
+    depth: int
+    batch: int
+    smoke_depth: int             # the depth --smoke uses (same unit type, same layout options)
+    remat: bool = False
+    scan: Optional[bool] = None  # None: the recipe's default (scan for ResNet-1001)
+
+
+PARTS = {
+    "cifar110_b128": Part("cifar", 110, 128, smoke_depth=8),
+    "cifar164_b128": Part("cifar", 164, 128, smoke_depth=11),
+    "cifar164_b1024": Part("cifar", 164, 1024, smoke_depth=11),
+    "cifar1001_b128": Part("cifar", 1001, 128, smoke_depth=20, scan=True, remat=True),
+    "imagenet50_b256": Part("imagenet", 50, 256, smoke_depth=50),
+    "imagenet200_b128": Part("imagenet", 200, 128, smoke_depth=18),
+    "timm_resnetv2_50": Part("timm", 50, 256, smoke_depth=50),
+}
+SMOKE_BATCH, SMOKE_IMAGENET_SIZE = 8, 64
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("parts", list(PARTS), f"Parts to run, from {', '.join(PARTS)}.")
+flags.DEFINE_bool("smoke", False, "Tiny sizes (batch 8, smaller depths, 64px ImageNet), one "
+                  "short repetition: checks every part's code path on any CPU; no figure counts.")
+flags.DEFINE_float("rep_s", 1.0, "Seconds one timed repetition aims at.")
+flags.DEFINE_integer("reps", 5, "Timed repetitions per measurement (median reported).")
+flags.DEFINE_float("part_budget_s", 150.0, "Seconds after which a part stops timing.")
+flags.DEFINE_float("budget_s", 420.0, "Seconds after which no further part is started.")
+flags.DEFINE_string("out", "benchmark_results", "Folder for accelerator.json and accelerator.md.")
+flags.DEFINE_string("part", None, "Internal: run this one part in this process, print its JSON.")
+
+
+# --- timing, shared by the JAX and the PyTorch parts -------------------------------------------
+
+def time_steps(run: Callable[[int], None], batch: int, deadline: float, smoke: bool) -> Dict:
+    """Median images/s of `run(n)` (n steps, then wait for the device) over timed repetitions."""
+    run(2)                                           # warm-up, excluded
+    start = time.perf_counter()
+    run(3)
+    per_step = (time.perf_counter() - start) / 3
+    steps = 1 if smoke else max(3, min(500, round(FLAGS.rep_s / per_step)))
+    rates = []
+    for _ in range(1 if smoke else FLAGS.reps):
+        start = time.perf_counter()
+        run(steps)
+        rates.append(steps * batch / (time.perf_counter() - start))
+        if time.perf_counter() > deadline:
+            break
+    median = statistics.median(rates)
+    return {"img_per_s": median, "ms_per_step": 1000 * batch / median, "steps_per_rep": steps,
+            "reps": len(rates), "spread": (max(rates) - min(rates)) / median}
+
+
+def peak_tflops(device_kind: str) -> Optional[float]:
+    return next((peak for name, peak in PEAK_TFLOPS if name.lower() in device_kind.lower()), None)
+
+
+def mfu(flops_per_step: Optional[float], ms_per_step: float, peak: Optional[float]):
+    if not flops_per_step or not peak:
+        return None
+    return flops_per_step / (ms_per_step / 1000) / (peak * 1e12)
+
+
+# --- JAX parts ---------------------------------------------------------------------------------
+
+def part_config(part: Part, smoke: bool):
+    from configs import default
+    config = (default.cifar("cifar10", part.depth) if part.recipe == "cifar"
+              else default.imagenet(part.depth))
+    config.depth = part.smoke_depth if smoke else part.depth  # the recipe's unit type kept
+    config.batch_size = config.eval_batch_size = SMOKE_BATCH if smoke else part.batch
+    config.half_precision = True
+    config.remat_units = part.remat
+    if part.scan is not None:
+        config.scan_units = part.scan
+    if smoke and part.recipe == "imagenet":
+        config.image_size = SMOKE_IMAGENET_SIZE
+    return config
+
+
+def model_flops(config, per_device_batch: int) -> Optional[float]:
+    """XLA's FLOP count of one train step on one device's share of the batch (`cost_analysis`
+    of the lowered step, nothing compiled). Counted on a CPU device for the unrolled network
+    without remat: GPU backends leave cuDNN convolutions out of the count, a scanned stage's
+    loop body is counted once, and MFU counts the model's FLOPs, not remat's recomputation."""
+    import jax
+    import numpy as np
+    from resnet_v2_jax import parallel, train
+
+    config = config.copy_and_resolve_references()
+    config.batch_size = config.eval_batch_size = per_device_batch
+    config.scan_units = config.remat_units = False
+    dp = parallel.DataParallel(config.parallelism, 1, devices=jax.devices("cpu")[:1])
+    setup = train.build(config, dp)
+    size = config.image_size
+    batch = {"image": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), np.uint8,
+                                           sharding=dp.batch_sharding),
+             "label": jax.ShapeDtypeStruct((per_device_batch,), np.int32,
+                                           sharding=dp.batch_sharding)}
+    analysis = setup.train_step.lower(setup.abstract_state, batch).cost_analysis()
+    if isinstance(analysis, (list, tuple)):          # older JAX: one dict per program
+        analysis = analysis[0] if analysis else None
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
+    import flax
+    import jax
+    import numpy as np
+    from resnet_v2_jax import datasets, parallel, train
+
+    config = part_config(part, smoke)
+    dp = parallel.DataParallel(config.parallelism, config.bn_group_size)
+    setup = train.build(config, dp)
+    state = dp.put_state(setup.init_state(jax.random.PRNGKey(0)))
+    rng = np.random.RandomState(0)
+    size, batch = config.image_size, config.batch_size
+    data = dp.put_batch({
+        "image": rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8),
+        "label": rng.randint(0, datasets.get(config.dataset).num_classes, (batch,)).astype(np.int32),
+        "mask": np.ones((batch,), np.bool_)})
+    train_data = {k: data[k] for k in ("image", "label")}
+
+    start = time.perf_counter()
+    train_step = setup.train_step.lower(state, train_data).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    eval_step = setup.eval_step.lower(state, data).compile()
+    eval_compile_s = time.perf_counter() - start
+    flops = model_flops(config, dp.check_batch_size(batch))
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+
+    holder = {"state": state}
+
+    def run_train(n):
+        for _ in range(n):
+            holder["state"], metrics = train_step(holder["state"], train_data)
+        jax.block_until_ready(metrics)
+
+    def run_eval(n):
+        sums = [eval_step(holder["state"], data) for _ in range(n)]
+        jax.block_until_ready(sums)
+
+    train_timing = time_steps(run_train, batch, deadline, smoke)
+    eval_timing = time_steps(run_eval, batch, deadline, smoke)
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {
+        "framework": f"jax {jax.__version__}, flax {flax.__version__}", "device": device.device_kind,
+        "num_devices": jax.device_count(), "depth": config.depth, "batch": batch,
+        "image_size": size, "layout": ("scan" if config.scan_units else "unrolled")
+        + ("+remat" if config.remat_units else ""), "params": int(params),
+        "compile_s": compile_s, "eval_compile_s": eval_compile_s,
+        "train": train_timing, "eval": eval_timing,
+        "gflop_per_step": flops / 1e9 if flops else None,
+        "mfu": mfu(flops, train_timing["ms_per_step"], peak_tflops(device.device_kind)),
+        "peak_memory_gib": peak / 2**30 if peak else None,
+    }
+
+
+# --- the PyTorch peer ------------------------------------------------------------------------
+
+def measure_timm(part: Part, smoke: bool, deadline: float) -> Dict:
+    try:
+        import timm
+        import torch
+    except ImportError as error:
+        return {"skipped": f"no PyTorch peer: {error}"}
+    if not torch.cuda.is_available():
+        return {"skipped": "no PyTorch peer: torch sees no CUDA device"}
+    import torch.nn.functional as F
+    from resnet_v2_jax import datasets
+
+    device = torch.device("cuda")
+    batch = SMOKE_BATCH if smoke else part.batch
+    size = SMOKE_IMAGENET_SIZE if smoke else 224
+    info = datasets.get("imagenet2012")
+    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1) * 255
+    model = timm.create_model("resnetv2_50", num_classes=1000).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4)
+    compiled = torch.compile(model)
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device,
+                           generator=gen)
+    labels = torch.randint(0, 1000, (batch,), device=device, generator=gen)
+
+    def inputs():  # uint8 NHWC -> normalised NCHW in channels_last memory, as the JAX step does
+        x = images.permute(0, 3, 1, 2).float()
+        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    def step(net):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(inputs()), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    flops = None
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(model)
+        flops = float(counter.get_total_flops())
+    except Exception:  # pylint: disable=broad-except  (an older torch: MFU is n/a)
+        pass
+
+    def run_train(n):
+        for _ in range(n):
+            step(compiled)
+        torch.cuda.synchronize()
+
+    def run_eval(n):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(n):
+                compiled(inputs()).argmax(-1)
+        torch.cuda.synchronize()
+
+    model.train()
+    start = time.perf_counter()
+    run_train(1)
+    compile_s = time.perf_counter() - start
+    train_timing = time_steps(run_train, batch, deadline, smoke)
+    model.eval()
+    start = time.perf_counter()
+    run_eval(1)
+    eval_compile_s = time.perf_counter() - start
+    eval_timing = time_steps(run_eval, batch, deadline, smoke)
+    kind = torch.cuda.get_device_name()
+    return {
+        "framework": f"torch {torch.__version__}, timm {timm.__version__}", "device": kind,
+        "num_devices": 1, "depth": 50, "batch": batch, "image_size": size,
+        "layout": "channels_last+compile", "params": int(params),
+        "compile_s": compile_s, "eval_compile_s": eval_compile_s,
+        "train": train_timing, "eval": eval_timing,
+        "gflop_per_step": flops / 1e9 if flops else None,
+        "mfu": mfu(flops, train_timing["ms_per_step"], peak_tflops(kind)),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+# --- the driver: one process per part --------------------------------------------------------
+
+def run_part(name: str) -> None:
+    part = PARTS[name]
+    deadline = time.perf_counter() + FLAGS.part_budget_s
+    measure = measure_timm if part.recipe == "timm" else measure_jax
+    result = measure(part, FLAGS.smoke, deadline)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_in_subprocess(name: str, timeout_s: float) -> Dict:
+    command = [sys.executable, os.path.abspath(__file__), f"--part={name}",
+               f"--rep_s={FLAGS.rep_s}", f"--reps={FLAGS.reps}",
+               f"--part_budget_s={FLAGS.part_budget_s}", f"--smoke={FLAGS.smoke}"]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after {timeout_s:.0f} s (the run's time budget)"}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["wall_s"] = time.perf_counter() - start
+            return result
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    sys.stderr.write(done.stderr[-4000:])
+    return {"error": f"exit {done.returncode}: {lines[-1] if lines else 'no output'}"}
+
+
+def _fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown(results: Dict[str, Dict], header: str) -> str:
+    rows = [header, "",
+            "| part | framework | layout | batch | train img/s | eval img/s | compile s "
+            "| GFLOP/step | MFU | peak GiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        if "train" not in r:
+            rows.append(f"| {name} | {r.get('skipped') or r.get('error')} |||||||||")
+            continue
+        rows.append(
+            f"| {name} | {r['framework']} | {r['layout']} | {r['batch']} | "
+            f"{r['train']['img_per_s']:,.0f} | {r['eval']['img_per_s']:,.0f} | "
+            f"{r['compile_s']:.1f} | {_fmt(r['gflop_per_step'], ',.0f')} | "
+            f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
+            f"{_fmt(r['peak_memory_gib'], '.1f')} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv):
+    del argv
+    if FLAGS.part:
+        run_part(FLAGS.part)
+        return
+    unknown = sorted(set(FLAGS.parts) - set(PARTS))
+    if unknown:
+        raise app.UsageError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    end = time.perf_counter() + FLAGS.budget_s
+    results: Dict[str, Dict] = {}
+    for name in FLAGS.parts:
+        left = end - time.perf_counter()
+        if left <= 0:
+            results[name] = {"error": "not started: the run's time budget was spent"}
+        else:
+            results[name] = run_in_subprocess(name, left + 60)
+        r = results[name]
+        print(f"{name}: " + (f"train {r['train']['img_per_s']:,.0f} img/s, eval "
+                             f"{r['eval']['img_per_s']:,.0f} img/s, compile {r['compile_s']:.1f} s"
+                             if "train" in r else r.get("skipped") or r.get("error")), flush=True)
+    # The devices are the parts' alone (on a GPU this process would otherwise take its memory).
+    first = next((r for r in results.values() if "device" in r), {})
+    header = (f"{first.get('num_devices', '?')} x {first.get('device', '?')}, bf16"
+              + (", SMOKE: tiny sizes, no figure counts" if FLAGS.smoke else ""))
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "accelerator.json"), "w") as f:
+        json.dump({"header": header, "results": results}, f, indent=1)
+    table = markdown(results, header)
+    with open(os.path.join(FLAGS.out, "accelerator.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    app.run(main)
