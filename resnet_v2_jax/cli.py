@@ -1,4 +1,4 @@
-"""What the commands (`main`, `evaluate`, `plot`, `device_input`) share: absl start-up, config
+"""What the commands (`main`, `evaluate`, `analyze`, `plot`, `device_input`) share: absl start-up, config
 files that load from any directory, and one line instead of a traceback for user errors.
 
 A user error (bad config value, missing data, unusable checkpoint or workdir, diverged
@@ -7,10 +7,13 @@ code 1; bad flags or config files with exit code 2; Ctrl-C with exit code 130. S
 RESNET_V2_JAX_TRACEBACK=1 to see the traceback as well.
 """
 
+import importlib.util
 import os
 import sys
+import types
 from typing import Callable, Sequence, Tuple, Type
 
+import ml_collections
 from absl import app, flags, logging
 
 TRACEBACK_VARIABLE = "RESNET_V2_JAX_TRACEBACK"
@@ -35,6 +38,24 @@ def _config_paths(argv: Sequence[str]):
             value = argv[i + 1]
         if value:
             yield value.split(":", 1)[0]
+
+
+def _importable_configs(path: str) -> None:
+    """Puts the folder holding `path`'s `configs/` package on sys.path: config files import
+    their base as `from configs import default`."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if package_root not in sys.path:
+        sys.path.insert(0, package_root)
+
+
+def import_config_file(path: str) -> types.ModuleType:
+    """A config file imported as a module (for commands that take several configs)."""
+    _importable_configs(path)
+    name = "config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -74,12 +95,10 @@ def parse_flags(argv: Sequence[str]):
     for path in paths:
         if not os.path.isfile(path):
             fail(f"config file {path} not found (working directory {os.getcwd()})", 2)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        if package_root not in sys.path:
-            sys.path.insert(0, package_root)
+        _importable_configs(path)
     try:
         rest = flags.FLAGS(list(argv))
-        if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+        if "config" in flags.FLAGS and isinstance(flags.FLAGS.config, ml_collections.ConfigDict):
             flags.FLAGS.config.get("dataset")  # loads the file and applies the overrides now
     except flags.Error as e:
         fail(f"{e} (--help lists the flags)", 2, e)

@@ -316,9 +316,13 @@ class ResNetV2(nn.Module):
                      preact=first_preact if s == 1 else "shared", name=f"stage{s}_unit1")(x)
             identical = functools.partial(unit, features=width, preact="branch")
             if self.scan_units and size > 1:
+                # One slice per iteration also for what analysis tools add (resnet_v2_jax.analyze:
+                # sown unit outputs, perturbations); absent collections cost nothing.
                 x, _ = nn.scan(_ScanBody, variable_axes={
                     "params": 0,
-                    "batch_stats": 0
+                    "batch_stats": 0,
+                    "intermediates": 0,
+                    "perturbations": 0,
                 }, split_rngs={
                     "params": True,
                     "dropout": True

@@ -1,0 +1,221 @@
+"""Signal propagation through the actual networks: the paper's analysis (Sections 3-4) measured.
+
+With identity shortcuts and identity after-addition, x_L = x_l + sum_i F(x_i) (eq. 4) and
+dE/dx_l = dE/dx_L (1 + d/dx_l sum_i F) (eq. 5): the gradient reaching a shallow unit keeps the
+deep unit's term. A constant scaling shortcut lambda turns the "1" into prod lambda_i (eq. 6-7),
+exclusive gating into prod (1 - g(x_i)) (Sec. 3.1), and BN or ReLU after the addition put a
+non-identity map in the way (Sec. 4.1). This module measures, for any config of the project:
+
+- forward: the RMS of every unit's output x_l;
+- backward: the norm of dE/dx_l at every unit's output, E the mean cross-entropy of the batch.
+
+Both come from the network as it is built for training (`train.create_model`, BN in training
+mode), through Flax's own mechanisms: an interceptor on `ResidualUnit.__call__` sows each unit's
+output and adds a `perturb` variable to it; the gradient with respect to those zero variables is
+dE/dx_l. Scanned stages (ResNet-1001) give one entry per scan iteration.
+
+    python -m resnet_v2_jax.analyze --config=configs/cifar10_resnet164.py \
+        --config=configs/ablation.py:shortcut=scaling,shortcut_scale=0.5,residual_scale=0.5 \
+        --out=/tmp/analysis
+    python -m resnet_v2_jax.analyze --config=configs/cifar10_resnet110.py --workdir=RUN --out=DIR
+
+Writes DIR/analysis.json and DIR/analysis.png (unit index on x, norms relative to the last unit
+on a log y axis, one line per config). Real test images of the config's dataset are used when
+they can be read (tfds or `config.array_dir`), random ones otherwise, which the output says.
+"""
+
+import json
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from etils import epath
+from matplotlib.figure import Figure  # no pyplot: files only
+
+from resnet_v2_jax import checkpoint, cli, datasets, models, parallel, rundir, train
+
+_UNIT_ORDER = re.compile(r"stage(\d+)_(unit(\d+)|repeat)")
+
+
+def _unit_outputs(next_fun, args, kwargs, context):
+    """Interceptor: each ResidualUnit's output is sown and perturbed (named "output")."""
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, models.ResidualUnit) and context.method_name == "__call__":
+        context.module.sow("intermediates", "output", out)
+        out = context.module.perturb("output", out)
+    return out
+
+
+def _in_unit_order(tree: Dict[str, Any]) -> List[Tuple[str, jax.Array]]:
+    """[(unit name, value)] in network order from a collection keyed like the model's modules:
+    stage{s}_unit{u} entries one each, a scanned stage{s}_repeat entry one per iteration."""
+    found = []
+    for name, value in tree.items():
+        match = _UNIT_ORDER.fullmatch(name)
+        if not match:
+            continue
+        stage = int(match.group(1))
+        leaf = value["unit"]["output"] if match.group(2) == "repeat" else value["output"]
+        if isinstance(leaf, tuple):  # sown values come as a tuple of one
+            leaf = leaf[0]
+        if match.group(2) == "repeat":  # units 2.. of the stage, stacked on axis 0
+            found += [((stage, 2 + i), f"stage{stage}_unit{2 + i}", leaf[i])
+                      for i in range(leaf.shape[0])]
+        else:
+            found.append(((stage, int(match.group(3))), name, leaf))
+    return [(name, value) for _, name, value in sorted(found, key=lambda f: f[0])]
+
+
+def unit_signals(model: models.ResNetV2, variables: Dict[str, Any], images: jax.Array,
+                 labels: jax.Array) -> Dict[str, List]:
+    """{"units": names, "forward_rms": RMS of x_l, "grad_norm": ||dE/dx_l||} over the units of
+    `model` on one batch, BN in training mode (batch statistics), float64 norms."""
+    base = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    with nn.intercept_methods(_unit_outputs):
+        _, state = model.apply(base, images, train=True,
+                               mutable=["batch_stats", "intermediates", "perturbations"])
+
+    def loss(perturbations):
+        with nn.intercept_methods(_unit_outputs):
+            logits, _ = model.apply({**base, "perturbations": perturbations}, images,
+                                    train=True, mutable=["batch_stats", "intermediates"])
+        return train.cross_entropy(logits, labels).mean()
+
+    grads = jax.grad(loss)(state["perturbations"])
+    outputs = _in_unit_order(state["intermediates"])
+    gradients = _in_unit_order(grads)
+    assert [n for n, _ in outputs] == [n for n, _ in gradients]
+
+    def norm(x):
+        return float(np.linalg.norm(np.asarray(x, np.float64)))
+
+    return {"units": [n for n, _ in outputs],
+            "forward_rms": [norm(x) / np.sqrt(x.size) for _, x in outputs],
+            "grad_norm": [norm(g) for _, g in gradients]}
+
+
+def analysis_batch(config: ml_collections.ConfigDict, size: int,
+                   seed: int = 0) -> Tuple[np.ndarray, np.ndarray, str]:
+    """(uint8 images, labels, where they came from): the first `size` test images of the
+    config's dataset if they can be read, else random images and labels."""
+    try:
+        from resnet_v2_jax import device_input
+        images, labels = device_input.load_arrays(config, config.eval_split)
+        if images.shape[1] == config.image_size:
+            return (images[:size], labels[:size].astype(np.int32),
+                    f"the first {size} images of {config.dataset} {config.eval_split}")
+    except (ImportError, OSError, ValueError):
+        pass
+    rng = np.random.RandomState(seed)
+    classes = datasets.get(config.dataset).num_classes
+    shape = (size, config.image_size, config.image_size, 3)
+    return (rng.randint(0, 256, shape).astype(np.uint8),
+            rng.randint(0, classes, size).astype(np.int32),
+            f"RANDOM images (no {config.dataset} data found): shapes only, not the paper's data")
+
+
+def analyze(config: ml_collections.ConfigDict, images: np.ndarray, labels: np.ndarray,
+            workdir: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
+    """`unit_signals` of the config's network at initialisation (`seed`) or at the latest
+    checkpoint of `workdir`, on one device, in float32."""
+    config = config.copy_and_resolve_references()
+    config.half_precision, config.remat_units = False, False
+    config.batch_size = config.eval_batch_size = len(images)
+    info = datasets.get(config.dataset)
+    dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
+    setup = train.build(config, dp)
+    if workdir:
+        checkpoints = checkpoint.Checkpoints(
+            rundir.resolve(workdir), train.model_signature(config, info.num_classes),
+            read_only=True)
+        state, step, _ = checkpoints.restore_latest(setup.abstract_state)
+        checkpoints.close()
+        if state is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}")
+        where = f"checkpoint of step {step} in {workdir}"
+    else:
+        state, where = setup.init_state(jax.random.PRNGKey(seed)), f"initialisation (seed {seed})"
+    inputs = datasets.normalize(images, info.mean, info.std)
+    signals = unit_signals(setup.model, {"params": state.params,
+                                         "batch_stats": state.batch_stats},
+                           inputs, jnp.asarray(labels))
+    return {"depth": config.depth, "unit": config.unit, "shortcut": config.shortcut,
+            "weights": where, **signals}
+
+
+def relative_to_last(values: Sequence[float]) -> np.ndarray:
+    return np.asarray(values) / values[-1]
+
+
+def plot(results: Sequence[Dict[str, Any]], path: str) -> None:
+    """Two panels in the paper's style: ||dE/dx_l|| and RMS(x_l) relative to the last unit."""
+    figure = Figure(figsize=(11, 4.2))
+    for axis, key, title in zip(figure.subplots(1, 2), ("grad_norm", "forward_rms"),
+                                ("backward: ||dE/dx_l|| / ||dE/dx_L||",
+                                 "forward: RMS(x_l) / RMS(x_L)")):
+        for result in results:
+            values = relative_to_last(result[key])
+            axis.plot(np.arange(1, len(values) + 1), values, label=result["label"])
+        axis.set_yscale("log")
+        axis.set_xlabel("unit l")
+        axis.set_title(title)
+        axis.grid(True, which="major", alpha=0.3)
+    figure.axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+# --- command line --------------------------------------------------------------------------
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """A config from "path/to/file.py" or "path/to/file.py:arg" (get_config(arg)), as
+    --config takes it in training."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} not found (working directory {os.getcwd()})")
+    module = cli.import_config_file(path)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_multi_string("config", None, "Config file, optionally file.py:arg; repeat to "
+                              "compare networks.", required=True)
+    flags.DEFINE_string("workdir", None, "Analyse this run's latest checkpoint (one --config).")
+    flags.DEFINE_string("out", None, "Folder for analysis.json and analysis.png.", required=True)
+    flags.DEFINE_integer("batch", 64, "Images in the batch.")
+    flags.DEFINE_integer("seed", 0, "Initialisation seed (without --workdir).")
+
+
+def main(argv) -> None:
+    del argv
+    if FLAGS.workdir and len(FLAGS.config) != 1:
+        raise ValueError("--workdir analyses one run: give exactly one --config")
+    results = []
+    for spec in FLAGS.config:
+        config = load_config(spec)
+        images, labels, source = analysis_batch(config, FLAGS.batch, FLAGS.seed)
+        result = analyze(config, images, labels, FLAGS.workdir, FLAGS.seed)
+        result.update(config=spec, label=os.path.basename(spec), images=source)
+        grads = result["grad_norm"]
+        print(f"{spec}: {len(grads)} units, ||dE/dx_1|| / ||dE/dx_L|| = {grads[0] / grads[-1]:.3g}, "
+              f"RMS(x_1) / RMS(x_L) = {result['forward_rms'][0] / result['forward_rms'][-1]:.3g}"
+              f" ({result['weights']}; {source})")
+        results.append(result)
+    os.makedirs(FLAGS.out, exist_ok=True)
+    rundir.write_json(epath.Path(FLAGS.out) / "analysis.json", {"results": results})
+    plot(results, os.path.join(FLAGS.out, "analysis.png"))
+    print(f"wrote {os.path.join(FLAGS.out, 'analysis.json')} and analysis.png")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main, (ValueError, FileNotFoundError))
