@@ -1,4 +1,4 @@
-"""One command for what a GPU/TPU user asks: train and eval images/s, compile time, peak memory, MFU.
+"""What a GPU/TPU user asks, in one command: train and eval img/s, compile time, memory, MFU.
 
 Every JAX part builds its network with `train.build` (the real train and eval steps, over every
 device, uint8 images normalised inside the step) from the project's own recipe configs, in bf16.
@@ -19,7 +19,7 @@ time / the device's dense bf16 peak (`PEAK_TFLOPS`; n/a for devices not listed).
     python benchmarks/accelerator.py --parts=cifar164_b128,timm_resnetv2_50
     python benchmarks/accelerator.py --smoke               # every part, tiny, on any CPU (CI)
 
-Nothing here imports TensorFlow, tfds or ml_collections' data side: it runs on a GPU machine with
+Nothing here imports TensorFlow or tfds: it runs on a GPU machine with
 no internet once ml_collections' wheel is there (benchmarks/README.md gives the recipe).
 """
 import dataclasses
@@ -163,7 +163,8 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     size, batch = config.image_size, config.batch_size
     data = dp.put_batch({
         "image": rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8),
-        "label": rng.randint(0, datasets.get(config.dataset).num_classes, (batch,)).astype(np.int32),
+        "label": rng.randint(0, datasets.get(config.dataset).num_classes,
+                             (batch,)).astype(np.int32),
         "mask": np.ones((batch,), np.bool_)})
     train_data = {k: data[k] for k in ("image", "label")}
 
@@ -193,7 +194,8 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return {
-        "framework": f"jax {jax.__version__}, flax {flax.__version__}", "device": device.device_kind,
+        "framework": f"jax {jax.__version__}, flax {flax.__version__}",
+        "device": device.device_kind,
         "num_devices": jax.device_count(), "depth": config.depth, "batch": batch,
         "image_size": size, "layout": ("scan" if config.scan_units else "unrolled")
         + ("+remat" if config.remat_units else ""), "params": int(params),
@@ -349,7 +351,8 @@ def main(argv):
         return
     unknown = sorted(set(FLAGS.parts) - set(PARTS))
     if unknown:
-        raise app.UsageError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+        raise app.UsageError(f"unknown part(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(PARTS)}")
     end = time.perf_counter() + FLAGS.budget_s
     results: Dict[str, Dict] = {}
     for name in FLAGS.parts:

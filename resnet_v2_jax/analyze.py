@@ -206,7 +206,8 @@ def main(argv) -> None:
         result = analyze(config, images, labels, FLAGS.workdir, FLAGS.seed)
         result.update(config=spec, label=os.path.basename(spec), images=source)
         grads = result["grad_norm"]
-        print(f"{spec}: {len(grads)} units, ||dE/dx_1|| / ||dE/dx_L|| = {grads[0] / grads[-1]:.3g}, "
+        print(f"{spec}: {len(grads)} units, "
+              f"||dE/dx_1|| / ||dE/dx_L|| = {grads[0] / grads[-1]:.3g}, "
               f"RMS(x_1) / RMS(x_L) = {result['forward_rms'][0] / result['forward_rms'][-1]:.3g}"
               f" ({result['weights']}; {source})")
         results.append(result)

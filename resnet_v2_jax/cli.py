@@ -1,5 +1,6 @@
-"""What the commands (`main`, `evaluate`, `analyze`, `plot`, `device_input`) share: absl start-up, config
-files that load from any directory, and one line instead of a traceback for user errors.
+"""What the commands (`main`, `evaluate`, `analyze`, `plot`, `device_input`) share: absl
+start-up, config files that load from any directory, and one line instead of a traceback for
+user errors.
 
 A user error (bad config value, missing data, unusable checkpoint or workdir, diverged
 training) ends the command with `error: <what is wrong and what to do>` on stderr and exit

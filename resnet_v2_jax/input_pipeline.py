@@ -2,7 +2,8 @@
 
 Every process reads its own disjoint, equal share of a split (`tfds.split_for_jax_process`) and
 yields numpy batches of `config.batch_size // process_count` uint8 images;
-`input_common.prefetch_to_device` moves them onto the accelerators ahead of the step, where `datasets.normalize` runs.
+`input_common.prefetch_to_device` moves them onto the accelerators ahead of the step, where
+`datasets.normalize` runs.
 TensorFlow is kept off the accelerators, which belong to JAX.
 
 Determinism. The training stream of a process is its share in a fresh order each epoch, the

@@ -277,7 +277,11 @@ class ResNetV2(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
+    def __call__(self, x: Array, train: bool = True) -> Array:
+        """Logits (or pooled features) of images x [B, H, W, 3]. `train` selects batch statistics
+        (updating "batch_stats" when it is mutable) over the running averages, and enables the
+        dropout shortcut. It defaults to True, the Flax examples' convention: init and training
+        pass nothing, evaluation passes train=False."""
         conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                  momentum=self.bn_momentum, epsilon=self.bn_epsilon,

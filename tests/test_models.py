@@ -648,13 +648,17 @@ def test_per_stage_feature_maps_have_expected_shapes(build, size, expected, scan
         assert inter[f"stage{s}"][0].shape == (2, hw, hw, channels)
 
 
-def test_train_flag_is_required():
+def test_train_defaults_to_training_mode():
+    """No `train` means training mode (the Flax examples' convention), and without a mutable
+    "batch_stats" such a call fails loudly rather than silently using running averages."""
     model = models.ResNetV2(**TINY)
     x = images((4, 8, 8, 3))
-    with pytest.raises(TypeError, match="train"):
-        model.init(jax.random.key(0), x)
-    v = model.init(jax.random.key(0), x, train=False)
-    with pytest.raises(TypeError, match="train"):
+    v = model.init(jax.random.key(0), x)
+    default, _ = model.apply(v, x, mutable=["batch_stats"])
+    explicit, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(default, explicit)
+    assert np.abs(default - model.apply(v, x, train=False)).max() > 1e-3
+    with pytest.raises(Exception, match="batch_stats"):
         model.apply(v, x)
 
 
@@ -719,3 +723,52 @@ def test_bn_axis_index_groups_average_within_groups_under_pmap():
         _, expected = plain.apply(v, half, train=True, mutable=["batch_stats"])
         for device in (2 * group, 2 * group + 1):
             assert_trees_close(jax.tree.map(lambda a: a[device], stats), expected, rtol=1e-4)
+
+
+def test_flax_example_calling_convention_under_pmap_and_jit():
+    """A loop written as the Flax ImageNet example's: `init` and the training `apply` pass no
+    `train`, eval passes train=False with nothing mutable; BN synced over the pmap axis given
+    as `bn_axis_name`. One SGD step changes the parameters and the BN statistics."""
+    import optax
+    images = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (8, 32, 32, 3)), jnp.float32)
+    labels = jnp.arange(8) % 10
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    def steps(model):
+        def train_step(variables, opt_state, images, labels, axis):
+            def loss_fn(params):
+                logits, new = model.apply({**variables, "params": params}, images,
+                                          mutable=["batch_stats"])
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                return loss, new["batch_stats"]
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+            if axis:
+                grads = lax.pmean(grads, axis)
+            updates, opt_state = tx.update(grads, opt_state, variables["params"])
+            return {"params": optax.apply_updates(variables["params"], updates),
+                    "batch_stats": stats}, opt_state, loss
+
+        def eval_step(variables, images):
+            return model.apply(variables, images, train=False, mutable=False)
+        return train_step, eval_step
+
+    for axis in ("batch", None):  # pmap over one device with BN synced, and plain jit
+        model = models.cifar_resnet(8, 10, block="basic", bn_axis_name=axis)
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
+        opt_state = tx.init(variables["params"])
+        train_step, eval_step = steps(model)
+        if axis:
+            replicate = lambda tree: jax.tree.map(lambda x: x[None], tree)
+            new, _, loss = jax.pmap(functools.partial(train_step, axis=axis), axis_name=axis)(
+                replicate(variables), replicate(opt_state), images[None], labels[None])
+            new = jax.tree.map(lambda x: x[0], new)
+            logits = jax.pmap(eval_step, axis_name=axis)(replicate(new), images[None])[0]
+        else:
+            new, _, loss = jax.jit(functools.partial(train_step, axis=None))(
+                variables, opt_state, images, labels)
+            logits = jax.jit(eval_step)(new, images)
+        assert logits.shape == (8, 10) and bool(jnp.isfinite(logits).all())
+        for collection in ("params", "batch_stats"):
+            moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                                 variables[collection], new[collection])
+            assert max(jax.tree.leaves(moved)) > 0, collection
