@@ -24,7 +24,6 @@ on a log y axis, one line per config). Real test images of the config's dataset 
 they can be read (tfds or `config.array_dir`), random ones otherwise, which the output says.
 """
 
-import json
 import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -77,18 +76,22 @@ def unit_signals(model: models.ResNetV2, variables: Dict[str, Any], images: jax.
     """{"units": names, "forward_rms": RMS of x_l, "grad_norm": ||dE/dx_l||} over the units of
     `model` on one batch, BN in training mode (batch statistics), float64 norms."""
     base = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    with nn.intercept_methods(_unit_outputs):
-        _, state = model.apply(base, images, train=True,
-                               mutable=["batch_stats", "intermediates", "perturbations"])
+
+    def perturbation_shapes():
+        with nn.intercept_methods(_unit_outputs):
+            return model.apply(base, images, train=True,
+                               mutable=["batch_stats", "perturbations"])[1]["perturbations"]
 
     def loss(perturbations):
         with nn.intercept_methods(_unit_outputs):
-            logits, _ = model.apply({**base, "perturbations": perturbations}, images,
-                                    train=True, mutable=["batch_stats", "intermediates"])
-        return train.cross_entropy(logits, labels).mean()
+            logits, state = model.apply({**base, "perturbations": perturbations}, images,
+                                        train=True, mutable=["batch_stats", "intermediates"])
+        return train.cross_entropy(logits, labels).mean(), state["intermediates"]
 
-    grads = jax.grad(loss)(state["perturbations"])
-    outputs = _in_unit_order(state["intermediates"])
+    # One forward and backward pass: the zero perturbations are built from shapes alone.
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(perturbation_shapes))
+    grads, intermediates = jax.grad(loss, has_aux=True)(zeros)
+    outputs = _in_unit_order(intermediates)
     gradients = _in_unit_order(grads)
     assert [n for n, _ in outputs] == [n for n, _ in gradients]
 
@@ -176,9 +179,7 @@ def plot(results: Sequence[Dict[str, Any]], path: str) -> None:
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """A config from "path/to/file.py" or "path/to/file.py:arg" (get_config(arg)), as
     --config takes it in training."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} not found (working directory {os.getcwd()})")
+    path, _, arg = spec.partition(":")  # cli.parse_flags has checked that the file exists
     module = cli.import_config_file(path)
     return module.get_config(arg) if arg else module.get_config()
 

@@ -59,7 +59,7 @@ def model_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 def dtypes(config: ml_collections.ConfigDict) -> Tuple[Any, Any]:
     """(compute, parameter) dtypes: bfloat16/float32 with `half_precision`, float64/float64 with
     `float64` (exact equivalence tests; enables jax_enable_x64), else float32/float32."""
-    if config.get("float64", False):  # runs saved before the key existed lack it
+    if config.float64:  # (older runs' config.json: evaluate.KEYS_ADDED_LATER fills it in)
         jax.config.update("jax_enable_x64", True)
         return jnp.float64, jnp.float64
     return (jnp.bfloat16 if config.half_precision else jnp.float32), jnp.float32
@@ -174,15 +174,14 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel
     flipped and (`color_augment`) colour-augmented here (`augment.augment_batch`), each example
     keyed by its index in the global batch."""
     images = batch["image"]
+    device = parallel.axis_index(axes.grad)
     if augment_key is not None:
         local = images.shape[0]
-        keys = augment.example_keys(augment_key, state.step,
-                                    parallel.axis_index(axes.grad) * local, local)
+        keys = augment.example_keys(augment_key, state.step, device * local, local)
         images = augment.augment_batch(images, keys, color_augment)
     images = normalize(images)
     labels = batch["label"]
-    rng = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step),
-                             parallel.axis_index(axes.grad))
+    rng = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), device)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -283,7 +282,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"{config.steps_per_eval}")
     if not config.eval_crop_sizes:
         raise ValueError("eval_crop_sizes is empty; give at least one crop size")
-    if config.get("float64", False) and config.half_precision:
+    if config.float64 and config.half_precision:
         raise ValueError("float64 and half_precision exclude each other; set one of them")
 
 
