@@ -1,0 +1,150 @@
+"""The networks as Flax NNX modules: the factories and options of `models`, for NNX codebases.
+
+    import optax
+    from flax import nnx
+    from resnet_v2_jax import nnx as resnet_nnx
+
+    model = resnet_nnx.cifar_resnet(164, num_classes=10, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, images, labels):
+        def loss_fn(model):
+            logits = model(images)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    model.train()   # BN normalises with batch statistics and updates its running averages
+    model.eval()    # BN normalises with the running averages; the dropout shortcut is off
+
+Each NNX network holds its variables as NNX `Param`s and `BatchStat`s and runs the linen
+`models.ResNetV2` on them (a bridge in the manner of `flax.nnx.bridge.ToNNX`, but updating the
+BN statistics in place, so the module graph never changes and `nnx.cached_partial` works): the
+paper's units have one implementation, and the NNX and linen forms give the same logits on the
+same weights. The variables keep the linen names (`model.params["stage1_unit1"]["conv1"]`)
+and convert both ways with `to_linen` / `from_linen`: a checkpoint of a training run
+(`models.load` of an exported file, or `resnet_v2_jax.export`), or timm weights
+(`resnet_v2_jax.timm_import.load`), load into NNX, and NNX-trained weights go back to linen.
+The jitted NNX train step compiles to the linen one. Around it, nnx.jit's traversal of the
+module costs about 3 ms per call on a 2-core CPU (ResNet-20), `nnx.cached_partial` removes it
+(`benchmarks/nnx_vs_linen.py`; README, "Use in your own code").
+"""
+
+import functools
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resnet_v2_jax import models
+
+
+class ResNetV2(nnx.Module):
+    """An NNX module holding the variables of the linen network `network` (a `models.ResNetV2`)
+    and running it.
+
+    Args:
+        network: the linen network, e.g. `models.cifar_resnet(110, block="basic")`.
+        rngs: `nnx.Rngs` for the initial parameters ("params" or the default stream) and, for
+            the dropout shortcut, the stream it draws from in training ("dropout", else default).
+        variables: linen variables {"params", "batch_stats"} to hold instead of initial ones
+            (see `from_linen`, which checks them).
+        input_shape: the shape of the example batch the variables are created from; only the
+            channel count matters (the networks end in a global average pool).
+
+    Attributes:
+        params: the parameters, `nnx.Param`s under the linen names
+            (`model.params["stage1_unit1"]["conv1"]["kernel"]`).
+        batch_stats: BN running averages, `nnx.BatchStat`s, updated in place in training mode.
+        use_running_average: False in training mode (the default, as for Flax's NNX BatchNorm),
+            True after `.eval()`.
+    """
+
+    def __init__(self, network: models.ResNetV2, *, rngs: nnx.Rngs,
+                 variables: Optional[Dict[str, Any]] = None,
+                 input_shape: Sequence[int] = (1, 32, 32, 3)):
+        if variables is None:
+            variables = _init(network, input_shape)(rngs.params())
+        self.network = network  # a frozen dataclass: static in NNX's graph
+        self.params = nnx.data(jax.tree.map(nnx.Param, variables["params"]))
+        self.batch_stats = nnx.data(jax.tree.map(nnx.BatchStat, variables["batch_stats"]))
+        self.rngs = rngs.fork() if network.shortcut == "dropout" else None
+        self.use_running_average = False
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """Logits (or pooled features, for num_classes=None) of images [B, H, W, 3]."""
+        variables = {"params": _values(self.params), "batch_stats": _values(self.batch_stats)}
+        if self.use_running_average:
+            return self.network.apply(variables, images, train=False)
+        rngs = {"dropout": self.rngs.dropout()} if self.rngs is not None else None
+        logits, updates = self.network.apply(variables, images, train=True, rngs=rngs,
+                                             mutable=["batch_stats"])
+        jax.tree.map(lambda var, new: var.set_value(new), self.batch_stats,
+                     updates["batch_stats"], is_leaf=_is_variable)
+        return logits
+
+
+def cifar_resnet(depth: int, num_classes: Optional[int] = 10, *, rngs: nnx.Rngs,
+                 **options) -> ResNetV2:
+    """`models.cifar_resnet` as an NNX module (same arguments, plus `rngs`)."""
+    return ResNetV2(models.cifar_resnet(depth, num_classes, **options), rngs=rngs)
+
+
+def imagenet_resnet(depth: int, num_classes: Optional[int] = 1000, *, rngs: nnx.Rngs,
+                    **options) -> ResNetV2:
+    """`models.imagenet_resnet` as an NNX module (same arguments, plus `rngs`)."""
+    return ResNetV2(models.imagenet_resnet(depth, num_classes, **options), rngs=rngs)
+
+
+def to_linen(model: ResNetV2) -> Tuple[models.ResNetV2, Dict[str, Any]]:
+    """(linen network, variables {"params", "batch_stats"}) of an NNX network: what
+    `network.apply(variables, images, train=False)` takes, and what checkpoints hold."""
+    return model.network, {"params": _values(model.params),
+                           "batch_stats": _values(model.batch_stats)}
+
+
+def from_linen(network: models.ResNetV2, variables: Dict[str, Any], *,
+               rngs: Optional[nnx.Rngs] = None) -> ResNetV2:
+    """The NNX form of `network` holding `variables` (linen layout, e.g. from `models.load`,
+    `timm_import.load` or a checkpoint). Every variable must be there, with the network's
+    shapes; anything else is refused with a one-line ValueError naming the difference."""
+    expected = jax.eval_shape(_init(network, (1, 32, 32, 3)), jax.random.key(0))
+    for collection in ("params", "batch_stats"):
+        _check_same_layout(collection, expected[collection], variables.get(collection, {}))
+    variables = jax.tree.map(lambda want, have: jnp.asarray(have, want.dtype),
+                             {c: expected[c] for c in ("params", "batch_stats")},
+                             {c: variables[c] for c in ("params", "batch_stats")})
+    return ResNetV2(network, rngs=rngs or nnx.Rngs(0), variables=variables)
+
+
+def _init(network: models.ResNetV2, input_shape: Sequence[int]):
+    """rng -> the network's initial variables, jitted (eager init of a deep net is slow)."""
+    images = jnp.zeros(input_shape, network.dtype)
+    return jax.jit(lambda rng: network.init(rng, images, train=False))
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _values(tree):
+    """The arrays of a tree of `nnx.Variable`s."""
+    return jax.tree.map(lambda var: var.get_value(), tree, is_leaf=_is_variable)
+
+
+def _check_same_layout(collection: str, expected, given) -> None:
+    flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v)
+                         for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+    want, have = flat(expected), flat(given)
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    shapes = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+    if missing or extra or shapes:
+        parts = [f"missing {missing[:3]}" if missing else "",
+                 f"unexpected {extra[:3]}" if extra else "",
+                 ", ".join(f"{k} is {have[k]}, the network has {want[k]}" for k in shapes[:3])]
+        raise ValueError(f"these {collection} do not fit the network: "
+                         + "; ".join(p for p in parts if p))
