@@ -19,6 +19,7 @@ setup(
         "absl-py>=2.1",
         "etils[epath]>=1.5",
         "numpy>=1.26",
+        "safetensors>=0.4",    # weights files (models.save/load, export, timm's hub files)
         "tensorflow-datasets>=4.9.6",
         # tf.data only (kept off the accelerators); the CPU build where one is published.
         "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",

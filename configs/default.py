@@ -55,6 +55,15 @@ def get_config():
     config.bn_momentum = 0.9              # Torch's BN momentum 0.1
     config.bn_epsilon = 1e-5
     config.bn_group_size = 0              # devices per BN group: 0 = all devices, 1 = per device
+    config.input_resize = 0               # resize the normalised input to this size on the device
+                                          # (fine-tuning at a higher resolution); 0 = as loaded
+
+    # Fine-tuning (resnet_v2_jax.pretrained): where a new run's weights start.
+    config.init_from = ""                 # a run's workdir or step folder, or a weights file
+                                          # (export .safetensors; timm .safetensors/.npz/.pth);
+                                          # "" = random init. Ignored when resuming.
+    config.train_backbone = True          # False: only the classifier head is updated
+    config.train_bn_statistics = True     # False: BN uses and keeps its running averages
 
     # Optimisation (resnet_v2_jax.train).
     config.learning_rate = 0.1            # at base_batch_size; scaled linearly by batch_size

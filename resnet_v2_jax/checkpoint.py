@@ -125,6 +125,17 @@ class Checkpoints:
         self.check_fits(step, self.meta(step), abstract_state)
         return self._read_state(step, abstract_state)
 
+    def read(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, int]:
+        """(state, step) of checkpoint `step`, or of the latest readable one, for commands that
+        read a run without training it; CheckpointError if there is none."""
+        if step is not None:
+            return self.restore(step, abstract_state), step
+        state, step, _ = self.restore_latest(abstract_state)
+        if state is None:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory}: the run has not saved one yet")
+        return state, step
+
     def _read_state(self, step: int, abstract_state: Any) -> Any:
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]

@@ -13,7 +13,6 @@ reproduces the errors a run logged at that step. Results are printed and written
 process runs the same command with `--distributed`.
 """
 
-import json
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -27,18 +26,6 @@ from resnet_v2_jax import checkpoint, cli, datasets, parallel, rundir, train
 
 FLAGS = flags.FLAGS
 USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError, DataError
-
-
-# Config keys added after runs were saved, with the behaviour those runs had.
-KEYS_ADDED_LATER = {"float64": False, "augment_on_device": False, "antialias": True}
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a training run saved as `<workdir>/config.json`."""
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: pass the run's --config=configs/<name>.py")
-    return ml_collections.ConfigDict({**KEYS_ADDED_LATER, **json.loads(path.read_text())})
 
 
 def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = None,
@@ -77,13 +64,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoints = checkpoint.Checkpoints(
         workdir, train.model_signature(config, info.num_classes), read_only=True)
     try:
-        if step is None:
-            state, step, _ = checkpoints.restore_latest(setup.abstract_state)
-            if state is None:
-                raise checkpoint.CheckpointError(
-                    f"no checkpoint in {checkpoints.directory}: the run has not saved one yet")
-        else:
-            state = checkpoints.restore(step, setup.abstract_state)
+        state, step = checkpoints.read(setup.abstract_state, step)
     finally:
         checkpoints.close()
     results = train.Evaluator(config, dp, setup.eval_step)(dp.put_state(state))
@@ -112,7 +93,7 @@ def run(argv) -> None:
     if FLAGS.checkpoint:
         run_dir, step = _parse_checkpoint(FLAGS.checkpoint)
     workdir = FLAGS.workdir or run_dir
-    config = eval_config(FLAGS.config or load_run_config(run_dir), split=FLAGS.split,
+    config = eval_config(FLAGS.config or rundir.read_config(run_dir), split=FLAGS.split,
                          crops=FLAGS.crops, data_dir=FLAGS.data_dir,
                          eval_batch_size=FLAGS.eval_batch_size)
     results = evaluate(config, run_dir, step)

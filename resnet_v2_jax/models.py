@@ -29,13 +29,16 @@ Per-stage feature maps are sown into the "intermediates" collection::
 This module imports neither TensorFlow nor tfds.
 """
 
+import dataclasses
 import functools
+import json
 import re
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 ModuleDef = Any
@@ -444,3 +447,65 @@ def _to_unrolled(tree):
         for i in range(jax.tree.leaves(stacked)[0].shape[0]):
             out[f"stage{m.group(1)}_unit{i + 2}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return out
+
+
+# --- weights files -------------------------------------------------------------------------------
+
+FILE_FORMAT = "resnet_v2_jax/1"
+_RUNTIME_OPTIONS = ("parent", "name", "bn_axis_name", "bn_axis_index_groups")  # not the network's
+
+
+def options(model: ResNetV2) -> dict:
+    """The attributes that define `model`, as JSON values (`ResNetV2(**options)` rebuilds it).
+    The BN reduction axes are left out: they belong to a training loop, not to the weights."""
+    values = {}
+    for field in dataclasses.fields(model):
+        if field.name in _RUNTIME_OPTIONS:
+            continue
+        value = getattr(model, field.name)
+        if field.name in ("dtype", "param_dtype"):
+            value = jnp.dtype(value).name
+        values[field.name] = list(value) if isinstance(value, (tuple, list)) else value
+    return values
+
+
+def save(path: str, model: ResNetV2, variables) -> None:
+    """Writes `variables` ({"params", "batch_stats"}) as a safetensors file, one tensor per
+    variable named "params/stage1_unit1/conv1/kernel", with `options(model)` in its metadata:
+    `load(path)` rebuilds the network without a config or Orbax. timm's and Hugging Face's
+    tools read the file too."""
+    from safetensors.numpy import save_file
+    tensors = {"/".join(str(k.key) for k in key): np.asarray(value)
+               for key, value in jax.tree_util.tree_leaves_with_path(variables)}
+    save_file(tensors, str(path), metadata={"format": FILE_FORMAT,
+                                            "options": json.dumps(options(model))})
+
+
+def load(path: str, **overrides):
+    """(model, variables) from a file written by `save` (or `python -m resnet_v2_jax.export`),
+    ready for `model.apply(variables, images, train=False)`. `overrides` replace options, e.g.
+    `dtype=jnp.bfloat16` or `bn_axis_name="batch"` for training on several devices."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+    if metadata.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path} is not a resnet_v2_jax weights file (its metadata has no "
+                         f"format {FILE_FORMAT!r}); write one with python -m resnet_v2_jax.export")
+    values = {**json.loads(metadata["options"]), **overrides}
+    for key, value in values.items():
+        if key in ("dtype", "param_dtype") and isinstance(value, str):
+            values[key] = jnp.dtype(value)
+        elif isinstance(value, list):
+            values[key] = tuple(value)
+    variables = {}
+    for name, value in tensors.items():
+        *parents, leaf = name.split("/")
+        node = variables
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = jnp.asarray(value)
+    return ResNetV2(**values), variables

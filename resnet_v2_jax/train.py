@@ -24,7 +24,7 @@ from etils import epath
 from flax.training import train_state
 
 from resnet_v2_jax import (augment, checkpoint, datasets, input_common, models, parallel,
-                           rundir)
+                           pretrained, rundir)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,7 +59,7 @@ def model_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 def dtypes(config: ml_collections.ConfigDict) -> Tuple[Any, Any]:
     """(compute, parameter) dtypes: bfloat16/float32 with `half_precision`, float64/float64 with
     `float64` (exact equivalence tests; enables jax_enable_x64), else float32/float32."""
-    if config.float64:  # (older runs' config.json: evaluate.KEYS_ADDED_LATER fills it in)
+    if config.float64:  # (older runs' config.json: rundir.KEYS_ADDED_LATER fills it in)
         jax.config.update("jax_enable_x64", True)
         return jnp.float64, jnp.float64
     return (jnp.bfloat16 if config.half_precision else jnp.float32), jnp.float32
@@ -131,13 +131,19 @@ def create_optimizer(config: ml_collections.ConfigDict,
     """SGD with (Nesterov) momentum and L2 weight decay added to the gradient, as Torch's optim.sgd.
 
     The authors decay every parameter, BN included; `weight_decay_bn_and_bias=False` masks
-    BN scales/offsets and biases out (only conv and dense kernels decay).
+    BN scales/offsets and biases out (only conv and dense kernels decay). With
+    `train_backbone=False` (fine-tuning) only the classifier head is updated.
     """
     mask = None if config.weight_decay_bn_and_bias else functools.partial(
         jax.tree_util.tree_map_with_path, lambda path, _: path[-1].key == "kernel")
-    return optax.chain(
+    tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask),
         optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+    if config.train_backbone:
+        return tx
+    return optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda params: {name: "train" if name == pretrained.HEAD else "frozen" for name in params})
 
 
 def create_train_state(rng: jax.Array, model: models.ResNetV2, tx: optax.GradientTransformation,
@@ -161,18 +167,29 @@ def abstract_train_state(model: models.ResNetV2, tx: optax.GradientTransformatio
 
 # --- per-device steps --------------------------------------------------------------------------
 
+def model_input(images: jax.Array, *, mean, std, dtype, size: int = 0) -> jax.Array:
+    """uint8 images -> the network's input: `datasets.normalize`, then, with `size`, a bilinear
+    resize to size x size (fine-tuning at a higher resolution than the data's, e.g. CIFAR's
+    32 px to 128 for an ImageNet network)."""
+    x = datasets.normalize(images, mean, std, dtype=dtype)
+    if size:
+        x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "bilinear")
+    return x
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel.Axes,
                normalize: Callable, dropout_key: jax.Array, augment_key: Optional[jax.Array] = None,
-               color_augment: bool = False):
+               color_augment: bool = False, train_bn_statistics: bool = True):
     """One SGD step on one device's share of the batch; gradients averaged over `axes.grad`.
-    `normalize` turns the uint8 images into the model's input (`datasets.normalize` with the
-    dataset's statistics and the compute dtype bound). With `augment_key` the images are first
-    flipped and (`color_augment`) colour-augmented here (`augment.augment_batch`), each example
-    keyed by its index in the global batch."""
+    `normalize` turns the uint8 images into the model's input (`model_input`). With
+    `augment_key` the images are first flipped and (`color_augment`) colour-augmented here
+    (`augment.augment_batch`), each example keyed by its index in the global batch. Without
+    `train_bn_statistics` (fine-tuning) BN normalises with its running averages and leaves them
+    as they are (the network runs with train=False, so a dropout shortcut is off too)."""
     images = batch["image"]
     device = parallel.axis_index(axes.grad)
     if augment_key is not None:
@@ -185,15 +202,16 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-            mutable=["batch_stats"], rngs={"dropout": rng})
+            {"params": params, "batch_stats": state.batch_stats}, images,
+            train=train_bn_statistics, mutable=["batch_stats"], rngs={"dropout": rng})
         return cross_entropy(logits, labels).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = parallel.pmean(grads, axes.grad)
     # BN statistics are normalised within a group; with several groups the running averages
     # are kept identical on every device by averaging them over all devices.
-    batch_stats = parallel.pmean(updates["batch_stats"], axes.bn_stats)
+    batch_stats = (parallel.pmean(updates["batch_stats"], axes.bn_stats)
+                   if train_bn_statistics else state.batch_stats)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss": loss, "error": jnp.mean(jnp.argmax(logits, -1) != labels)}
     return state, parallel.pmean(metrics, axes.grad)
@@ -284,6 +302,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("eval_crop_sizes is empty; give at least one crop size")
     if config.float64 and config.half_precision:
         raise ValueError("float64 and half_precision exclude each other; set one of them")
+    if config.input_resize < 0:
+        raise ValueError(f"input_resize must be 0 (none) or a size in pixels, got "
+                         f"{config.input_resize}")
+    if config.init_from is None:
+        raise ValueError("this config fine-tunes: set --config.init_from= to a run's workdir, a "
+                         "checkpoint step folder or a weights file (.safetensors, .npz, .pth)")
+    if not (config.train_backbone or config.init_from):
+        raise ValueError("train_backbone=False trains only the classifier head: set "
+                         "--config.init_from= to the weights of the backbone")
 
 
 # --- the one build recipe ----------------------------------------------------------------------
@@ -326,14 +353,15 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
     model = create_model(config, info.num_classes, dp.axes)
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = create_optimizer(config, schedule)
-    normalize = functools.partial(datasets.normalize, mean=info.mean, std=info.std,
-                                  dtype=model.dtype)
+    normalize = functools.partial(model_input, mean=info.mean, std=info.std, dtype=model.dtype,
+                                  size=config.input_resize)
     seed = jax.random.PRNGKey(config.seed)
     on_device = config.augment != "pad_crop_flip" and config.augment_on_device
     train = dp.compile(functools.partial(
         train_step, axes=dp.axes, normalize=normalize, dropout_key=jax.random.fold_in(seed, 1),
         augment_key=jax.random.fold_in(seed, 2) if on_device else None,
-        color_augment=config.color_augment), returns_state=True)
+        color_augment=config.color_augment, train_bn_statistics=config.train_bn_statistics),
+        returns_state=True)
     evaluate = dp.compile(functools.partial(eval_step, axes=dp.axes, normalize=normalize),
                           returns_state=False)
     return Setup(model=model, schedule=schedule, tx=tx, steps_per_epoch=steps_per_epoch,
@@ -498,6 +526,45 @@ def _restore(checkpoints: checkpoint.Checkpoints, setup: Setup, workdir: epath.P
         raise checkpoint.CheckpointMismatchError(f"{e}{_config_changes(workdir, config)}") from e
 
 
+def restore_variables(path: str) -> Tuple[models.ResNetV2, Dict[str, Any], str]:
+    """(network, variables {"params", "batch_stats"}, which checkpoint) of another run: `path` is
+    its workdir (the latest readable checkpoint) or a step folder <workdir>/checkpoints/<step>.
+    The run's own config.json says what it trained; nothing of it is changed."""
+    workdir, step = rundir.split_run_path(path)
+    config = rundir.read_config(str(workdir))
+    num_classes = datasets.get(config.dataset).num_classes
+    model = create_model(config, num_classes)
+    tx = create_optimizer(config, optax.constant_schedule(0.0))  # only the state's structure
+    abstract = abstract_train_state(model, tx, config.image_size,
+                                    jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    checkpoints = checkpoint.Checkpoints(workdir, model_signature(config, num_classes),
+                                         read_only=True)
+    try:
+        state, step = checkpoints.read(abstract, step)
+    finally:
+        checkpoints.close()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return model, variables, str(workdir / "checkpoints" / str(step))
+
+
+def initialize_from(source: str, state: TrainState, model: models.ResNetV2) -> TrainState:
+    """`state` (freshly initialised) with the backbone of `source`: a run's workdir or step
+    folder, or a weights file (`pretrained.load_file`). See `pretrained.transfer`."""
+    path = rundir.resolve(source)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from {path} does not exist: give a run's workdir, a step "
+                                "folder <workdir>/checkpoints/<step> or a weights file")
+    if path.is_dir():
+        source_model, variables, where = restore_variables(source)
+    else:
+        (source_model, variables), where = pretrained.load_file(str(path)), str(path)
+    variables, summary = pretrained.transfer(
+        source_model, variables, model,
+        {"params": state.params, "batch_stats": state.batch_stats}, where)
+    logging.info("%s", summary)
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+
+
 def _finished_run(workdir: epath.Path, step: int, total_steps: int, meta: dict, state,
                   evaluator: Evaluator, dp: parallel.DataParallel) -> Dict[str, Any]:
     """A rerun of a run that has nothing left to train: keeps its results.json."""
@@ -557,6 +624,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                 return _finished_run(workdir, start_step, total_steps, meta, state, evaluator, dp)
             if state is None:
                 state = setup.init_state(jax.random.PRNGKey(config.seed))
+                if config.init_from:  # a resumed run continues from its own checkpoint
+                    state = initialize_from(config.init_from, state, setup.model)
             else:
                 logging.info("resuming from step %d", start_step)
             if jax.process_index() == 0:

@@ -17,7 +17,7 @@ from PIL import Image
 from tensorboardX import SummaryWriter
 
 from configs import cifar10_quick
-from resnet_v2_jax import checkpoint, evaluate, plot, train
+from resnet_v2_jax import checkpoint, evaluate, plot, rundir, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -83,7 +83,7 @@ def test_eval_only_on_another_split_leaves_the_run_alone(run):
     in_flight.mkdir()
     damaged.mkdir()
     try:
-        config = evaluate.eval_config(evaluate.load_run_config(workdir), split="test[:1000]")
+        config = evaluate.eval_config(rundir.read_config(workdir), split="test[:1000]")
         for step in (None, STEPS):
             results = evaluate.evaluate(config, str(workdir), step=step)
             assert results["step"] == STEPS and results["split"] == "test[:1000]"
@@ -98,7 +98,7 @@ def test_eval_only_on_another_split_leaves_the_run_alone(run):
 
 def test_eval_only_refuses_another_models_checkpoint(run):
     workdir, _ = run
-    config = evaluate.eval_config(evaluate.load_run_config(workdir))
+    config = evaluate.eval_config(rundir.read_config(workdir))
     config.depth = 20
     with pytest.raises(checkpoint.CheckpointError, match="another model.*depth: checkpoint 8"):
         evaluate.evaluate(config, str(workdir))
@@ -108,7 +108,7 @@ def test_eval_only_refuses_another_models_checkpoint(run):
 
 def test_eval_only_errors_for_missing_checkpoints(run, tmp_path):
     workdir, _ = run
-    config = evaluate.eval_config(evaluate.load_run_config(workdir))
+    config = evaluate.eval_config(rundir.read_config(workdir))
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of step 7"):
         evaluate.evaluate(config, str(workdir), step=7)
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):

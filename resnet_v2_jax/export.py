@@ -1,0 +1,55 @@
+r"""Weights out: a run's checkpoint as one safetensors file that needs no config and no Orbax.
+
+    python -m resnet_v2_jax.export --workdir=/tmp/cifar10_quick --out=/tmp/resnet14.safetensors
+    python -m resnet_v2_jax.export --workdir=/tmp/run/checkpoints/750 --out=/tmp/r.safetensors \
+        --unrolled
+
+The file holds the parameters and BN statistics (one tensor per variable, named
+"params/stage1_unit1/conv1/kernel") and, in its metadata, the network's options. Read it with
+
+    model, variables = models.load("/tmp/resnet14.safetensors")
+    logits = model.apply(variables, images, train=False)
+
+or start a fine-tuning run from it (`--config.init_from=/tmp/resnet14.safetensors`). The latest
+readable checkpoint of --workdir is exported, or the step folder it names.
+"""
+
+from absl import flags
+
+from resnet_v2_jax import cli, models, train
+
+FLAGS = flags.FLAGS
+USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError
+
+
+def define_flags() -> None:
+    """The command line's flags; defined by the command only, so importing defines none."""
+    flags.DEFINE_string("workdir", None, "The run's folder (local or gs://), or one of its step "
+                        "folders <workdir>/checkpoints/<step>.")
+    flags.DEFINE_string("out", None, "The .safetensors file to write.")
+    flags.DEFINE_bool("unrolled", False, "Write a scanned network (scan_units=True) in the "
+                      "unrolled layout, one entry per unit.")
+    flags.mark_flags_as_required(["workdir", "out"])
+
+
+def export(workdir: str, out: str, unrolled: bool = False) -> str:
+    """Writes `workdir`'s checkpoint to `out`; returns which checkpoint it was."""
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"--out={out} must end in .safetensors")
+    model, variables, where = train.restore_variables(workdir)
+    if unrolled and model.scan_units:
+        model, variables = model.clone(scan_units=False), models.scanned_to_unrolled(variables)
+    models.save(out, model, variables)
+    return where
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+    where = export(FLAGS.workdir, FLAGS.out, FLAGS.unrolled)
+    print(f"wrote {FLAGS.out} (the weights of {where})")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main, USER_ERRORS)

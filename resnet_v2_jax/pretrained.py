@@ -1,0 +1,102 @@
+"""Weights from elsewhere, and their transfer into a new network (`--config.init_from`).
+
+Sources (`load_file`; a run's workdir or checkpoint step folder is read by
+`train.restore_variables`):
+
+* a file written by `python -m resnet_v2_jax.export` (`models.save`): safetensors holding the
+  network's options;
+* a timm ResNetV2 state dict (`resnetv2_50`, `resnetv2_101`, ...; see `timm_import`):
+  `.safetensors` (what the Hugging Face hub serves as `model.safetensors`), `.npz`, or `.pth`
+  where torch is installed.
+
+`transfer` copies the backbone, every variable outside the classifier, into a freshly
+initialised network of the same architecture: the usual fine-tuning start (docs/paper.md,
+"ImageNet networks", for the networks). The classifier head is kept when its shape matches and
+re-initialised otherwise (another class count).
+"""
+
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_v2_jax import models, timm_import
+
+HEAD = "head"
+# Options that make two networks' backbones different networks (the rest, e.g. dtype, BN
+# momentum, scan or remat, do not change what a weight means).
+ARCHITECTURE = ("stage_sizes", "widths", "stem", "stem_norm", "stem_width", "bottleneck",
+                "stride_on", "unit", "shortcut")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def load_file(path: str) -> Tuple[models.ResNetV2, Dict[str, Any]]:
+    """(model, variables) of a weights file: this project's export, or a timm state dict."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.numpy import load_file as read_tensors
+        try:
+            with safe_open(path, framework="numpy") as f:
+                ours = (f.metadata() or {}).get("format") == models.FILE_FORMAT
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+        return models.load(path) if ours else timm_import.load(read_tensors(path))
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            return timm_import.load({k: data[k] for k in data.files})
+    if path.endswith(TORCH_SUFFIXES):
+        try:
+            import torch
+        except ImportError as e:
+            raise ValueError(f"{path} is a PyTorch file and torch is not installed: pip install "
+                             "-e '.[timm]', or save the state dict as .safetensors") from e
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = state_dict.get("state_dict", state_dict)
+        return timm_import.load({k: v.numpy() for k, v in state_dict.items()})
+    raise ValueError(f"{path}: weights files are .safetensors (resnet_v2_jax.export, or timm), "
+                     f".npz or {'/'.join(TORCH_SUFFIXES)} (timm state dicts)")
+
+
+def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: models.ResNetV2,
+             target_variables: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], str]:
+    """`target_variables` with every backbone variable replaced by `source_variables`' (and the
+    head too where its shape matches). Returns (variables, a one-line summary). Raises a
+    one-line ValueError naming what differs when `source` is another architecture."""
+    theirs, ours = models.options(source), models.options(target)
+    differ = [f"{k} {theirs[k]!r} there vs {ours[k]!r} here" for k in ARCHITECTURE
+              if theirs[k] != ours[k]]
+    if differ:
+        raise ValueError(f"init_from {where} is another network ({'; '.join(differ)}); "
+                         "set the config's network to the source's")
+    if source.scan_units != target.scan_units:
+        convert = models.unrolled_to_scanned if target.scan_units else models.scanned_to_unrolled
+        source_variables = convert(source_variables)
+
+    copied, head = 0, "none"
+    out = {}
+    for collection, tree in target_variables.items():
+        given = source_variables.get(collection, {})
+        out[collection] = dict(tree)
+        for name, value in tree.items():
+            fits = name in given and _shapes(given[name]) == _shapes(value)
+            if name == HEAD:
+                head = "kept" if fits else (
+                    f"re-initialised ({_classes(source)} classes there, {_classes(target)} here)")
+                if not fits:
+                    continue
+            elif not fits:  # same options, different tensors: a file that lies about its net
+                raise ValueError(f"init_from {where}: {collection}/{name} does not fit the "
+                                 "network (shapes differ)")
+            out[collection][name] = jax.tree.map(lambda t, s: jnp.asarray(s, t.dtype),
+                                                 value, given[name])
+            copied += len(jax.tree.leaves(value))
+    return out, f"init_from {where}: copied {copied} tensors; classifier head {head}"
+
+
+def _shapes(tree):
+    return jax.tree.map(np.shape, tree)
+
+
+def _classes(model: models.ResNetV2):
+    return model.num_classes if model.num_classes is not None else "no"
