@@ -21,10 +21,11 @@ Usage::
         variables = model.init(rng, images, train=False)
         logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
 
-Per-stage feature maps are sown into the "intermediates" collection::
+The stem's and each stage's feature maps are sown into the "intermediates" collection::
 
         _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
         state["intermediates"]["stage3"]     # a 1-tuple holding the stage-3 output, NHWC
+        state["intermediates"]["stem"]       # the stem's output (before the first unit)
 
 This module imports neither TensorFlow nor tfds.
 """
@@ -317,6 +318,7 @@ class ResNetV2(nn.Module):
                 x = nn.relu(norm(name="stem_bn")(x))
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
             first_preact = "shared" if self.stem_norm == "after_pool" else "none"
+        self.sow("intermediates", "stem", x)
 
         for s, (size, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
             x = unit(features=width, strides=1 if s == 1 else 2,

@@ -643,7 +643,7 @@ def test_per_stage_feature_maps_have_expected_shapes(build, size, expected, scan
         return model.apply(v, x, train=False, mutable=["intermediates"])[1]["intermediates"]
 
     inter = jax.eval_shape(features, x)
-    assert sorted(inter) == [f"stage{s}" for s in range(1, len(expected) + 1)]
+    assert sorted(inter) == [f"stage{s}" for s in range(1, len(expected) + 1)] + ["stem"]
     for s, (hw, channels) in enumerate(expected, start=1):
         assert inter[f"stage{s}"][0].shape == (2, hw, hw, channels)
 
