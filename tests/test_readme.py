@@ -1,4 +1,4 @@
-"""README.md stays true: its code snippet runs, and its tables name every config and module."""
+"""README.md stays true: its code snippets run, and its tables name every config and module."""
 import pathlib
 import re
 
@@ -13,10 +13,17 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
 
 
-def test_the_snippet_runs():
-    snippets = [block for block in python_blocks() if block.startswith(SNIPPET_MARK)]
-    assert len(snippets) == 1, f"expected one ```python block starting with {SNIPPET_MARK}"
-    exec(compile(snippets[0], "README.md snippet", "exec"), {"__name__": "readme_snippet"})
+SNIPPETS = [block for block in python_blocks() if block.startswith(SNIPPET_MARK)]
+
+
+def test_use_in_your_own_code_has_its_snippets():
+    assert len(SNIPPETS) == 3, f"expected 3 ```python blocks starting with {SNIPPET_MARK}"
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+def test_the_snippet_runs(index):
+    exec(compile(SNIPPETS[index], f"README.md snippet {index + 1}", "exec"),
+         {"__name__": "readme_snippet"})
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "configs").glob("*.py")
