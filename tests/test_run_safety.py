@@ -327,3 +327,17 @@ def test_unusable_workdirs_are_one_line(tmp_path, array_dir):
                               "Read-only file system")
     finally:
         subprocess.run(["umount", str(read_only)], check=True)
+
+
+def test_configs_of_older_runs_read_with_the_behaviour_they_had(tmp_path):
+    """A run saved before a key existed reads with the value that reproduces what it did;
+    every such key is a key of today's config."""
+    from configs import default
+    config = default.get_config()
+    assert set(rundir.KEYS_ADDED_LATER) <= set(config.keys())
+    older = {k: v for k, v in json.loads(config.to_json()).items()
+             if k not in rundir.KEYS_ADDED_LATER}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    read = rundir.read_config(str(tmp_path))
+    assert {k: read[k] for k in rundir.KEYS_ADDED_LATER} == rundir.KEYS_ADDED_LATER
+    assert read.antialias and not read.augment_on_device  # what runs did before these keys
