@@ -17,12 +17,12 @@ def get_config():
     config.data_dir = config_dict.placeholder(str)  # tfds data_dir, local or gs://; None: default
     config.input_pipeline = "tfds"        # "tfds" (tf.data on the host) or "device_resident"
     config.array_dir = config_dict.placeholder(str)  # device_resident: <dataset>_<split>.npz
-    config.train_split = "train"
-    config.eval_split = "test"
+    config.train_split = "train"         # tfds split to train on (any split expression)
+    config.eval_split = "test"           # tfds split evaluated (whole, tail padded and masked)
     config.batch_size = 128               # global batch over all devices of all processes
     config.eval_batch_size = 500          # global; the last batch is padded and masked
     config.cache = True                   # cache decoded examples in host memory
-    config.shuffle_buffer_size = 50_000
+    config.shuffle_buffer_size = 50_000   # tf.data shuffle buffer, in examples
     config.image_size = 32                # training crop size
     config.eval_crop_sizes = (32,)        # ImageNet: (224, 320)
     config.eval_resize_ratio = 0.875      # JPEG eval: shorter side to crop / ratio (224 <- 256)
@@ -31,11 +31,11 @@ def get_config():
     config.augment_on_device = True       # ImageNet: flip + colour in the train step, not on the
                                           # host (resnet_v2_jax/augment.py)
     config.antialias = False              # ImageNet: low-pass filter before a shrinking resize
-    config.seed = 0
+    config.seed = 0                       # initialisation, data order and augmentation draws
 
     # Model (resnet_v2_jax.models).
     config.arch = "cifar"                 # "cifar" or "imagenet" (docs/paper.md)
-    config.depth = 164
+    config.depth = 164                    # CIFAR: 6n+2 basic, 9n+2 bottleneck; ImageNet: 18..200
     config.block = "bottleneck"           # "bottleneck" or "basic"
     config.unit = "full_preact"           # Fig. 4: original | bn_after_add | relu_before_add |
                                           #         relu_preact | full_preact
@@ -53,7 +53,7 @@ def get_config():
     config.float64 = False                # float64 params and compute (jax_enable_x64): for exact
                                           # equivalence tests, not for training
     config.bn_momentum = 0.9              # Torch's BN momentum 0.1
-    config.bn_epsilon = 1e-5
+    config.bn_epsilon = 1e-5              # BN epsilon (Torch's default)
     config.bn_group_size = 0              # devices per BN group: 0 = all devices, 1 = per device
     config.input_resize = 0               # resize the normalised input to this size on the device
                                           # (fine-tuning at a higher resolution); 0 = as loaded
@@ -67,28 +67,28 @@ def get_config():
 
     # Optimisation (resnet_v2_jax.train).
     config.learning_rate = 0.1            # at base_batch_size; scaled linearly by batch_size
-    config.base_batch_size = 128
-    config.momentum = 0.9
+    config.base_batch_size = 128          # batch size learning_rate is given for
+    config.momentum = 0.9                 # SGD momentum
     config.nesterov = True                # the released code's choice
-    config.weight_decay = 1e-4
+    config.weight_decay = 1e-4            # L2 penalty added to the gradient (Torch's SGD)
     config.weight_decay_bn_and_bias = True  # authors' code decays every parameter
     config.lr_schedule = "steps"          # "steps" or "cosine"
     config.lr_boundaries_epochs = (81, 122)  # "steps": x lr_decay_factor at these epochs
     config.lr_boundaries_steps = ()       # or at these steps (takes precedence when set)
-    config.lr_decay_factor = 0.1
+    config.lr_decay_factor = 0.1          # "steps": factor at each boundary
     config.warmup = "none"                # "none" | "constant" (paper appendix) | "linear"
-    config.warmup_steps = 400
+    config.warmup_steps = 400             # length of the warm-up, in steps
     config.warmup_learning_rate = 0.01    # "constant" warm-up value
-    config.num_epochs = 164.0
+    config.num_epochs = 164.0             # training length in epochs of the train split
     config.num_train_steps = -1           # > 0 overrides num_epochs
 
     # Loop, evaluation, checkpoints, logging.
     config.parallelism = "shard_map"      # "shard_map" or "pmap"
-    config.log_every_steps = 100
+    config.log_every_steps = 100          # training metrics to the log and TensorBoard
     config.eval_every_steps = 0           # 0 = once per epoch
     config.steps_per_eval = -1            # -1 = the whole eval split
-    config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 3
+    config.checkpoint_every_steps = 1000  # Orbax checkpoint interval (and at the end)
+    config.keep_checkpoints = 3           # checkpoints kept (the newest)
     return config
 
 

@@ -1,4 +1,4 @@
-"""Signal propagation through the actual networks: the paper's analysis (Sections 3-4) measured.
+r"""Signal propagation through the actual networks: the paper's analysis (Sections 3-4) measured.
 
 With identity shortcuts and identity after-addition, x_L = x_l + sum_i F(x_i) (eq. 4) and
 dE/dx_l = dE/dx_L (1 + d/dx_l sum_i F) (eq. 5): the gradient reaching a shallow unit keeps the

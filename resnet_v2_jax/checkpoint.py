@@ -14,7 +14,6 @@ Orbax decides which process writes what.
   checkpoints are all unreadable is refused rather than trained from scratch.
 """
 
-import logging as std_logging
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -231,7 +230,3 @@ def _structure_diff(saved: Dict[str, str], current: Dict[str, str], examples: in
                      f"this config, e.g. {', '.join(only_current[:examples])}")
     return "; ".join(parts)
 
-
-def quiet_orbax_info(record: std_logging.LogRecord) -> bool:
-    """A logging filter: Orbax logs every save in detail at INFO; keep its warnings and errors."""
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname

@@ -1,23 +1,74 @@
-"""What the commands (`main`, `evaluate`, `analyze`, `plot`, `device_input`) share: absl
-start-up, config files that load from any directory, and one line instead of a traceback for
-user errors.
+"""What the commands (`main`, `evaluate`, `analyze`, `plot`, `export`, `summary`,
+`device_input`) share: absl start-up, config files that load from any directory, quiet
+libraries, and one line instead of a traceback for user errors.
 
 A user error (bad config value, missing data, unusable checkpoint or workdir, diverged
 training) ends the command with `error: <what is wrong and what to do>` on stderr and exit
 code 1; bad flags or config files with exit code 2; Ctrl-C with exit code 130. Set
 RESNET_V2_JAX_TRACEBACK=1 to see the traceback as well.
+
+Library lines that carry no information for a user and read like errors are dropped
+(`LIBRARY_NOISE`); warnings that do carry information are kept.
 """
 
+import contextlib
 import importlib.util
+import inspect
+import logging as std_logging
 import os
+import re
 import sys
 import types
-from typing import Callable, Sequence, Tuple, Type
+from typing import Callable, Dict, Sequence, Tuple, Type
 
 import ml_collections
 from absl import app, flags, logging
 
 TRACEBACK_VARIABLE = "RESNET_V2_JAX_TRACEBACK"
+
+# (logger name prefix, message pattern) of library lines dropped from every command's log.
+LIBRARY_NOISE = (
+    # JAX probing for a TPU on every machine without one.
+    ("jax._src.xla_bridge", r"Unable to initialize backend 'tpu'"),
+    # tfds on a dataset folder an earlier failed preparation left behind.
+    ("absl", r"Variant folder .* has no dataset_info\.json"),
+    # TensorBoard's event reader (plot) moving through a run's event files.
+    ("tensorboard", r"No path found after|Directory watcher advancing"),
+    # Orbax opening a checkpoint folder read-only, which eval-only and export ask for.
+    ("absl", r"read_only=True|Given directory is read only"),
+)
+
+
+class _LibraryNoise(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno < std_logging.WARNING and "orbax" in record.pathname:
+            return False  # Orbax logs every save in detail at INFO; keep its warnings
+        message = record.getMessage()
+        return not any(record.name.startswith(name) and re.search(pattern, message)
+                       for name, pattern in LIBRARY_NOISE)
+
+
+@contextlib.contextmanager
+def native_stderr_quiet():
+    """Silences what native code writes to stderr inside the block: TensorFlow's C++ lines at
+    import ("oneDNN custom operations are on", CPU features, "All log messages before
+    absl::InitializeLog()"), which TF_CPP_MIN_LOG_LEVEL no longer reaches. Exceptions still
+    propagate with their messages."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def quiet_libraries() -> None:
+    """Drops `LIBRARY_NOISE` from absl's log. (TensorFlow's start-up lines go with
+    `native_stderr_quiet`, tfds' progress bars, raw escape codes in a log, in `input_pipeline`.)"""
+    logging.get_absl_handler().addFilter(_LibraryNoise())
 
 
 def fail(message: str, code: int = 1, error: BaseException = None) -> None:
@@ -92,6 +143,7 @@ def parse_flags(argv: Sequence[str]):
     given file's `configs/` package is put on sys.path, so `--config=/path/to/configs/x.py`
     works wherever the command runs.
     """
+    argv = ["--help" if arg == "-h" else arg for arg in argv]  # absl knows only --help
     paths = list(_config_paths(argv))
     for path in paths:
         if not os.path.isfile(path):
@@ -108,6 +160,39 @@ def parse_flags(argv: Sequence[str]):
     return rest
 
 
+def config_key_help() -> Dict[str, str]:
+    """{key: its one-line meaning}, in the order of configs/default.py, from the comments at the
+    end of its `config.<key> = ...` lines (and the comment lines aligned under them)."""
+    try:
+        from configs import default
+        source = inspect.getsource(default)
+    except (ImportError, OSError):
+        return {}
+    meanings, key = {}, None
+    for line in source.splitlines():
+        assignment = re.match(r"\s*config\.(\w+)\s*=[^#]*(?:#\s*(.*))?$", line)
+        continued = re.match(r"\s{30,}#\s*(.*)$", line)
+        if assignment:  # the first assignment, in get_config(), is the documented one
+            key = assignment[1] if assignment[1] not in meanings else None
+            if key:
+                meanings[key] = (assignment[2] or "").strip()
+        elif continued and key:
+            meanings[key] = f"{meanings[key]} {continued[1].strip()}".strip()
+        else:
+            key = None
+    return meanings
+
+
+def print_config(config: ml_collections.ConfigDict) -> None:
+    """Every key of `config` with its value and meaning, one per line: `--print_config`."""
+    meanings = config_key_help()
+    keys = [k for k in meanings if k in config] + sorted(k for k in config if k not in meanings)
+    width = max(len(f"{k} = {config[k]!r}") for k in keys)
+    for key in keys:
+        setting = f"{key} = {config[key]!r}"
+        print(f"{setting:<{width}}  # {meanings[key]}" if meanings.get(key) else setting)
+
+
 def run(main: Callable, user_errors: Tuple[Type[BaseException], ...]) -> None:
     """`app.run(main)` where `user_errors` and Ctrl-C end in one line instead of a traceback."""
 
@@ -120,6 +205,7 @@ def run(main: Callable, user_errors: Tuple[Type[BaseException], ...]) -> None:
         except user_errors as e:
             fail(str(e), 1, e)
 
+    quiet_libraries()
     app.run(guarded, flags_parser=parse_flags)
 
 

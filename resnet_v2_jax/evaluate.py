@@ -132,7 +132,6 @@ def define_flags() -> None:
 def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # the results are printed; --verbosity=0 for more
-    logging.get_absl_handler().addFilter(checkpoint.quiet_orbax_info)
     parallel.initialize_distributed(FLAGS.distributed)
     run(argv)
 

@@ -34,11 +34,13 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from etils import epath
 
-from resnet_v2_jax import augment, datasets, input_common
+from resnet_v2_jax import augment, cli, datasets, input_common
+
+with cli.native_stderr_quiet():  # TensorFlow's C++ start-up lines
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
 
 AUGMENTATIONS = ("pad_crop_flip", "scale", "scale_aspect")
 # fb.resnet.torch (datasets/imagenet.lua), used by the paper for ImageNet: RandomScale(256, 480).
@@ -61,6 +63,7 @@ def _hide_accelerators_from_tf():
 
 
 _hide_accelerators_from_tf()
+tfds.disable_progress_bar()  # a batch job's log is read as text: no progress-bar escape codes
 
 
 # --- datasets on disk --------------------------------------------------------------------------

@@ -1,24 +1,30 @@
-"""Command line: train and evaluate a pre-activation ResNet.
+r"""Command line: train and evaluate a pre-activation ResNet.
 
     python -m resnet_v2_jax.main --config=configs/cifar10_quick.py --workdir=/tmp/run
     python -m resnet_v2_jax.main --config=configs/imagenet_200.py --workdir=gs://bucket/run \
         --config.batch_size=1024
 
-Rerunning the same command resumes from the newest checkpoint in --workdir; rerunning a
-finished run reports its results and changes nothing. On several processes (TPU pod slices,
-multi-node GPU) every process runs the same command; `jax.distributed.initialize()` finds its
-peers from the environment. User errors end in one line (see `resnet_v2_jax.cli`).
+    python -m resnet_v2_jax.main --config=configs/cifar10_quick.py --print_config
+
+--print_config lists every config key with its value and meaning (after --config.key=value
+overrides) and exits; any key can be overridden that way. Rerunning the same command resumes
+from the newest checkpoint in --workdir; rerunning a finished run reports its results and
+changes nothing. On several processes (TPU pod slices, multi-node GPU) every process runs the
+same command; `jax.distributed.initialize()` finds its peers from the environment. User errors
+end in one line (see `resnet_v2_jax.cli`).
 """
 
 import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_v2_jax import checkpoint, cli, parallel, train
+from resnet_v2_jax import cli, parallel, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder (local, ~ or gs://) for checkpoints, logs, "
-                    "results; relative paths are made absolute at start.")
+                    "results; relative paths are made absolute at start. Required to train.")
+flags.DEFINE_bool("print_config", False, "Print every config key with its value and meaning, "
+                  "then exit without training.")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when the "
                   "environment names several processes (TPU pods, SLURM, JAX_COORDINATOR_ADDRESS) "
                   "or the flags below are given.")
@@ -28,7 +34,7 @@ flags.DEFINE_integer("num_processes", None, "Number of processes, likewise.")
 flags.DEFINE_integer("process_id", None, "This process's index, likewise.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10_quick.py; "
                                 "override keys with --config.key=value.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 # Errors that mean "the input is wrong", not "the program is wrong": one line, exit code 1.
 # ValueError covers bad config values, input_common.DataError, rundir.WorkdirError and
@@ -39,7 +45,11 @@ USER_ERRORS = (ValueError, FileNotFoundError, train.NonFiniteLossError)
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
-    logging.get_absl_handler().addFilter(checkpoint.quiet_orbax_info)
+    if FLAGS.print_config:
+        cli.print_config(FLAGS.config)
+        return
+    if not FLAGS.workdir:
+        cli.fail("--workdir is required to train (--print_config lists the config's keys)", 2)
     parallel.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                     FLAGS.num_processes, FLAGS.process_id)
     logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)",

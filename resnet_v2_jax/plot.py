@@ -1,4 +1,4 @@
-"""Training curves in the paper's figure style (Figs. 1, 3 and 6), from TensorBoard event files.
+r"""Training curves in the paper's figure style (Figs. 1, 3 and 6), from TensorBoard event files.
 
     python -m resnet_v2_jax.plot --workdir=/tmp/r110 --workdir=/tmp/r164 \
         --labels=ResNet-110,ResNet-164 --out=curves.png
@@ -20,9 +20,15 @@ from absl import flags
 from etils import epath
 from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
 from matplotlib.lines import Line2D
-from tensorboard.backend.event_processing import event_accumulator
 
 from resnet_v2_jax import cli
+
+with cli.native_stderr_quiet():  # TensorFlow's C++ start-up lines
+    try:
+        import tensorflow  # noqa: F401  (TensorBoard would import it later, printing them)
+    except ImportError:  # TensorBoard reads event files without it too
+        pass
+    from tensorboard.backend.event_processing import event_accumulator
 
 TEST_PREFIX = "eval/top1_error_"
 Series = Tuple[np.ndarray, np.ndarray]  # (steps, values)

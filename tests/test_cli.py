@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import chex
@@ -15,8 +16,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cli_runs import (N, assert_one_error_line, assert_same_params, kill, run, saved_state, start,
-                      wait_for_checkpoint)
+from cli_runs import (CONFIG, N, ROOT, assert_one_error_line, assert_same_params, environment,
+                      kill, run, saved_state, start, wait_for_checkpoint)
+from resnet_v2_jax import cli
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +253,30 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, arr
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
     else:  # diverged in the first step: nothing may have been saved
         assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
+
+
+def test_print_config_lists_every_key_with_its_meaning_and_help_takes_h():
+    """The keys are discoverable from the command line: --print_config (no --workdir needed)
+    prints each with its value after overrides and its meaning; -h is --help, whose usage keeps
+    its line continuations; a training run without --workdir is refused in one line."""
+    from configs import default
+    main = [sys.executable, "-m", "resnet_v2_jax.main", f"--config={CONFIG}"]
+    listed = subprocess.run([*main, "--config.depth=20", "--print_config"], cwd=ROOT, text=True,
+                            capture_output=True, env=environment(), timeout=300)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    lines = listed.stdout.splitlines()
+    assert [line.split(" = ")[0] for line in lines] == list(cli.config_key_help())
+    assert len(lines) == len(default.get_config())
+    assert all(" # " in line for line in lines)  # every key has its meaning
+    assert "depth = 20" in listed.stdout and "# devices per BN group: 0 = all devices" in \
+        listed.stdout
+    assert re.search(r"^unit = 'full_preact' +# Fig. 4: original \| bn_after_add \| "
+                     r"relu_before_add \| relu_preact \| full_preact$", listed.stdout, re.M)
+    usage = subprocess.run([sys.executable, "-m", "resnet_v2_jax.main", "-h"], cwd=ROOT,
+                           text=True, capture_output=True, env=environment(), timeout=300)
+    # (absl's --help exits with code 1)
+    assert "--workdir=gs://bucket/run \\\n" in usage.stdout
+    assert "--print_config" in usage.stdout
+    refused = subprocess.run(main, cwd=ROOT, text=True, capture_output=True, env=environment(),
+                             timeout=300)
+    assert_one_error_line(refused, "--workdir is required to train", returncode=2)
