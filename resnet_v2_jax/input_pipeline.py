@@ -30,10 +30,13 @@ Eval resizes the shorter side to crop / `config.eval_resize_ratio` and takes the
 (also as one fused decode of the centre window).
 """
 
+import contextlib
+import io
 from typing import Callable, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
 from resnet_v2_jax import augment, cli, datasets, input_common
@@ -89,8 +92,12 @@ def _builder(config) -> tfds.core.DatasetBuilder:
                 "(README.md, section 'Preparing ImageNet'), or set config.data_dir to where it is "
                 "prepared")
     created = [p for p in (root, root / builder.name) if not p.exists()]
+    logging.warning("%s is not prepared in %s: downloading and preparing it with tfds",
+                    config.dataset, root)
     try:
-        builder.download_and_prepare()
+        # tfds prints a bold banner of sizes it does not know ("Unknown size") to stdout.
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare()
     except Exception as e:
         for folder in created:  # leave nothing behind of a failed attempt
             if folder.exists():
