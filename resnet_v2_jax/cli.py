@@ -50,12 +50,19 @@ class _LibraryNoise(std_logging.Filter):
 
 @contextlib.contextmanager
 def native_stderr_quiet():
-    """Silences what native code writes to stderr inside the block: TensorFlow's C++ lines at
-    import ("oneDNN custom operations are on", CPU features, "All log messages before
-    absl::InitializeLog()"), which TF_CPP_MIN_LOG_LEVEL no longer reaches. Exceptions still
-    propagate with their messages."""
+    """Quiets TensorFlow's C++ log, for its import inside the block. What native code writes to
+    stderr there ("oneDNN custom operations are on", CPU features, "All log messages before
+    absl::InitializeLog()"), which TF_CPP_MIN_LOG_LEVEL no longer reaches, is dropped; and
+    TF_CPP_MIN_LOG_LEVEL=2, which TensorFlow reads at import, drops its INFO and WARNING lines
+    later on, such as "The calling iterator did not fully read the dataset being cached" from
+    every run stopped in its first epoch. The variable is restored after the block: JAX reads it
+    at its own import, so XLA's warnings stay. A user's TF_CPP_MIN_LOG_LEVEL=0 is kept (1 is
+    JAX's default, which it sets when unset). Exceptions still propagate with their messages."""
     sys.stderr.flush()
     saved = os.dup(2)
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if level in (None, "1"):
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
@@ -63,10 +70,14 @@ def native_stderr_quiet():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+        if level is None:
+            del os.environ["TF_CPP_MIN_LOG_LEVEL"]
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = level
 
 
 def quiet_libraries() -> None:
-    """Drops `LIBRARY_NOISE` from absl's log. (TensorFlow's start-up lines go with
+    """Drops `LIBRARY_NOISE` from absl's log. (TensorFlow's C++ log goes with
     `native_stderr_quiet`, tfds' progress bars, raw escape codes in a log, in `input_pipeline`.)"""
     logging.get_absl_handler().addFilter(_LibraryNoise())
 

@@ -2,6 +2,7 @@
 subprocesses on small array datasets (device-resident input). TensorFlow cannot be imported in
 them (tests/without_tensorflow): that path must run on machines without it."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import orbax.checkpoint as ocp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "cifar10_quick.py")
 N = 3  # checkpoint interval; runs are 2N steps
+OUR_MODULES = {name for name in os.listdir(os.path.join(ROOT, "resnet_v2_jax"))
+               if name.endswith(".py")}
 
 
 def command(workdir, array_dir, *overrides, config=CONFIG):
@@ -111,3 +114,11 @@ def assert_one_error_line(result, message, returncode=1):
         result.stderr[-3000:]
     assert sum(line.startswith("error: ") for line in lines) == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def assert_only_our_info_lines(result):
+    """Every INFO line of the command's log comes from this project: the libraries' (Orbax logs
+    a dozen per save or restore) are dropped by `cli.quiet_libraries`."""
+    sources = set(re.findall(r"^I\d{4} [\d:.]+ +\d+ (\S+?):\d+\]", result.stderr, re.M))
+    assert sources and sources <= OUR_MODULES, (sorted(sources - OUR_MODULES),
+                                                result.stderr[-3000:])

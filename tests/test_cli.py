@@ -2,6 +2,7 @@
 and the bad-input table. Each run is a real `python -m resnet_v2_jax.main` subprocess on a small
 array dataset (device-resident input, so no TensorFlow start-up cost)."""
 import json
+import logging
 import os
 import re
 import signal
@@ -16,8 +17,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cli_runs import (CONFIG, N, ROOT, assert_one_error_line, assert_same_params, environment,
-                      kill, run, saved_state, start, wait_for_checkpoint)
+from cli_runs import (CONFIG, N, ROOT, assert_one_error_line, assert_only_our_info_lines,
+                      assert_same_params, environment, kill, run, saved_state, start,
+                      wait_for_checkpoint)
 from resnet_v2_jax import cli
 
 
@@ -39,6 +41,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(tmp_path, a
     assert not os.path.exists(os.path.join(workdir, "results.json")), "finished before the kill"
     resumed = run(workdir, array_dir)
     assert f"resuming from step {N}" in resumed.stderr
+    assert_only_our_info_lines(resumed)  # a restore and a save, without Orbax's log
     state, step = saved_state(workdir)
     reference, ref_step = saved_state(uninterrupted)
     assert step == ref_step == 2 * N
@@ -280,3 +283,45 @@ def test_print_config_lists_every_key_with_its_meaning_and_help_takes_h():
     refused = subprocess.run(main, cwd=ROOT, text=True, capture_output=True, env=environment(),
                              timeout=300)
     assert_one_error_line(refused, "--workdir is required to train", returncode=2)
+
+
+def test_library_noise_is_dropped_and_warnings_are_kept():
+    """The library lines of cli.LIBRARY_NOISE, seen on real runs (most not reproducible here:
+    tests pin JAX to the CPU and prepare no data), and Orbax's INFO lines are dropped from the
+    log; warnings, ours and the libraries' own, are kept."""
+    def kept(name, level, message, pathname="/site-packages/lib/module.py"):
+        record = logging.LogRecord(name, level, pathname, 1, message, None, None)
+        return cli._LibraryNoise().filter(record)
+
+    assert not kept("jax._src.xla_bridge", logging.INFO, "Unable to initialize backend 'tpu': "
+                    "INTERNAL: Failed to open libtpu.so: libtpu.so: cannot open shared object file")
+    assert not kept("absl", logging.WARNING,
+                    "Variant folder /data/cifar100/3.0.2 has no dataset_info.json")
+    assert not kept("tensorboard", logging.INFO, "No path found after /run/events.out.tfevents.1")
+    orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not kept("absl", logging.WARNING, "Given directory is read only=/run/checkpoints", orbax)
+    assert not kept("absl", logging.INFO, "Saving checkpoint at step 4", orbax)
+    assert kept("absl", logging.WARNING, "/run/checkpoints is read only, save will be skipped",
+                orbax)
+    assert kept("jax._src.xla_bridge", logging.WARNING, "An NVIDIA GPU may be present on this "
+                "machine, but a CUDA-enabled jaxlib is not installed. Falling back to cpu.")
+    assert kept("absl", logging.WARNING, "cifar100 is not prepared in /data: downloading and "
+                "preparing it with tfds", "/repo/resnet_v2_jax/input_pipeline.py")
+
+
+def test_tensorflow_says_nothing_at_import_or_of_a_partly_read_cache():
+    """TensorFlow's C++ start-up lines, and its warning when a cache is left partly read (every
+    CIFAR run stopped in its first epoch), reach no output (cli.native_stderr_quiet); afterwards
+    TF_CPP_MIN_LOG_LEVEL is JAX's default again, for XLA's warnings."""
+    code = ("import os\n"
+            "from resnet_v2_jax import input_pipeline\n"
+            "batches = iter(input_pipeline.tf.data.Dataset.range(10).cache().repeat())\n"
+            "next(batches)\n"
+            "del batches\n"
+            "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])\n")
+    env = environment(tensorflow=True)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True, env=env,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert result.stdout == "1\n"
