@@ -37,6 +37,7 @@ import re
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -477,8 +478,8 @@ def save(path: str, model: ResNetV2, variables) -> None:
     `load(path)` rebuilds the network without a config or Orbax. timm's and Hugging Face's
     tools read the file too."""
     from safetensors.numpy import save_file
-    tensors = {"/".join(str(k.key) for k in key): np.asarray(value)
-               for key, value in jax.tree_util.tree_leaves_with_path(variables)}
+    tensors = {name: np.asarray(value)
+               for name, value in traverse_util.flatten_dict(variables, sep="/").items()}
     save_file(tensors, str(path), metadata={"format": FILE_FORMAT,
                                             "options": json.dumps(options(model))})
 
@@ -503,11 +504,6 @@ def load(path: str, **overrides):
             values[key] = jnp.dtype(value)
         elif isinstance(value, list):
             values[key] = tuple(value)
-    variables = {}
-    for name, value in tensors.items():
-        *parents, leaf = name.split("/")
-        node = variables
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = jnp.asarray(value)
+    variables = traverse_util.unflatten_dict(
+        {name: jnp.asarray(value) for name, value in tensors.items()}, sep="/")
     return ResNetV2(**values), variables
