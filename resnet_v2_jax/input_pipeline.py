@@ -32,6 +32,9 @@ Eval resizes the shorter side to crop / `config.eval_resize_ratio` and takes the
 
 import contextlib
 import io
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Callable, Iterator, Optional, Tuple
 
 import jax
@@ -91,6 +94,13 @@ def _builder(config) -> tfds.core.DatasetBuilder:
                 f"archives in {manual}, then run `tfds build {config.dataset} --data_dir={root}` "
                 "(README.md, section 'Preparing ImageNet'), or set config.data_dir to where it is "
                 "prepared")
+    unreachable = _unreachable_hosts(builder)
+    if unreachable:
+        raise FileNotFoundError(
+            f"{config.dataset} is not prepared in {root} and its download host "
+            f"({', '.join(unreachable)}) cannot be reached; run `tfds build {config.dataset} "
+            f"--data_dir={root}` on a machine with internet access and copy the folder here, or "
+            "set config.data_dir to where it is prepared")
     created = [p for p in (root, root / builder.name) if not p.exists()]
     logging.warning("%s is not prepared in %s: downloading and preparing it with tfds",
                     config.dataset, root)
@@ -109,6 +119,27 @@ def _builder(config) -> tfds.core.DatasetBuilder:
             "machine with internet access (copy the folder here if this one is offline), or set "
             "config.data_dir to where it is prepared") from e
     return builder
+
+
+def _unreachable_hosts(builder, timeout_s: float = 10.0) -> list:
+    """The hosts of `builder`'s download URLs when none of them answers, else [].
+
+    tfds retries a failed download ten times with a growing back-off (minutes on a machine
+    without internet); one HEAD request per host, through the same proxy settings, says it at
+    once. Any HTTP answer, an error status included, means the host is reachable."""
+    hosts = {}
+    for url in getattr(builder, "url_infos", None) or {}:
+        hosts.setdefault(urllib.parse.urlsplit(url).netloc, url)
+    for url in hosts.values():
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                        timeout=timeout_s):
+                return []
+        except urllib.error.HTTPError:
+            return []
+        except (urllib.error.URLError, OSError, ValueError):
+            continue
+    return sorted(hosts)
 
 
 def check_data(config) -> int:

@@ -208,8 +208,8 @@ BAD_INPUTS = [
     ("steps", ["--config.num_train_steps=0", "--config.num_epochs=0"], "num_train_steps > 0"),
     ("arrays", ["--config.array_dir=/nonexistent"], "not found"),
     ("input", ["--config.input_pipeline=grain"], "unknown input_pipeline 'grain'"),
-    # An unprepared manual-download dataset fails at once; a failed download of CIFAR (which
-    # takes minutes offline) is tested in-process in test_input_pipeline.py.
+    # An unprepared manual-download dataset fails at once; an unreachable or failed download of
+    # CIFAR is tested in-process in test_input_pipeline.py (here it would download with internet).
     ("unprepared", ["--config.input_pipeline=tfds", "--config.dataset=imagenet2012",
                     "--config.data_dir={tmp}/tfds"], "needs a manual download"),
     # These runs cannot import TensorFlow (cli_runs): the tfds pipeline says what to do.

@@ -11,6 +11,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import jax
 import jax.numpy as jnp
@@ -484,7 +486,38 @@ def test_bad_configs_raise_clear_errors(tfds_data_dir, tmp_path, monkeypatch):
     def offline(self, *args, **kwargs):
         raise ConnectionError("no network")
 
+    # The host answers, the download then fails: the folders tfds created are removed.
+    monkeypatch.setattr(input_pipeline, "_unreachable_hosts", lambda builder: [])
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     with pytest.raises(FileNotFoundError, match="could not be downloaded.*tfds build cifar10"):
         input_pipeline.create_train_iterator(make_config(str(tmp_path)))
     assert list(tmp_path.iterdir()) == []  # neither attempt left folders behind
+
+
+def test_an_offline_download_fails_at_once_and_an_answering_host_is_reachable(tmp_path,
+                                                                               monkeypatch):
+    """Without a route to the download host the one-line error comes before tfds' minutes of
+    retries and before any folder exists; an HTTP error status still means the host is there."""
+    asked = []
+
+    def no_route(request, timeout):
+        asked.append((request.get_method(), request.full_url, timeout))
+        raise urllib.error.URLError("Name or service not known")
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("download_and_prepare must not start")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_route)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", never)
+    with pytest.raises(FileNotFoundError, match=r"its download host \(www.cs.toronto.edu\) "
+                       r"cannot be reached; run `tfds build cifar10"):
+        input_pipeline.check_data(make_config(str(tmp_path)))
+    assert asked == [("HEAD", "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", 10.0)]
+    assert list(tmp_path.iterdir()) == []
+
+    def forbidden(request, timeout):
+        raise urllib.error.HTTPError(request.full_url, 403, "Forbidden", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", forbidden)
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    assert input_pipeline._unreachable_hosts(builder) == []  # pylint: disable=protected-access
