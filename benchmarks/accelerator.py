@@ -18,6 +18,16 @@ time / the device's dense bf16 peak (`PEAK_TFLOPS`; n/a for devices not listed).
     python benchmarks/accelerator.py                       # every part; JSON + markdown in --out
     python benchmarks/accelerator.py --parts=cifar164_b128,timm_resnetv2_50
     python benchmarks/accelerator.py --smoke               # every part, tiny, on any CPU (CI)
+    python benchmarks/accelerator.py --parts=cifar164_b128 --variants=default,command_buffers \
+        --profile                                # XLA flag presets side by side, kernel profile
+
+`--variants` runs each JAX part once per preset of XLA flags (`VARIANTS`, added to the
+environment's XLA_FLAGS), each in its own process. `--profile` then traces a few train steps
+with `jax.profiler` (a `perfetto_trace.json.gz` per part, for ui.perfetto.dev) and summarises
+the device's rows: kernels per step, their summed time per step against the step's wall time
+(far below it: the host's launches set the pace; close to it: the kernels do) and the kernels
+that take longest. A profiled step runs op by op (XLA turns command buffers off while
+profiling), so the profile's wall time is not the timed figure.
 
 Nothing here imports TensorFlow or tfds: it runs on a GPU machine with
 no internet once ml_collections' wheel is there (benchmarks/README.md gives the recipe).
@@ -56,6 +66,7 @@ class Part:
 PARTS = {
     "cifar110_b128": Part("cifar", 110, 128, smoke_depth=8),
     "cifar164_b128": Part("cifar", 164, 128, smoke_depth=11),
+    "cifar164_b128_scan": Part("cifar", 164, 128, smoke_depth=11, scan=True),
     "cifar164_b1024": Part("cifar", 164, 1024, smoke_depth=11),
     "cifar1001_b128": Part("cifar", 1001, 128, smoke_depth=20, scan=True, remat=True),
     "imagenet50_b256": Part("imagenet", 50, 256, smoke_depth=50),
@@ -63,9 +74,29 @@ PARTS = {
     "timm_resnetv2_50": Part("timm", 50, 256, smoke_depth=50),
 }
 SMOKE_BATCH, SMOKE_IMAGENET_SIZE = 8, 64
+# Presets of XLA flags for --variants (GPU flags; a CPU accepts and ignores them). Flags a JAX
+# version does not know stop that variant's process with XLA's "Unknown flag" line.
+VARIANTS = {
+    "default": "",
+    # Every kind of command XLA can put into CUDA graphs, and graphs of any size.
+    "command_buffers": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,"
+                       "CUSTOM_CALL,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1",
+    "no_command_buffers": "--xla_gpu_enable_command_buffer=",  # every kernel launched alone
+    "conv_fusion": "--xla_gpu_experimental_enable_conv_fusion=true",
+    "nhwc": "--xla_gpu_force_conv_nhwc=true",
+    "autotune_4": "--xla_gpu_autotune_level=4",
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+    "latency_hiding": "--xla_gpu_enable_latency_hiding_scheduler=true",
+}
+PROFILE_STEPS = 3
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("parts", list(PARTS), f"Parts to run, from {', '.join(PARTS)}.")
+flags.DEFINE_list("parts", [p for p in PARTS if not p.endswith("_scan")],
+                  f"Parts to run, from {', '.join(PARTS)}.")
+flags.DEFINE_list("variants", ["default"], "Presets of XLA flags to run each JAX part under, "
+                  f"from {', '.join(VARIANTS)} (benchmarks/accelerator.py, VARIANTS).")
+flags.DEFINE_bool("profile", False, f"Also trace {PROFILE_STEPS} train steps of each JAX part "
+                  "with jax.profiler and summarise the device's kernels.")
 flags.DEFINE_bool("smoke", False, "Tiny sizes (batch 8, smaller depths, 64px ImageNet), one "
                   "short repetition: checks every part's code path on any CPU; no figure counts.")
 flags.DEFINE_float("rep_s", 1.0, "Seconds one timed repetition aims at.")
@@ -74,6 +105,7 @@ flags.DEFINE_float("part_budget_s", 150.0, "Seconds after which a part stops tim
 flags.DEFINE_float("budget_s", 420.0, "Seconds after which no further part is started.")
 flags.DEFINE_string("out", "benchmark_results", "Folder for accelerator.json and accelerator.md.")
 flags.DEFINE_string("part", None, "Internal: run this one part in this process, print its JSON.")
+flags.DEFINE_string("variant", "default", "Internal: the preset this process's XLA_FLAGS hold.")
 
 
 # --- timing, shared by the JAX and the PyTorch parts -------------------------------------------
@@ -95,6 +127,67 @@ def time_steps(run: Callable[[int], None], batch: int, deadline: float, smoke: b
     median = statistics.median(rates)
     return {"img_per_s": median, "ms_per_step": 1000 * batch / median, "steps_per_rep": steps,
             "reps": len(rates), "spread": (max(rates) - min(rates)) / median}
+
+
+def summarize_trace(path: str, steps: int, top: int = 12) -> Dict:
+    """The device rows of a `jax.profiler` perfetto trace (Chrome trace JSON), per step.
+
+    Kernels are the events of the device's "Stream ..." rows (GPU; a TPU's "XLA Ops" row where
+    there is none); their time is summed over streams. Every device row is listed with its
+    event count, so a trace laid out otherwise still says what it holds."""
+    import collections
+    import gzip
+    with gzip.open(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    names = {("process", e["pid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names.update({(e["pid"], e["tid"]): e["args"]["name"] for e in events
+                  if e.get("ph") == "M" and e.get("name") == "thread_name"})
+    rows = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and "/device:" in names.get(("process", e["pid"]), ""):
+            rows[(e["pid"], e["tid"])].append(e)
+    if not rows:
+        return {"note": "no device rows in the trace (on a CPU, XLA's work shows as host threads)"}
+    label = {key: f"{names[('process', key[0])]} / {names.get(key, key[1])}" for key in rows}
+    kernel_rows = ([k for k in rows if str(names.get(k, "")).startswith("Stream")]
+                   or [k for k in rows if names.get(k) == "XLA Ops"])
+    per_kernel = collections.defaultdict(lambda: [0, 0.0])
+    for key in kernel_rows:
+        for e in rows[key]:
+            per_kernel[e["name"]][0] += 1
+            per_kernel[e["name"]][1] += e.get("dur", 0.0)
+    longest = sorted(per_kernel.items(), key=lambda item: -item[1][1])[:top]
+    return {
+        "rows": {label[k]: {"events_per_step": len(v) / steps,
+                            "ms_per_step": sum(e.get("dur", 0.0) for e in v) / 1000 / steps}
+                 for k, v in rows.items()},
+        "kernels_per_step": sum(n for n, _ in per_kernel.values()) / steps,
+        "kernel_ms_per_step": sum(us for _, us in per_kernel.values()) / 1000 / steps,
+        "top_kernels": [{"name": name[:120], "per_step": n / steps, "ms_per_step": us / 1000 / steps}
+                        for name, (n, us) in longest],
+    }
+
+
+def profile_steps(run: Callable[[int], None], folder: str) -> Dict:
+    """Traces PROFILE_STEPS steps of `run` into `folder` and summarises the device's rows."""
+    import glob
+    import jax
+    run(1)  # nothing of the timed repetitions is still running
+    start = time.perf_counter()
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        run(PROFILE_STEPS)
+    wall_ms = 1000 * (time.perf_counter() - start) / PROFILE_STEPS
+    traces = sorted(glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"),
+                              recursive=True), key=os.path.getmtime)
+    if not traces:
+        return {"note": f"jax.profiler wrote no perfetto_trace.json.gz under {folder}"}
+    for other in glob.glob(os.path.join(os.path.dirname(traces[-1]), "*")):
+        if other != traces[-1]:  # the same trace in other formats: keep the results small
+            os.remove(other)
+    summary = summarize_trace(traces[-1], PROFILE_STEPS)
+    summary.update(wall_ms_per_step=wall_ms, trace=os.path.relpath(traces[-1], FLAGS.out))
+    return summary
 
 
 def peak_tflops(device_kind: str) -> Optional[float]:
@@ -190,6 +283,9 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
 
     train_timing = time_steps(run_train, batch, deadline, smoke)
     eval_timing = time_steps(run_eval, batch, deadline, smoke)
+    profile = (profile_steps(run_train, os.path.join(FLAGS.out, "traces",
+                                                     part_key().replace("@", "-")))
+               if FLAGS.profile else None)
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -204,6 +300,8 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
         "gflop_per_step": flops / 1e9 if flops else None,
         "mfu": mfu(flops, train_timing["ms_per_step"], peak_tflops(device.device_kind)),
         "peak_memory_gib": peak / 2**30 if peak else None,
+        "variant": FLAGS.variant, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -294,6 +392,12 @@ def measure_timm(part: Part, smoke: bool, deadline: float) -> Dict:
 
 # --- the driver: one process per part --------------------------------------------------------
 
+def part_key(name: Optional[str] = None, variant: Optional[str] = None) -> str:
+    """A result's name: the part's, with "@variant" unless it ran under the default flags."""
+    name, variant = name or FLAGS.part, variant or FLAGS.variant
+    return name if variant == "default" else f"{name}@{variant}"
+
+
 def run_part(name: str) -> None:
     part = PARTS[name]
     deadline = time.perf_counter() + FLAGS.part_budget_s
@@ -302,14 +406,17 @@ def run_part(name: str) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_in_subprocess(name: str, timeout_s: float) -> Dict:
+def run_in_subprocess(name: str, variant: str, timeout_s: float) -> Dict:
     command = [sys.executable, os.path.abspath(__file__), f"--part={name}",
-               f"--rep_s={FLAGS.rep_s}", f"--reps={FLAGS.reps}",
-               f"--part_budget_s={FLAGS.part_budget_s}", f"--smoke={FLAGS.smoke}"]
+               f"--variant={variant}", f"--rep_s={FLAGS.rep_s}", f"--reps={FLAGS.reps}",
+               f"--part_budget_s={FLAGS.part_budget_s}", f"--smoke={FLAGS.smoke}",
+               f"--profile={FLAGS.profile}", f"--out={os.path.abspath(FLAGS.out)}"]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(filter(None, (env.get("XLA_FLAGS", ""), VARIANTS[variant])))
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                              check=False)
+                              check=False, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"stopped after {timeout_s:.0f} s (the run's time budget)"}
     for line in done.stdout.splitlines():
@@ -331,17 +438,43 @@ def markdown(results: Dict[str, Dict], header: str) -> str:
             "| part | framework | layout | batch | train img/s | eval img/s | compile s "
             "| GFLOP/step | MFU | peak GiB |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    profiles = []
     for name, r in results.items():
         if "train" not in r:
             rows.append(f"| {name} | {r.get('skipped') or r.get('error')} |||||||||")
             continue
+        if r.get("profile"):
+            profiles.append(profile_markdown(name, r))
         rows.append(
             f"| {name} | {r['framework']} | {r['layout']} | {r['batch']} | "
             f"{r['train']['img_per_s']:,.0f} | {r['eval']['img_per_s']:,.0f} | "
             f"{r['compile_s']:.1f} | {_fmt(r['gflop_per_step'], ',.0f')} | "
             f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
             f"{_fmt(r['peak_memory_gib'], '.1f')} |")
-    return "\n".join(rows) + "\n"
+    flags_used = {r["variant"]: r["xla_flags"] for r in results.values() if "variant" in r}
+    if set(flags_used) != {"default"}:
+        rows += ["", "XLA_FLAGS per variant: " + "; ".join(
+            f"{variant}: `{value or '(none)'}`" for variant, value in flags_used.items())]
+    return "\n".join(rows + profiles) + "\n"
+
+
+def profile_markdown(name: str, r: Dict) -> str:
+    p = r["profile"]
+    lines = ["", f"Profile of {name} ({PROFILE_STEPS} train steps, op by op): "
+             f"{_fmt(p.get('wall_ms_per_step'), '.2f')} ms wall per step; timed: "
+             f"{r['train']['ms_per_step']:.2f} ms."]
+    if "kernels_per_step" not in p:
+        return "\n".join(lines + [p.get("note", "")])
+    lines[-1] += (f" Kernels: {p['kernels_per_step']:,.0f} per step, "
+                  f"{p['kernel_ms_per_step']:.2f} ms of kernel time per step. Trace: "
+                  f"`{p['trace']}`.")
+    lines += ["", "| longest kernels | per step | ms per step |", "| --- | --- | --- |"]
+    lines += [f"| `{k['name']}` | {k['per_step']:.0f} | {k['ms_per_step']:.3f} |"
+              for k in p["top_kernels"]]
+    lines += ["", "| device row | events per step | ms per step |", "| --- | --- | --- |"]
+    lines += [f"| {row} | {v['events_per_step']:.0f} | {v['ms_per_step']:.2f} |"
+              for row, v in p["rows"].items()]
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -349,20 +482,26 @@ def main(argv):
     if FLAGS.part:
         run_part(FLAGS.part)
         return
-    unknown = sorted(set(FLAGS.parts) - set(PARTS))
-    if unknown:
-        raise app.UsageError(f"unknown part(s) {', '.join(unknown)}; choose from "
-                             f"{', '.join(PARTS)}")
+    for given, known, what in ((FLAGS.parts, PARTS, "part"), (FLAGS.variants, VARIANTS,
+                                                                "variant")):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise app.UsageError(f"unknown {what}(s) {', '.join(unknown)}; choose from "
+                                 f"{', '.join(known)}")
     end = time.perf_counter() + FLAGS.budget_s
     results: Dict[str, Dict] = {}
-    for name in FLAGS.parts:
+    # XLA's flags do not reach PyTorch: the peer runs once, under the first variant.
+    runs = [(name, variant) for name in FLAGS.parts for variant in FLAGS.variants
+            if PARTS[name].recipe != "timm" or variant == FLAGS.variants[0]]
+    for name, variant in runs:
+        key = part_key(name, variant)
         left = end - time.perf_counter()
         if left <= 0:
-            results[name] = {"error": "not started: the run's time budget was spent"}
+            results[key] = {"error": "not started: the run's time budget was spent"}
         else:
-            results[name] = run_in_subprocess(name, left + 60)
-        r = results[name]
-        print(f"{name}: " + (f"train {r['train']['img_per_s']:,.0f} img/s, eval "
+            results[key] = run_in_subprocess(name, variant, left + 60)
+        r = results[key]
+        print(f"{key}: " + (f"train {r['train']['img_per_s']:,.0f} img/s, eval "
                              f"{r['eval']['img_per_s']:,.0f} img/s, compile {r['compile_s']:.1f} s"
                              if "train" in r else r.get("skipped") or r.get("error")), flush=True)
     # The devices are the parts' alone (on a GPU this process would otherwise take its memory).

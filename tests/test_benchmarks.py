@@ -3,6 +3,7 @@
 No figure is asserted (this CPU is shared and noisy); what is checked is that every part's code
 path works, that the FLOP count is the model's, and that the JSON and markdown are written.
 """
+import gzip
 import json
 import os
 import subprocess
@@ -35,3 +36,66 @@ def test_accelerator_smoke_runs_every_part_without_tensorflow(tmp_path):
     assert scanned["gflop_per_step"] > 1.5 * smaller["gflop_per_step"]
     table = (tmp_path / "accelerator.md").read_text()
     assert "| cifar1001_b128 |" in table and "SMOKE" in table
+
+
+def test_accelerator_variants_and_profile(tmp_path):
+    """Each XLA-flag preset runs in its own process with its flags; the PyTorch peer runs once;
+    --profile leaves a perfetto trace per JAX part and says what it found in it."""
+    script = os.path.join(ROOT, "benchmarks", "accelerator.py")
+    done = subprocess.run([sys.executable, script, "--smoke", f"--out={tmp_path}",
+                           "--parts=cifar110_b128,timm_resnetv2_50",
+                           "--variants=default,no_command_buffers", "--profile"], cwd=tmp_path,
+                          env=environment(1), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "accelerator.json").read_text())["results"]
+    assert list(results) == ["cifar110_b128", "cifar110_b128@no_command_buffers",
+                             "timm_resnetv2_50"]
+    base = environment(1)["XLA_FLAGS"]  # the environment's flags stay, the preset's are added
+    assert results["cifar110_b128"]["xla_flags"] == base
+    assert results["cifar110_b128@no_command_buffers"]["xla_flags"] == \
+        f"{base} --xla_gpu_enable_command_buffer="
+    for key, folder in (("cifar110_b128", "cifar110_b128"),
+                        ("cifar110_b128@no_command_buffers", "cifar110_b128-no_command_buffers")):
+        profile = results[key]["profile"]
+        assert profile["trace"].startswith(f"traces/{folder}/")
+        assert (tmp_path / profile["trace"]).is_file()
+        assert "no device rows" in profile["note"]  # a CPU's XLA work runs on host threads
+    table = (tmp_path / "accelerator.md").read_text()
+    assert f"no_command_buffers: `{base} --xla_gpu_enable_command_buffer=`" in table
+    assert "Profile of cifar110_b128@no_command_buffers" in table
+
+    bad = subprocess.run([sys.executable, script, "--smoke", "--variants=fast"], cwd=tmp_path,
+                         env=environment(1), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown variant(s) fast; choose from default" in bad.stderr
+
+
+def test_trace_summary_reads_a_gpu_trace(tmp_path):
+    """The device's Stream rows are the kernels (per step, longest first); other rows are
+    listed, host rows are not counted."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import accelerator  # pylint: disable=import-outside-toplevel
+
+    def meta(kind, pid, name, tid=None):
+        event = {"ph": "M", "pid": pid, "name": f"{kind}_name", "args": {"name": name}}
+        return event if tid is None else {**event, "tid": tid}
+
+    def run(name, pid, tid, dur):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": dur, "name": name}
+
+    events = [meta("process", 1, "/host:CPU"), meta("thread", 1, "python", 7),
+              meta("process", 2, "/device:GPU:0"), meta("thread", 2, "Stream #13(Compute)", 1),
+              meta("thread", 2, "XLA Ops", 2), run("PjitFunction(step)", 1, 7, 9000.0)]
+    for _ in range(2):  # two steps
+        events += [run("convolution.3", 2, 1, 400.0), run("loop_fusion", 2, 1, 50.0),
+                   run("loop_fusion", 2, 1, 30.0), run("convolution.3", 2, 2, 400.0)]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+    summary = accelerator.summarize_trace(str(path), steps=2)
+    assert summary["kernels_per_step"] == 3 and summary["kernel_ms_per_step"] == 0.48
+    assert summary["top_kernels"] == [
+        {"name": "convolution.3", "per_step": 1, "ms_per_step": 0.4},
+        {"name": "loop_fusion", "per_step": 2, "ms_per_step": 0.08}]
+    assert summary["rows"] == {
+        "/device:GPU:0 / Stream #13(Compute)": {"events_per_step": 3, "ms_per_step": 0.48},
+        "/device:GPU:0 / XLA Ops": {"events_per_step": 1, "ms_per_step": 0.4}}
