@@ -73,7 +73,7 @@ PARTS = {
     "imagenet200_b128": Part("imagenet", 200, 128, smoke_depth=18),
     "timm_resnetv2_50": Part("timm", 50, 256, smoke_depth=50),
 }
-SMOKE_BATCH, SMOKE_IMAGENET_SIZE = 8, 64
+SMOKE_BATCH, SMOKE_IMAGENET_SIZE = 8, 32
 # Presets of XLA flags for --variants (GPU flags; a CPU accepts and ignores them). Flags a JAX
 # version does not know stop that variant's process with XLA's "Unknown flag" line.
 VARIANTS = {
@@ -97,7 +97,7 @@ flags.DEFINE_list("variants", ["default"], "Presets of XLA flags to run each JAX
                   f"from {', '.join(VARIANTS)} (benchmarks/accelerator.py, VARIANTS).")
 flags.DEFINE_bool("profile", False, f"Also trace {PROFILE_STEPS} train steps of each JAX part "
                   "with jax.profiler and summarise the device's kernels.")
-flags.DEFINE_bool("smoke", False, "Tiny sizes (batch 8, smaller depths, 64px ImageNet), one "
+flags.DEFINE_bool("smoke", False, "Tiny sizes (batch 8, smaller depths, 32px ImageNet), one "
                   "short repetition: checks every part's code path on any CPU; no figure counts.")
 flags.DEFINE_float("rep_s", 1.0, "Seconds one timed repetition aims at.")
 flags.DEFINE_integer("reps", 5, "Timed repetitions per measurement (median reported).")
@@ -111,12 +111,15 @@ flags.DEFINE_string("variant", "default", "Internal: the preset this process's X
 # --- timing, shared by the JAX and the PyTorch parts -------------------------------------------
 
 def time_steps(run: Callable[[int], None], batch: int, deadline: float, smoke: bool) -> Dict:
-    """Median images/s of `run(n)` (n steps, then wait for the device) over timed repetitions."""
-    run(2)                                           # warm-up, excluded
-    start = time.perf_counter()
-    run(3)
-    per_step = (time.perf_counter() - start) / 3
-    steps = 1 if smoke else max(3, min(500, round(FLAGS.rep_s / per_step)))
+    """Median images/s of `run(n)` (n steps, then wait for the device) over timed repetitions;
+    `smoke`: one warm-up step and one timed step, only to run the code."""
+    run(1 if smoke else 2)                           # warm-up, excluded
+    steps = 1
+    if not smoke:
+        start = time.perf_counter()
+        run(3)
+        per_step = (time.perf_counter() - start) / 3
+        steps = max(3, min(500, round(FLAGS.rep_s / per_step)))
     rates = []
     for _ in range(1 if smoke else FLAGS.reps):
         start = time.perf_counter()
