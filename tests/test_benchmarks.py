@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from cli_runs import ROOT, environment
 
 
@@ -99,3 +101,26 @@ def test_trace_summary_reads_a_gpu_trace(tmp_path):
     assert summary["rows"] == {
         "/device:GPU:0 / Stream #13(Compute)": {"events_per_step": 3, "ms_per_step": 0.48},
         "/device:GPU:0 / XLA Ops": {"events_per_step": 1, "ms_per_step": 0.4}}
+
+
+def test_unrolled_parts_start_from_the_scanned_twins_weights():
+    """The benchmark's initial state has the unrolled train state's structure, shapes and
+    dtypes; its weights are the scanned network's initial weights, converted."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import accelerator  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    from resnet_v2_jax import models, parallel, train  # pylint: disable=import-outside-toplevel
+
+    config = accelerator.part_config(accelerator.PARTS["cifar164_b128"], smoke=True)
+    assert not config.scan_units
+    dp = parallel.DataParallel(config.parallelism, config.bn_group_size, jax.devices()[:1])
+    setup = train.build(config, dp)
+    state = dp.to_host(accelerator.initial_state(config, setup, dp))
+    reference = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
+    assert jax.tree.structure(state) == jax.tree.structure(reference)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(state)] == \
+        [(x.shape, x.dtype) for x in jax.tree.leaves(reference)]
+    config.scan_units = True
+    twin = train.build(config, dp).init_state(jax.random.PRNGKey(0))
+    converted = models.scanned_to_unrolled({"params": twin.params})["params"]
+    jax.tree.map(np.testing.assert_array_equal, state.params, converted)
