@@ -45,6 +45,7 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import trace_summary  # noqa: E402  (benchmarks/, beside this script)
 
 # Dense bf16 peak per chip, TFLOP/s, matched against `device_kind` (first match wins).
 PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v4", 275.0),
@@ -132,46 +133,6 @@ def time_steps(run: Callable[[int], None], batch: int, deadline: float, smoke: b
             "reps": len(rates), "spread": (max(rates) - min(rates)) / median}
 
 
-def summarize_trace(path: str, steps: int, top: int = 12) -> Dict:
-    """The device rows of a `jax.profiler` perfetto trace (Chrome trace JSON), per step.
-
-    Kernels are the events of the device's "Stream ..." rows (GPU; a TPU's "XLA Ops" row where
-    there is none); their time is summed over streams. Every device row is listed with its
-    event count, so a trace laid out otherwise still says what it holds."""
-    import collections
-    import gzip
-    with gzip.open(path, "rt") as f:
-        events = json.load(f)["traceEvents"]
-    names = {("process", e["pid"]): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    names.update({(e["pid"], e["tid"]): e["args"]["name"] for e in events
-                  if e.get("ph") == "M" and e.get("name") == "thread_name"})
-    rows = collections.defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X" and "/device:" in names.get(("process", e["pid"]), ""):
-            rows[(e["pid"], e["tid"])].append(e)
-    if not rows:
-        return {"note": "no device rows in the trace (on a CPU, XLA's work shows as host threads)"}
-    label = {key: f"{names[('process', key[0])]} / {names.get(key, key[1])}" for key in rows}
-    kernel_rows = ([k for k in rows if str(names.get(k, "")).startswith("Stream")]
-                   or [k for k in rows if names.get(k) == "XLA Ops"])
-    per_kernel = collections.defaultdict(lambda: [0, 0.0])
-    for key in kernel_rows:
-        for e in rows[key]:
-            per_kernel[e["name"]][0] += 1
-            per_kernel[e["name"]][1] += e.get("dur", 0.0)
-    longest = sorted(per_kernel.items(), key=lambda item: -item[1][1])[:top]
-    return {
-        "rows": {label[k]: {"events_per_step": len(v) / steps,
-                            "ms_per_step": sum(e.get("dur", 0.0) for e in v) / 1000 / steps}
-                 for k, v in rows.items()},
-        "kernels_per_step": sum(n for n, _ in per_kernel.values()) / steps,
-        "kernel_ms_per_step": sum(us for _, us in per_kernel.values()) / 1000 / steps,
-        "top_kernels": [{"name": name[:120], "per_step": n / steps, "ms_per_step": us / 1000 / steps}
-                        for name, (n, us) in longest],
-    }
-
-
 def profile_steps(run: Callable[[int], None], folder: str) -> Dict:
     """Traces PROFILE_STEPS steps of `run` into `folder` and summarises the device's rows."""
     import glob
@@ -188,7 +149,7 @@ def profile_steps(run: Callable[[int], None], folder: str) -> Dict:
     for other in glob.glob(os.path.join(os.path.dirname(traces[-1]), "*")):
         if other != traces[-1]:  # the same trace in other formats: keep the results small
             os.remove(other)
-    summary = summarize_trace(traces[-1], PROFILE_STEPS)
+    summary = trace_summary.summarize(traces[-1], PROFILE_STEPS)
     summary.update(wall_ms_per_step=wall_ms, trace=os.path.relpath(traces[-1], FLAGS.out))
     return summary
 
@@ -482,21 +443,10 @@ def markdown(results: Dict[str, Dict], header: str) -> str:
 
 def profile_markdown(name: str, r: Dict) -> str:
     p = r["profile"]
-    lines = ["", f"Profile of {name} ({PROFILE_STEPS} train steps, op by op): "
-             f"{_fmt(p.get('wall_ms_per_step'), '.2f')} ms wall per step; timed: "
-             f"{r['train']['ms_per_step']:.2f} ms."]
-    if "kernels_per_step" not in p:
-        return "\n".join(lines + [p.get("note", "")])
-    lines[-1] += (f" Kernels: {p['kernels_per_step']:,.0f} per step, "
-                  f"{p['kernel_ms_per_step']:.2f} ms of kernel time per step. Trace: "
-                  f"`{p['trace']}`.")
-    lines += ["", "| longest kernels | per step | ms per step |", "| --- | --- | --- |"]
-    lines += [f"| `{k['name']}` | {k['per_step']:.0f} | {k['ms_per_step']:.3f} |"
-              for k in p["top_kernels"]]
-    lines += ["", "| device row | events per step | ms per step |", "| --- | --- | --- |"]
-    lines += [f"| {row} | {v['events_per_step']:.0f} | {v['ms_per_step']:.2f} |"
-              for row, v in p["rows"].items()]
-    return "\n".join(lines)
+    return "\n".join(["", f"Profile of {name} ({PROFILE_STEPS} train steps, op by op, "
+                       f"`{p.get('trace')}`): {_fmt(p.get('wall_ms_per_step'), '.2f')} ms wall "
+                       f"per step; timed: {r['train']['ms_per_step']:.2f} ms.",
+                       trace_summary.markdown(p)])
 
 
 def main(argv):

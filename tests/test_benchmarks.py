@@ -72,10 +72,10 @@ def test_accelerator_variants_and_profile(tmp_path):
 
 
 def test_trace_summary_reads_a_gpu_trace(tmp_path):
-    """The device's Stream rows are the kernels (per step, longest first); other rows are
-    listed, host rows are not counted."""
+    """trace_summary: the device's Stream rows are the kernels (per step, longest first);
+    other device rows are listed; host rows are not counted."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import accelerator  # pylint: disable=import-outside-toplevel
+    import trace_summary  # pylint: disable=import-outside-toplevel
 
     def meta(kind, pid, name, tid=None):
         event = {"ph": "M", "pid": pid, "name": f"{kind}_name", "args": {"name": name}}
@@ -93,7 +93,7 @@ def test_trace_summary_reads_a_gpu_trace(tmp_path):
     path = tmp_path / "perfetto_trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
-    summary = accelerator.summarize_trace(str(path), steps=2)
+    summary = trace_summary.summarize(str(path), steps=2)
     assert summary["kernels_per_step"] == 3 and summary["kernel_ms_per_step"] == 0.48
     assert summary["top_kernels"] == [
         {"name": "convolution.3", "per_step": 1, "ms_per_step": 0.4},
@@ -101,6 +101,11 @@ def test_trace_summary_reads_a_gpu_trace(tmp_path):
     assert summary["rows"] == {
         "/device:GPU:0 / Stream #13(Compute)": {"events_per_step": 3, "ms_per_step": 0.48},
         "/device:GPU:0 / XLA Ops": {"events_per_step": 1, "ms_per_step": 0.4}}
+    printed = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "trace_summary.py"),
+                              str(path), "--steps=2"], capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.startswith("Kernels: 3 per step, 0.48 ms of kernel time per step.")
+    assert "| `convolution.3` | 1 | 0.400 |" in printed.stdout
 
 
 def test_unrolled_parts_start_from_the_scanned_twins_weights():
