@@ -31,7 +31,8 @@ def summarize(path: str, steps: int, top: int = 12) -> Dict:
         if e.get("ph") == "X" and "/device:" in names.get(("process", e["pid"]), ""):
             rows[(e["pid"], e["tid"])].append(e)
     if not rows:
-        return {"note": "no device rows in the trace (on a CPU, XLA's work shows as host threads)"}
+        return {"note": "no device rows in the trace (a CPU's XLA work shows as host threads; "
+                        "a GPU's kernels need CUPTI, which jax[cuda] installs)"}
     label = {key: f"{names[('process', key[0])]} / {names.get(key, key[1])}" for key in rows}
     kernel_rows = ([k for k in rows if str(names.get(k, "")).startswith("Stream")]
                    or [k for k in rows if names.get(k) == "XLA Ops"])
