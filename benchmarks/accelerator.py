@@ -137,7 +137,6 @@ def profile_steps(run: Callable[[int], None], folder: str) -> Dict:
     """Traces PROFILE_STEPS steps of `run` into `folder` and summarises the device's rows."""
     import glob
     import jax
-    run(1)  # nothing of the timed repetitions is still running
     start = time.perf_counter()
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         run(PROFILE_STEPS)
@@ -266,9 +265,9 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
 
     train_timing = time_steps(run_train, batch, deadline, smoke)
     eval_timing = time_steps(run_eval, batch, deadline, smoke)
-    profile = (profile_steps(run_train, os.path.join(FLAGS.out, "traces",
-                                                     part_key().replace("@", "-")))
-               if FLAGS.profile else None)
+    folder = os.path.join(FLAGS.out, "traces",
+                          part_key(FLAGS.part, FLAGS.variant).replace("@", "-"))
+    profile = profile_steps(run_train, folder) if FLAGS.profile else None
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -375,9 +374,8 @@ def measure_timm(part: Part, smoke: bool, deadline: float) -> Dict:
 
 # --- the driver: one process per part --------------------------------------------------------
 
-def part_key(name: Optional[str] = None, variant: Optional[str] = None) -> str:
+def part_key(name: str, variant: str) -> str:
     """A result's name: the part's, with "@variant" unless it ran under the default flags."""
-    name, variant = name or FLAGS.part, variant or FLAGS.variant
     return name if variant == "default" else f"{name}@{variant}"
 
 

@@ -51,7 +51,7 @@ def one_step(config):
 
 
 @pytest.mark.parametrize("name", [c for c in CONFIGS if c != "ablation"])
-def test_config_builds_and_trains_one_step(name):
+def test_config_builds_its_train_step_and_a_kind_of_each_trains(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     if name in TRAINED:
         model, state, metrics = one_step(config)
@@ -69,7 +69,7 @@ def test_config_builds_and_trains_one_step(name):
     assert depth == config.depth
 
 
-def test_every_kind_of_config_is_trained():
+def test_the_trained_configs_exist():
     assert TRAINED < set(CONFIGS)  # no stale names
 
 
