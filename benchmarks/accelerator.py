@@ -1,6 +1,6 @@
 """What a GPU/TPU user asks, in one command: train and eval img/s, compile time, memory, MFU.
 
-Every JAX part builds its network with `train.build` (the real train and eval steps, over every
+Every JAX part builds its network with `recipe.build` (the real train and eval steps, over every
 device, uint8 images normalised inside the step) from the project's own recipe configs, in bf16.
 The PyTorch peer is timm's `resnetv2_50` with bf16 autocast, channels_last and `torch.compile`,
 run with the same batch, the same uint8 input and the same timing method, where torch, timm and a
@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 from absl import app, flags
 
@@ -169,12 +169,12 @@ def part_config(part: Part, smoke: bool):
     from configs import default
     config = (default.cifar("cifar10", part.depth) if part.recipe == "cifar"
               else default.imagenet(part.depth))
-    config.depth = part.smoke_depth if smoke else part.depth  # the recipe's unit type kept
+    config.model.depth = part.smoke_depth if smoke else part.depth  # the recipe's block kept
     config.batch_size = config.eval_batch_size = SMOKE_BATCH if smoke else part.batch
     config.half_precision = True
-    config.remat_units = part.remat
+    config.model.remat_units = part.remat
     if part.scan is not None:
-        config.scan_units = part.scan
+        config.model.scan_units = part.scan
     if smoke and part.recipe == "imagenet":
         config.image_size = SMOKE_IMAGENET_SIZE
     return config
@@ -187,13 +187,13 @@ def model_flops(config, per_device_batch: int) -> Optional[float]:
     loop body is counted once, and MFU counts the model's FLOPs, not remat's recomputation."""
     import jax
     import numpy as np
-    from resnet_v2_jax import parallel, train
+    from resnet_v2_jax import parallel, recipe
 
     config = config.copy_and_resolve_references()
     config.batch_size = config.eval_batch_size = per_device_batch
-    config.scan_units = config.remat_units = False
+    config.model.scan_units = config.model.remat_units = False
     dp = parallel.DataParallel(config.parallelism, 1, devices=jax.devices("cpu")[:1])
-    setup = train.build(config, dp)
+    setup = recipe.build(config, dp)
     size = config.image_size
     batch = {"image": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), np.uint8,
                                            sharding=dp.batch_sharding),
@@ -211,16 +211,15 @@ def initial_state(config, setup, dp):
     program (one set of random initialisers per unit) compiles about as long as the train step
     itself, and a throughput figure does not depend on which random weights it starts from."""
     import jax
-    from resnet_v2_jax import models, train
+    from resnet_v2_jax import models, recipe
 
-    if config.scan_units:
+    if config.model.scan_units:
         return dp.put_state(setup.init_state(jax.random.PRNGKey(0)))
     scanned = config.copy_and_resolve_references()
-    scanned.scan_units = True
-    twin = train.build(scanned, dp).init_state(jax.random.PRNGKey(0))
-    variables = models.scanned_to_unrolled({"params": twin.params,
-                                            "batch_stats": twin.batch_stats})
-    return dp.put_state(train.TrainState.create(
+    scanned.model.scan_units = True
+    twin = recipe.build(scanned, dp).init_state(jax.random.PRNGKey(0))
+    variables = models.scanned_to_unrolled(recipe.variables_of(twin))
+    return dp.put_state(recipe.TrainState.create(
         apply_fn=setup.model.apply, tx=setup.tx, **variables))
 
 
@@ -228,11 +227,11 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     import flax
     import jax
     import numpy as np
-    from resnet_v2_jax import datasets, parallel, train
+    from resnet_v2_jax import datasets, parallel, recipe
 
     config = part_config(part, smoke)
     dp = parallel.DataParallel(config.parallelism, config.bn_group_size)
-    setup = train.build(config, dp)
+    setup = recipe.build(config, dp)
     state = initial_state(config, setup, dp)
     rng = np.random.RandomState(0)
     size, batch = config.image_size, config.batch_size
@@ -247,7 +246,7 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     train_step = setup.train_step.lower(state, train_data).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    eval_step = setup.eval_step.lower(state, data).compile()
+    eval_step = setup.eval_step.lower(recipe.variables_of(state), data).compile()
     eval_compile_s = time.perf_counter() - start
     flops = model_flops(config, dp.check_batch_size(batch))
     params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -260,7 +259,7 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
         jax.block_until_ready(metrics)
 
     def run_eval(n):
-        sums = [eval_step(holder["state"], data) for _ in range(n)]
+        sums = [eval_step(recipe.variables_of(holder["state"]), data) for _ in range(n)]
         jax.block_until_ready(sums)
 
     train_timing = time_steps(run_train, batch, deadline, smoke)
@@ -274,9 +273,9 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     return {
         "framework": f"jax {jax.__version__}, flax {flax.__version__}",
         "device": device.device_kind,
-        "num_devices": jax.device_count(), "depth": config.depth, "batch": batch,
-        "image_size": size, "layout": ("scan" if config.scan_units else "unrolled")
-        + ("+remat" if config.remat_units else ""), "params": int(params),
+        "num_devices": jax.device_count(), "depth": config.model.depth, "batch": batch,
+        "image_size": size, "layout": ("scan" if config.model.scan_units else "unrolled")
+        + ("+remat" if config.model.remat_units else ""), "params": int(params),
         "compile_s": compile_s, "eval_compile_s": eval_compile_s,
         "train": train_timing, "eval": eval_timing,
         "gflop_per_step": flops / 1e9 if flops else None,

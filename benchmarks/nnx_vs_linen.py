@@ -21,7 +21,6 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from resnet_v2_jax import models
 from resnet_v2_jax import nnx as resnet_nnx
 
 flags.DEFINE_integer("depth", 20, "CIFAR ResNet depth (basic units up to 110).")

@@ -7,8 +7,8 @@
 
 Table 1 varies the shortcut of ORIGINAL (post-activation) units of ResNet-110; Table 2 varies
 the unit (original, bn_after_add, relu_before_add, relu_preact, full_preact) of ResNet-110 and
-ResNet-164 with identity shortcuts. Any key of the base config may be set this way; values are
-parsed as Python literals where they look like numbers.
+ResNet-164 with identity shortcuts. Any key of the base config or of its model section may be
+set this way; values are parsed as numbers where they look like numbers.
 """
 from configs import default
 

@@ -23,20 +23,10 @@ from configs import default
 
 
 def get_config():
-    config = default.imagenet(50, stem_norm="after_pool")
-    config.dataset = "cifar10"
-    config.eval_split = "test"
-    config.image_size = 32
-    config.eval_crop_sizes = (32,)
-    config.augment = "pad_crop_flip"
-    config.color_augment = False
-    config.cache = True
-    config.shuffle_buffer_size = 50_000
+    config = default.get_config()  # CIFAR-10 input as the paper trains it
+    config.model = default.imagenet_model(50, stem_norm="after_pool")
     config.input_resize = 128
     config.init_from = config_dict.placeholder(str)  # required: see above
-    config.batch_size = 128
-    config.base_batch_size = 128
-    config.eval_batch_size = 500
     config.learning_rate = 0.01
     config.weight_decay = 0.0
     config.lr_schedule = "cosine"

@@ -9,7 +9,7 @@ non-identity map in the way (Sec. 4.1). This module measures, for any config of 
 - forward: the RMS of every unit's output x_l;
 - backward: the norm of dE/dx_l at every unit's output, E the mean cross-entropy of the batch.
 
-Both come from the network as it is built for training (`train.create_model`, BN in training
+Both come from the network as it is built for training (`recipe.create_model`, BN in training
 mode), through Flax's own mechanisms: an interceptor on `ResidualUnit.__call__` sows each unit's
 output and adds a `perturb` variable to it; the gradient with respect to those zero variables is
 dE/dx_l. Scanned stages (ResNet-1001) give one entry per scan iteration.
@@ -37,7 +37,7 @@ from absl import flags
 from etils import epath
 from matplotlib.figure import Figure  # no pyplot: files only
 
-from resnet_v2_jax import checkpoint, cli, datasets, models, parallel, rundir, train
+from resnet_v2_jax import cli, datasets, models, recipe, rundir, runs
 
 _UNIT_ORDER = re.compile(r"stage(\d+)_(unit(\d+)|repeat)")
 
@@ -86,7 +86,7 @@ def unit_signals(model: models.ResNetV2, variables: Dict[str, Any], images: jax.
         with nn.intercept_methods(_unit_outputs):
             logits, state = model.apply({**base, "perturbations": perturbations}, images,
                                         train=True, mutable=["batch_stats", "intermediates"])
-        return train.cross_entropy(logits, labels).mean(), state["intermediates"]
+        return recipe.cross_entropy(logits, labels).mean(), state["intermediates"]
 
     # One forward and backward pass: the zero perturbations are built from shapes alone.
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(perturbation_shapes))
@@ -126,30 +126,24 @@ def analysis_batch(config: ml_collections.ConfigDict, size: int,
 def analyze(config: ml_collections.ConfigDict, images: np.ndarray, labels: np.ndarray,
             workdir: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
     """`unit_signals` of the config's network at initialisation (`seed`) or at the latest
-    checkpoint of `workdir`, on one device, in float32."""
+    checkpoint of `workdir` (`runs.read_run`), on one device, in float32."""
     config = config.copy_and_resolve_references()
-    config.half_precision, config.remat_units = False, False
-    config.batch_size = config.eval_batch_size = len(images)
+    config.half_precision, config.model.remat_units = False, False
     info = datasets.get(config.dataset)
-    dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
-    setup = train.build(config, dp)
     if workdir:
-        checkpoints = checkpoint.Checkpoints(
-            rundir.resolve(workdir), train.model_signature(config, info.num_classes),
-            read_only=True)
-        state, step, _ = checkpoints.restore_latest(setup.abstract_state)
-        checkpoints.close()
-        if state is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}")
-        where = f"checkpoint of step {step} in {workdir}"
+        run = runs.read_run(workdir, config)
+        model, variables = run.model, run.variables
+        where = f"checkpoint of step {run.step} in {workdir}"
     else:
-        state, where = setup.init_state(jax.random.PRNGKey(seed)), f"initialisation (seed {seed})"
-    inputs = datasets.normalize(images, info.mean, info.std)
-    signals = unit_signals(setup.model, {"params": state.params,
-                                         "batch_stats": state.batch_stats},
-                           inputs, jnp.asarray(labels))
-    return {"depth": config.depth, "unit": config.unit, "shortcut": config.shortcut,
-            "weights": where, **signals}
+        model = recipe.create_model(config, info.num_classes)
+        shape = (1, config.image_size, config.image_size, 3)
+        variables = jax.jit(lambda rng: model.init(rng, jnp.zeros(shape), train=False))(
+            jax.random.PRNGKey(seed))
+        where = f"initialisation (seed {seed})"
+    signals = unit_signals(model, variables, datasets.normalize(images, info.mean, info.std),
+                           jnp.asarray(labels))
+    return {"depth": config.model.depth, "unit": config.model.unit,
+            "shortcut": config.model.shortcut, "weights": where, **signals}
 
 
 def relative_to_last(values: Sequence[float]) -> np.ndarray:
@@ -203,6 +197,7 @@ def main(argv) -> None:
     results = []
     for spec in FLAGS.config:
         config = load_config(spec)
+        cli.prepare_process(config)
         images, labels, source = analysis_batch(config, FLAGS.batch, FLAGS.seed)
         result = analyze(config, images, labels, FLAGS.workdir, FLAGS.seed)
         result.update(config=spec, label=os.path.basename(spec), images=source)

@@ -1,26 +1,33 @@
 """Orbax checkpoints of the training state, with the checks a long run needs.
 
 Each step directory holds two items: "state" (the train state as global arrays, written
-asynchronously) and "meta" (JSON: the step, the model's signature, the state's structure and
-the run's training metrics at that step). Every process takes part in saving and restoring;
+asynchronously) and "meta" (JSON: the step, the network's `models.signature`, the state's
+structure and the run's training metrics at that step). Every process takes part in saving and restoring;
 Orbax decides which process writes what.
 
 * Restoring onto another device count works: the state is restored into the shardings of the
-  current run, whatever wrote it.
-* A checkpoint that does not fit this run (another model, optimiser or dtype) is refused with
-  one line naming what differs (`CheckpointMismatchError`); nothing is renamed.
+  current run, whatever wrote it. Floating-point leaves are cast to the run's dtypes, and a
+  state of another layout the caller can convert (`Layout`: the network's scanned or unrolled
+  units) is restored in its own layout and converted.
+* A checkpoint that does not fit this run (another network, optimiser or dtype) is refused with
+  one line naming what differs (`CheckpointMismatchError`); nothing is renamed. Checkpoints of
+  release 0.1 (meta "model" instead of "network") are compared on what they recorded.
 * A checkpoint whose files cannot be read (a truncated file, a half-copied folder) is set aside
   as `<step>.unreadable` with a warning, and the one before it is used. A workdir whose
   checkpoints are all unreadable is refused rather than trained from scratch.
 """
 
-from typing import Any, Dict, Optional, Tuple
+import dataclasses
+import re
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from resnet_v2_jax import models
 
 UNREADABLE_SUFFIX = ".unreadable"
 
@@ -42,22 +49,42 @@ def tree_structure(tree: Any) -> Dict[str, str]:
             type(x).__name__ if empty(x) else f"{x.dtype}{list(x.shape)}" for path, x in leaves}
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Another state structure a checkpoint of this run may hold (its shapes, dtypes and
+    shardings as `abstract_state`), and `convert`, which brings such a state into the run's."""
+    abstract_state: Any
+    convert: Callable[[Any], Any]
+
+
+# What a restore may also accept: a function giving the other layouts (built only when needed).
+Layouts = Callable[[], Sequence[Layout]]
+
+
+def _castable(structure: Dict[str, str]) -> Dict[str, str]:
+    """A `tree_structure` with every dtype written as its kind ("float", "int"): a restore casts
+    between the widths of a kind (float32 and float64, int32 and int64 under 64-bit JAX)."""
+    return {k: re.sub(r"^(?:b?(float)|u?(int))\d+\[", r"\1\2[", v)
+            for k, v in structure.items()}
+
+
 class Checkpoints:
     """Saves and restores the train state under `<workdir>/checkpoints`.
 
     Args:
       workdir: the run's folder (an absolute local path or gs://; see `rundir.resolve`).
-      signature: JSON-able description of what the parameters mean (model family, classes,
-        unit placement ...); a checkpoint whose signature differs is refused.
+      model: the network the state's parameters belong to; a checkpoint of a network with
+        another `models.signature` is refused.
       keep: how many checkpoints to keep.
       read_only: never write, create, clean up or set aside anything: safe on a run that is
         still training (eval-only).
     """
 
-    def __init__(self, workdir: epath.Path, signature: dict, keep: int = 3,
+    def __init__(self, workdir: epath.Path, model: models.ResNetV2, keep: int = 3,
                  read_only: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
-        self.signature = signature
+        self.model = model
+        self.signature = models.signature(model)
         self.read_only = read_only
         options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
                    ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -79,7 +106,7 @@ class Checkpoints:
     def save(self, step: int, state: Any, extra: Optional[dict] = None) -> None:
         """Starts writing `state` (global arrays) for `step`; returns before it is on disk.
         `extra` (JSON-able, e.g. the training metrics) is stored beside it, see `meta`."""
-        meta = {"step": step, "model": self.signature, "structure": tree_structure(state),
+        meta = {"step": step, "network": self.signature, "structure": tree_structure(state),
                 **(extra or {})}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -96,51 +123,80 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
 
-    def check_fits(self, step: int, meta: dict, abstract_state: Any) -> None:
-        """Raises CheckpointMismatchError, naming what differs, unless checkpoint `step` (whose
-        `meta` is given) holds this model and a state of `abstract_state`'s structure."""
-        if meta.get("model") != self.signature:
+    def check_fits(self, step: int, meta: dict, abstract_state: Any,
+                   layouts: Layouts = tuple) -> Layout:
+        """The layout to restore checkpoint `step` (whose `meta` is given) in: the run's own
+        (`abstract_state`, converted by nothing) or one of `layouts()` (called only when the
+        run's own does not fit). Raises
+        CheckpointMismatchError, naming what differs, if it holds another network or a state
+        of another structure (the widths of dtypes aside: restoring casts them)."""
+        if "network" in meta:
+            differences = models.signature_differences(meta["network"], self.signature)
+        else:  # release 0.1
+            current = _signature_of_0_1(self.model)
+            differences = [(k, meta.get("model", {}).get(k), current[k]) for k in current
+                           if meta.get("model", {}).get(k) != current[k]]
+        if differences:
+            shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, a, b in differences)
             raise CheckpointMismatchError(
-                f"{self.directory} holds a checkpoint of another model "
-                f"({_diff(meta.get('model'), self.signature)}); use a new --workdir or "
-                "the matching config")
+                f"{self.directory} holds a checkpoint of another network ({shown}); use a new "
+                "--workdir or the matching config")
+        own = Layout(abstract_state, lambda state: state)
         saved = meta.get("structure")
-        current = tree_structure(abstract_state)
-        if saved is not None and saved != current:
-            raise CheckpointMismatchError(
-                f"checkpoint {step} in {self.directory} does not fit the state this config "
-                f"builds ({_structure_diff(saved, current)}); resume with the settings of the "
-                "run that wrote it or use a new --workdir")
+        if saved is None or _castable(saved) == _castable(tree_structure(abstract_state)):
+            return own
+        for layout in layouts():
+            if _castable(saved) == _castable(tree_structure(layout.abstract_state)):
+                return layout
+        raise CheckpointMismatchError(
+            f"checkpoint {step} in {self.directory} does not fit the state this config "
+            f"builds ({_structure_diff(saved, tree_structure(abstract_state))}); resume with the "
+            "settings of the run that wrote it or use a new --workdir")
 
-    def restore(self, step: int, abstract_state: Any) -> Any:
-        """The state of checkpoint `step`, in `abstract_state`'s shapes and shardings.
+    def restore(self, step: int, abstract_state: Any, layouts: Layouts = tuple) -> Any:
+        """The state of checkpoint `step`, in `abstract_state`'s shapes, dtypes and shardings
+        (converted from one of `layouts` where it holds that).
 
         Raises CheckpointError if there is no such step, CheckpointMismatchError if it holds
-        another model or state structure; Orbax's own errors if its files cannot be read.
+        another network or state structure; Orbax's own errors if its files cannot be read.
         """
         if step not in self.manager.all_steps():
             raise CheckpointError(f"no checkpoint of step {step} in {self.directory} (steps "
                                   f"{sorted(self.manager.all_steps())})")
-        self.check_fits(step, self.meta(step), abstract_state)
-        return self._read_state(step, abstract_state)
+        layout = self.check_fits(step, self.meta(step), abstract_state, layouts)
+        return self._converted(layout, self._read_state(step, layout.abstract_state),
+                               abstract_state)
 
-    def read(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, int]:
+    def read(self, abstract_state: Any, step: Optional[int] = None,
+             layouts: Layouts = tuple) -> Tuple[Any, int]:
         """(state, step) of checkpoint `step`, or of the latest readable one, for commands that
         read a run without training it; CheckpointError if there is none."""
         if step is not None:
-            return self.restore(step, abstract_state), step
-        state, step, _ = self.restore_latest(abstract_state)
+            return self.restore(step, abstract_state, layouts), step
+        state, step, _ = self.restore_latest(abstract_state, layouts)
         if state is None:
             raise CheckpointError(
                 f"no checkpoint in {self.directory}: the run has not saved one yet")
         return state, step
 
+    @staticmethod
+    def _converted(layout: Layout, state: Any, abstract_state: Any) -> Any:
+        """`layout.convert(state)`, checked to have exactly the run's structure."""
+        state = layout.convert(state)
+        if _castable(tree_structure(state)) != _castable(tree_structure(abstract_state)):
+            raise CheckpointError("a checkpoint of another layout did not convert into this "
+                                  "run's state; resume with the settings of the run that wrote "
+                                  "it or use a new --workdir")
+        return state
+
     def _read_state(self, step: int, abstract_state: Any) -> Any:
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
 
-    def restore_latest(self, abstract_state: Any) -> Tuple[Optional[Any], int, dict]:
-        """Restores the newest readable checkpoint into `abstract_state`'s shapes and shardings.
+    def restore_latest(self, abstract_state: Any,
+                       layouts: Layouts = tuple) -> Tuple[Optional[Any], int, dict]:
+        """Restores the newest readable checkpoint into `abstract_state`'s shapes, dtypes and
+        shardings (converted from one of `layouts` where it holds that).
 
         Returns (state, step, meta), or (None, 0, {}) when the folder holds no checkpoint at
         all. A checkpoint that does not fit raises CheckpointMismatchError and nothing is
@@ -155,9 +211,9 @@ class Checkpoints:
             except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
                 self._set_aside(step, e)
                 continue
-            self.check_fits(step, meta, abstract_state)  # a mismatch is not damage
+            layout = self.check_fits(step, meta, abstract_state, layouts)  # not damage
             try:
-                state = self._read_state(step, abstract_state)
+                state = self._read_state(step, layout.abstract_state)
             except Exception as e:
                 if "structure" not in meta:  # written before structures were saved: unsure
                     raise CheckpointError(
@@ -167,7 +223,7 @@ class Checkpoints:
                 self._set_aside(step, e)
                 continue
             logging.info("restored checkpoint of step %d from %s", step, self.directory)
-            return state, step, meta
+            return self._converted(layout, state, abstract_state), step, meta
         set_aside = sorted(p.name for p in self.directory.glob(f"*{UNREADABLE_SUFFIX}")) \
             if self.directory.exists() else []
         if steps or set_aside:
@@ -203,11 +259,15 @@ class Checkpoints:
         self.manager.close()
 
 
-def _diff(saved: Optional[dict], current: dict) -> str:
-    saved = saved or {}
-    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-                     for k in keys)
+def _signature_of_0_1(model: models.ResNetV2) -> dict:
+    """What release 0.1 recorded of a network in its checkpoints' meta, for this network."""
+    signature = {"num_classes": model.num_classes, "arch": model.stem,
+                 "depth": 2 + sum(model.stage_sizes) * (3 if model.bottleneck else 2),
+                 "bottleneck": model.bottleneck, "unit": model.unit, "shortcut": model.shortcut,
+                 "stride_on": model.stride_on}
+    if model.stem == "imagenet":
+        signature["stem_norm"] = model.stem_norm
+    return signature
 
 
 def _structure_diff(saved: Dict[str, str], current: Dict[str, str], examples: int = 2) -> str:

@@ -1,6 +1,8 @@
 """What the commands (`main`, `evaluate`, `analyze`, `plot`, `export`, `summary`,
 `device_input`) share: absl start-up, config files that load from any directory, quiet
-libraries, and one line instead of a traceback for user errors.
+libraries, one line instead of a traceback for user errors, and the process-wide settings a
+config needs (`prepare_process`). Everything that changes the process happens here, in the
+commands, never when a library module is imported.
 
 A user error (bad config value, missing data, unusable checkpoint or workdir, diverged
 training) ends the command with `error: <what is wrong and what to do>` on stderr and exit
@@ -13,13 +15,12 @@ Library lines that carry no information for a user and read like errors are drop
 
 import contextlib
 import importlib.util
-import inspect
 import logging as std_logging
 import os
 import re
 import sys
 import types
-from typing import Callable, Dict, Sequence, Tuple, Type
+from typing import Callable, Sequence, Tuple, Type
 
 import ml_collections
 from absl import app, flags, logging
@@ -78,8 +79,31 @@ def native_stderr_quiet():
 
 def quiet_libraries() -> None:
     """Drops `LIBRARY_NOISE` from absl's log. (TensorFlow's C++ log goes with
-    `native_stderr_quiet`, tfds' progress bars, raw escape codes in a log, in `input_pipeline`.)"""
+    `import_tensorflow_quietly`.)"""
     logging.get_absl_handler().addFilter(_LibraryNoise())
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow and tfds (when installed) with their C++ start-up lines dropped
+    (`native_stderr_quiet`), and turns tfds' progress bars off: a batch job's log is read as
+    text, without escape codes."""
+    with native_stderr_quiet():
+        try:
+            importlib.import_module("tensorflow")
+            tensorflow_datasets = importlib.import_module("tensorflow_datasets")
+        except ImportError:  # the pipelines that need them say so in one line
+            return
+    tensorflow_datasets.disable_progress_bar()
+
+
+def prepare_process(config: ml_collections.ConfigDict) -> None:
+    """What a command's process needs for `config`: 64-bit JAX for `float64` configs (JAX's
+    precision is process-wide), and TensorFlow imported quietly for configs that read tfds."""
+    if config.get("float64"):
+        import jax
+        jax.config.update("jax_enable_x64", True)
+    if config.get("input_pipeline") == "tfds" or config.get("array_dir") is None:
+        import_tensorflow_quietly()
 
 
 def fail(message: str, code: int = 1, error: BaseException = None) -> None:
@@ -132,7 +156,8 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _describe_config_error(error: BaseException, paths: Sequence[str]) -> str:
+def _describe_config_error(error: BaseException, argv: Sequence[str],
+                           paths: Sequence[str]) -> str:
     where = ", ".join(paths) or "--config"
     cause = _root_cause(error)
     if isinstance(cause, SyntaxError):
@@ -141,8 +166,11 @@ def _describe_config_error(error: BaseException, paths: Sequence[str]) -> str:
         return f"{where} has no get_config() function: a config file defines get_config()"
     if isinstance(cause, (AttributeError, KeyError)):
         name = str(cause).strip("\"'")
-        return (f"unknown config key {name!r} in a --config.<key>=... override; the keys are "
-                f"those of {where} (see configs/default.py)")
+        overrides = [a[len("--config."):].split("=")[0] for a in argv
+                     if a.startswith("--config.")]
+        key = next((k for k in overrides if k.split(".")[-1] == name), name)
+        return (f"unknown config key {key!r} in a --config.<key>=... override; the keys are "
+                f"those of {where} (--print_config lists them)")
     return f"cannot load the config {where}: {type(cause).__name__}: {cause}"
 
 
@@ -167,40 +195,20 @@ def parse_flags(argv: Sequence[str]):
     except flags.Error as e:
         fail(f"{e} (--help lists the flags)", 2, e)
     except Exception as e:  # config files run arbitrary code; any failure is the file's
-        fail(_describe_config_error(e, paths), 2, e)
+        fail(_describe_config_error(e, argv, paths), 2, e)
     return rest
 
 
-def config_key_help() -> Dict[str, str]:
-    """{key: its one-line meaning}, in the order of configs/default.py, from the comments at the
-    end of its `config.<key> = ...` lines (and the comment lines aligned under them)."""
-    try:
-        from configs import default
-        source = inspect.getsource(default)
-    except (ImportError, OSError):
-        return {}
-    meanings, key = {}, None
-    for line in source.splitlines():
-        assignment = re.match(r"\s*config\.(\w+)\s*=[^#]*(?:#\s*(.*))?$", line)
-        continued = re.match(r"\s{30,}#\s*(.*)$", line)
-        if assignment:  # the first assignment, in get_config(), is the documented one
-            key = assignment[1] if assignment[1] not in meanings else None
-            if key:
-                meanings[key] = (assignment[2] or "").strip()
-        elif continued and key:
-            meanings[key] = f"{meanings[key]} {continued[1].strip()}".strip()
-        else:
-            key = None
-    return meanings
-
-
 def print_config(config: ml_collections.ConfigDict) -> None:
-    """Every key of `config` with its value and meaning, one per line: `--print_config`."""
-    meanings = config_key_help()
-    keys = [k for k in meanings if k in config] + sorted(k for k in config if k not in meanings)
-    width = max(len(f"{k} = {config[k]!r}") for k in keys)
+    """Every key of `config` (the model section's as `model.<key>`) with its value and meaning,
+    one per line: `--print_config`."""
+    from resnet_v2_jax import configuration
+    meanings = configuration.key_help()
+    values = configuration.flatten(config)
+    keys = [k for k in meanings if k in values] + sorted(k for k in values if k not in meanings)
+    width = max(len(f"{k} = {values[k]!r}") for k in keys)
     for key in keys:
-        setting = f"{key} = {config[key]!r}"
+        setting = f"{key} = {values[key]!r}"
         print(f"{setting:<{width}}  # {meanings[key]}" if meanings.get(key) else setting)
 
 

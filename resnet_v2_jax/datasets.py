@@ -1,4 +1,5 @@
-"""Dataset registry and on-device normalisation; imports neither TensorFlow nor tfds.
+"""Datasets: the registry, on-device normalisation, and the checks that data is what training
+expects (`check_examples`, `DataError`); imports neither TensorFlow nor tfds.
 
 What the project needs to know about a dataset that its files do not say: the number of
 classes, the full training split's size and the per-channel statistics. Everything else (splits,
@@ -10,9 +11,10 @@ is registered here (`register(DatasetInfo(...))`); CIFAR-10, CIFAR-100 and Image
 """
 
 import dataclasses
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,3 +73,53 @@ def normalize(images, mean: Sequence[float], std: Sequence[float], dtype=jnp.flo
     mean = jnp.asarray(mean, jnp.float32)
     inv_std = 1.0 / jnp.asarray(std, jnp.float32)
     return ((jnp.asarray(images, jnp.float32) - mean) * inv_std).astype(dtype)
+
+
+class DataError(ValueError):
+    """A dataset whose files do not hold what the config expects."""
+
+
+def check_examples(where: str, info: DatasetInfo, *, image_dtype, image_shape: Sequence,
+                   num_images: Optional[int] = None, labels=None, label_dtype=None,
+                   num_label_classes: Optional[int] = None,
+                   image_size: Optional[int] = None) -> None:
+    """Raises DataError, in one line naming `where`, unless the data is what training expects.
+
+    Images: uint8 (0-255) with 3 channels, `image_shape` = (height, width, 3) per example
+    (None for sizes that vary, as with JPEGs), height = width = `image_size` when given. Labels:
+    integers in [0, info.num_classes), one per image: checked on `labels` (an array) when
+    given, else on `num_label_classes` (what a tfds ClassLabel feature declares). Cheap: it reads
+    shapes, dtypes and labels, never decodes an image.
+    """
+    if num_images == 0:
+        raise DataError(f"{where} holds no examples")
+    image_dtype = np.dtype(image_dtype)
+    if image_dtype != np.uint8:
+        raise DataError(f"{where}: images are {image_dtype}, expected uint8 (0-255); write the "
+                        "unnormalised pixels, e.g. np.uint8(np.round(255 * x)) for x in [0, 1]")
+    if len(image_shape) != 3 or image_shape[-1] != 3:
+        raise DataError(f"{where}: images have shape {tuple(image_shape)} per example, expected "
+                        "(height, width, 3) RGB; convert grayscale: np.repeat(x[..., None], 3, -1)")
+    if image_size and image_shape[0] is not None and tuple(image_shape[:2]) != (image_size,) * 2:
+        raise DataError(f"{where}: images are {image_shape[0]}x{image_shape[1]}, but the config "
+                        f"has image_size={image_size}; set --config.image_size={image_shape[0]} "
+                        "(or resize the data)")
+    classes = info.num_classes
+    if labels is not None:
+        labels = np.asarray(labels)
+        label_dtype = labels.dtype
+    if label_dtype is not None and not np.issubdtype(np.dtype(label_dtype), np.integer):
+        raise DataError(f"{where}: labels are {np.dtype(label_dtype)}, expected integers "
+                        f"in [0, {classes})")
+    if labels is not None:
+        if labels.ndim != 1 or (num_images is not None and len(labels) != num_images):
+            raise DataError(f"{where}: {num_images} images but labels of shape {labels.shape}; "
+                            "expected one label per image")
+        bad = np.flatnonzero((labels < 0) | (labels >= classes))
+        if bad.size:
+            raise DataError(f"{where}: label {labels[bad[0]]} at index {bad[0]} is outside "
+                            f"[0, {classes}) for {info.name} ({bad.size} such labels); is this "
+                            "another dataset's data?")
+    if num_label_classes is not None and num_label_classes != classes:
+        raise DataError(f"{where}: labels have {num_label_classes} classes, but {info.name} has "
+                        f"{classes}; is this another dataset's data?")

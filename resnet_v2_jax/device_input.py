@@ -1,19 +1,18 @@
-"""Device-resident input for small datasets (CIFAR): no host pipeline during training.
+"""The device-resident pipeline, for small datasets (CIFAR): no host pipeline during training.
 
 The whole training split is put once, as uint8, into accelerator memory, sharded over the
 devices of the batch axis of the caller's `NamedSharding` (CIFAR-10 is 150 MB in all). Each
-step, every device draws its share of the batch from its own shard, in a fresh order each
-epoch (per-shard permutations seeded by (seed, epoch, shard)), and applies the paper's
-4-pixel pad, random crop and random flip in JAX (offsets from `jax.random.fold_in(key, step)`),
-all under `jit`: nothing crosses from the host. Batches are global `jax.Array`s with the
-caller's sharding. A run resumed with `start_step=k` gets exactly the batches of an
-uninterrupted run from step k (same seed and device count).
+step, every device gathers its share of the batch from its own shard, in a fresh order each
+epoch (per-shard permutations seeded by (seed, epoch, shard)), under `jit`: nothing crosses
+from the host. The train step augments the batch (`augment`), as it does for the tfds pipeline.
+Batches are global `jax.Array`s with the caller's sharding. A run resumed with `start_step=k`
+gets exactly the batches of an uninterrupted run from step k (same seed and device count).
 
 Arrays come from `<config.array_dir>/<dataset>_<split>.npz` (uint8 "image" [N, H, W, 3], int
 "label" [N]; see `write_arrays` and `python -m resnet_v2_jax.device_input`) or, when
 `config.array_dir` is None, from tfds: TensorFlow is imported only then, so a machine without
 TensorFlow trains CIFAR from .npz files. The eval iterator is plain numpy with the same
-contract as `input_pipeline.create_eval_iterator` (`input_common.EvalBatches`).
+contract as the tfds pipeline's (`inputs.EvalBatches`).
 """
 
 import math
@@ -29,7 +28,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_v2_jax import cli, datasets, input_common
+from resnet_v2_jax import datasets, inputs
 
 
 # --- arrays ------------------------------------------------------------------------------------
@@ -53,10 +52,10 @@ def write_arrays(array_dir: str, dataset: str, split: str, images: np.ndarray,
 
 def load_arrays(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """uint8 images [N, H, W, 3] and int32 labels [N] of a split, from .npz or tfds, checked
-    with `input_common.check_examples` (one-line DataError naming the file and first bad index)."""
+    with `datasets.check_examples` (one-line DataError naming the file and first bad index)."""
     if config.array_dir is None:
-        from resnet_v2_jax import input_pipeline  # TensorFlow only on this path
-        return input_pipeline.load_split_arrays(config, split)
+        from resnet_v2_jax import tfds_input  # TensorFlow only on this path
+        return tfds_input.load_split_arrays(config, split)
     images, labels = _read_npz(config, split, with_images=True)
     return images, labels.astype(np.int32)
 
@@ -64,11 +63,11 @@ def load_arrays(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
 def check_data(config) -> int:
     """Checks the training and eval splits before anything is compiled or written: for .npz
     files the image dtype and shape (from the array header, without reading the pixels) and
-    every label; for tfds what `input_pipeline.check_data` checks. Returns the number of
+    every label; for tfds what `tfds_input.check_data` checks. Returns the number of
     training examples."""
     if config.array_dir is None:
-        from resnet_v2_jax import input_pipeline
-        return input_pipeline.check_data(config)
+        from resnet_v2_jax import tfds_input
+        return tfds_input.check_data(config)
     _read_npz(config, config.eval_split, with_images=False)
     return len(_read_npz(config, config.train_split, with_images=False)[1])
 
@@ -85,7 +84,7 @@ def _read_npz(config, split: str, *, with_images: bool):
         with np.load(path) as data:
             missing = sorted({"image", "label"} - set(data.files))
             if missing:
-                raise input_common.DataError(
+                raise datasets.DataError(
                     f"{path} has no {' or '.join(missing)} array (it has {data.files}); expected "
                     "'image' (uint8 [N, H, W, 3]) and 'label' ([N]), as device_input.write_arrays "
                     "writes them")
@@ -101,62 +100,29 @@ def _read_npz(config, split: str, *, with_images: bool):
                                    else np.lib.format.read_array_header_2_0)
                     shape, _, dtype = read_header(stream)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        if isinstance(e, input_common.DataError):
+        if isinstance(e, datasets.DataError):
             raise
         first_line = str(e).splitlines()[0] if str(e) else ""
-        raise input_common.DataError(f"{path} cannot be read ({type(e).__name__}: {first_line}); "
+        raise datasets.DataError(f"{path} cannot be read ({type(e).__name__}: {first_line}); "
                                      "it may be truncated: write it again") from e
     if len(shape) < 1:
-        raise input_common.DataError(f"{path}: 'image' is a scalar, expected uint8 [N, H, W, 3]")
-    input_common.check_examples(path, info, image_dtype=dtype, image_shape=shape[1:],
+        raise datasets.DataError(f"{path}: 'image' is a scalar, expected uint8 [N, H, W, 3]")
+    datasets.check_examples(path, info, image_dtype=dtype, image_shape=shape[1:],
                                 num_images=shape[0], labels=labels, image_size=config.image_size)
     return images, labels
-
-
-# --- augmentation ------------------------------------------------------------------------------
-
-def pad_crop_flip(images, offsets_y, offsets_x, flips, crop_size: int):
-    """Batched twin of `input_pipeline.pad_crop_flip`: zero-pad each image by
-    `input_common.CIFAR_PADDING`, crop `crop_size` squares at the given offsets, mirror where
-    `flips` is True. Identical outputs for identical offsets and flips."""
-    pad = input_common.CIFAR_PADDING
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    channels = images.shape[-1]
-
-    def one(image, offset_y, offset_x, flip):
-        crop = jax.lax.dynamic_slice(image, (offset_y, offset_x, 0),
-                                     (crop_size, crop_size, channels))
-        return jnp.where(flip, crop[:, ::-1], crop)
-
-    return jax.vmap(one)(padded, offsets_y, offsets_x, flips)
-
-
-def random_pad_crop_flip(images, key, crop_size: int):
-    """docs/paper.md, "Training recipes": uniform crop offsets in the padded image, flip with
-    p=1/2."""
-    key_y, key_x, key_flip = jax.random.split(key, 3)
-    pad = input_common.CIFAR_PADDING
-    batch, height, width = images.shape[:3]
-    offsets_y = jax.random.randint(key_y, (batch,), 0, height + 2 * pad - crop_size + 1)
-    offsets_x = jax.random.randint(key_x, (batch,), 0, width + 2 * pad - crop_size + 1)
-    flips = jax.random.bernoulli(key_flip, 0.5, (batch,))
-    return pad_crop_flip(images, offsets_y, offsets_x, flips, crop_size)
 
 
 # --- iterators ---------------------------------------------------------------------------------
 
 def create_train_iterator(config, sharding: NamedSharding, *,
                           start_step: int = 0) -> Iterator[dict]:
-    """Endless global batches {"image": uint8 [B, s, s, 3], "label": int32 [B]} with
-    `sharding` (batch axis first), B = config.batch_size, s = config.image_size.
+    """Endless global batches {"image": uint8 [B, h, w, 3], "label": int32 [B]} of stored,
+    un-augmented images with `sharding` (batch axis first), B = config.batch_size.
 
     The training split is trimmed to a multiple of the number of batch shards (at most
     shards - 1 examples are left out) so that every shard holds the same number.
     """
-    if config.augment != "pad_crop_flip":
-        raise ValueError(f"the device-resident input supports augment='pad_crop_flip' only, "
-                         f"not {config.augment!r}; use input_pipeline='tfds'")
-    input_common.local_batch_size(config.batch_size, jax.process_count(), jax.device_count())
+    inputs.local_batch_size(config.batch_size, jax.process_count(), jax.device_count())
     mesh, batch_axes = sharding.mesh, sharding.spec[0]
     names = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
     num_shards = math.prod(mesh.shape[name] for name in names)
@@ -170,7 +136,7 @@ def create_train_iterator(config, sharding: NamedSharding, *,
     data = jax.tree.map(
         lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]),
         {"image": images[:keep], "label": labels[:keep]})
-    perm_key, augment_key = jax.random.split(jax.random.key(config.seed))
+    perm_key = jax.random.split(jax.random.key(config.seed))[0]
     spec = P(batch_axes)
 
     @jax.jit
@@ -182,17 +148,14 @@ def create_train_iterator(config, sharding: NamedSharding, *,
         return jax.random.permutation(key, shard_size)
 
     @jax.jit
-    @jax.shard_map(mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=spec)
-    def batch_at(data, order, next_order, offset, step):
+    @jax.shard_map(mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec)
+    def batch_at(data, order, next_order, offset):
         """Rows offset .. offset + shard_batch of this shard's stream (running into the next
-        epoch's order past the end), augmented with keys from (seed, step, shard)."""
+        epoch's order past the end)."""
         position = offset + jnp.arange(shard_batch)
         index = jnp.where(position < shard_size, order[position % shard_size],
                           next_order[position % shard_size])
-        key = jax.random.fold_in(jax.random.fold_in(augment_key, step),
-                                 jax.lax.axis_index(batch_axes))
-        return {"image": random_pad_crop_flip(data["image"][index], key, config.image_size),
-                "label": data["label"][index]}
+        return jax.tree.map(lambda x: x[index], data)
 
     def batches():
         epoch, orders = None, None
@@ -203,22 +166,26 @@ def create_train_iterator(config, sharding: NamedSharding, *,
                 orders = (orders[1] if follows else permutations(current),
                           permutations(current + 1))
                 epoch = current
-            yield batch_at(data, *orders, offset, step)
+            yield batch_at(data, *orders, offset)
 
     return batches()
 
 
-def create_eval_iterator(config, *, split: Optional[str] = None,
-                         process_index: Optional[int] = None,
-                         process_count: Optional[int] = None) -> input_common.EvalBatches:
+def create_eval_iterator(config, crop_size: Optional[int] = None, *,
+                         split: Optional[str] = None, process_index: Optional[int] = None,
+                         process_count: Optional[int] = None) -> inputs.EvalBatches:
     """One exact pass over `split` (default config.eval_split) as per-process numpy batches
-    {"image", "label", "mask"}; the same contract as `input_pipeline.create_eval_iterator`."""
-    process_index, process_count = input_common.resolve_process(process_index, process_count)
-    batch = input_common.local_batch_size(config.eval_batch_size, process_count,
+    {"image", "label", "mask"} of the stored images; the same contract as
+    `tfds_input.create_eval_iterator`. `crop_size`, if given, must be the stored size."""
+    process_index, process_count = inputs.resolve_process(process_index, process_count)
+    batch = inputs.local_batch_size(config.eval_batch_size, process_count,
                                           jax.device_count(), "eval_batch_size")
     images, labels = load_arrays(config, split or config.eval_split)
-    start, stop = input_common.process_share(len(images), process_index, process_count)
-    num_batches = input_common.eval_num_batches(len(images), process_count, batch)
+    if crop_size and crop_size != images.shape[1]:
+        raise ValueError(f"the device-resident input evaluates images as stored "
+                         f"({images.shape[1]}x{images.shape[2]}); got crop size {crop_size}")
+    start, stop = inputs.process_share(len(images), process_index, process_count)
+    num_batches = inputs.eval_num_batches(len(images), process_count, batch)
 
     def batches():
         for first in range(start, start + num_batches * batch, batch):
@@ -228,7 +195,7 @@ def create_eval_iterator(config, *, split: Optional[str] = None,
             image[:real], label[:real] = images[first:first + real], labels[first:first + real]
             yield {"image": image, "label": label, "mask": np.arange(batch) < real}
 
-    return input_common.EvalBatches(batches, num_batches, len(images))
+    return inputs.EvalBatches(batches, num_batches, len(images))
 
 
 def define_flags() -> None:
@@ -245,16 +212,17 @@ def main(argv) -> None:
 
         python -m resnet_v2_jax.device_input --dataset=cifar10 --array_dir=/data/arrays
     """
+    from resnet_v2_jax import cli, tfds_input
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
-    from resnet_v2_jax import input_pipeline
     FLAGS = flags.FLAGS
     config = ml_collections.ConfigDict({"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir})
     for split in FLAGS.splits:
         print(write_arrays(FLAGS.array_dir, FLAGS.dataset, split,
-                           *input_pipeline.load_split_arrays(config, split)))
+                           *tfds_input.load_split_arrays(config, split)))
 
 
 if __name__ == "__main__":
+    from resnet_v2_jax import cli
     define_flags()
     cli.run(main, (ValueError, FileNotFoundError))

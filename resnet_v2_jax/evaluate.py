@@ -6,8 +6,9 @@
 
 The config defaults to the run's own `<workdir>/config.json` (written by every training run);
 `--config=configs/....py` (with `--config.key=value` overrides) replaces it. The latest readable
-checkpoint in the workdir is used unless `--checkpoint` names a step folder. Evaluation is the
-training loop's own (`train.Evaluator`: the whole split, the tail padded and masked), so it
+checkpoint in the workdir is used unless `--checkpoint` names a step folder (`runs.read_run`
+reads either). Evaluation is the training loop's own (`train.Evaluator`: the whole split, the
+tail padded and masked), so it
 reproduces the errors a run logged at that step. Results are printed and written as JSON to
 `<workdir>/eval_results.json` or `--output`. On several processes (TPU pod slices, SLURM) every
 process runs the same command with `--distributed`.
@@ -22,7 +23,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from resnet_v2_jax import checkpoint, cli, datasets, parallel, rundir, train
+from resnet_v2_jax import cli, configuration, parallel, recipe, rundir, runs, train
 
 FLAGS = flags.FLAGS
 USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError, DataError
@@ -30,8 +31,10 @@ USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError, DataErro
 
 def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = None,
                 crops: Optional[Sequence[int]] = None, data_dir: Optional[str] = None,
+                array_dir: Optional[str] = None,
                 eval_batch_size: Optional[int] = None) -> ml_collections.ConfigDict:
-    """A copy of `config` that evaluates the whole `split` at `crops` (None keeps a setting)."""
+    """A copy of `config` that evaluates the whole `split` at `crops`, reading from `data_dir`
+    (tfds) or `array_dir` (.npz arrays) of this machine (None keeps a setting)."""
     values = config.to_dict()
     values["steps_per_eval"] = -1  # exact: every example of the split
     if split:
@@ -40,47 +43,33 @@ def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = Non
         values["eval_crop_sizes"] = tuple(int(c) for c in crops)
     if data_dir:
         values["data_dir"] = data_dir
+    if array_dir:
+        values["array_dir"] = array_dir
     if eval_batch_size:
         values["eval_batch_size"] = eval_batch_size
     return ml_collections.ConfigDict(values)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             step: Optional[int] = None) -> Dict[str, Any]:
-    """Restores `workdir`'s checkpoint (latest, or `step`) and evaluates it as `config` says.
+def evaluate(path: str, config: Optional[ml_collections.ConfigDict] = None,
+             **overrides) -> Dict[str, Any]:
+    """Evaluates the run at `path` (its workdir: the latest readable checkpoint; or a step
+    folder <workdir>/checkpoints/<step>) as `config` says (default: the run's config.json),
+    with `eval_config`'s `overrides` (split, crops, data_dir, eval_batch_size).
 
     Returns {"step", "checkpoint", "dataset", "split", "eval": {crop: {"top1_error",
     "top5_error", "loss", "num_examples"}}, "devices", "wall_time_s"}.
     """
     t_start = time.time()
-    workdir = rundir.resolve(workdir)
-    directory = workdir / "checkpoints"
-    if not directory.exists():
-        raise checkpoint.CheckpointError(f"no checkpoint in {workdir}: {directory} does not exist")
-    train.check_config(config)
-    info = datasets.get(config.dataset)
+    workdir, _ = runs.split_run_path(path)
+    config = eval_config(config if config is not None else configuration.read(str(workdir)),
+                         **overrides)
+    run = runs.read_run(path, config)
     dp = parallel.DataParallel(config.parallelism)  # BN groups do not matter in evaluation
-    setup = train.build(config, dp)  # the schedule is irrelevant: only the state's structure is
-    checkpoints = checkpoint.Checkpoints(
-        workdir, train.model_signature(config, info.num_classes), read_only=True)
-    try:
-        state, step = checkpoints.read(setup.abstract_state, step)
-    finally:
-        checkpoints.close()
-    results = train.Evaluator(config, dp, setup.eval_step)(dp.put_state(state))
-    return {"step": step, "checkpoint": str(directory / str(step)), "dataset": config.dataset,
+    setup = recipe.build(config, dp)  # the schedule is irrelevant: only the eval step is used
+    results = train.Evaluator(config, dp, setup.eval_step)(dp.put_state(run.variables))
+    return {"step": run.step, "checkpoint": run.checkpoint, "dataset": config.dataset,
             "split": config.eval_split, "eval": results, "devices": dp.describe(),
             "wall_time_s": round(time.time() - t_start, 1)}
-
-
-def _parse_checkpoint(path: str):
-    """(workdir, step) of a step folder <workdir>/checkpoints/<step>."""
-    path = epath.Path(path)
-    if not path.name.isdigit() or path.parent.name != "checkpoints":
-        raise ValueError(f"--checkpoint={path} is not a step folder <workdir>/checkpoints/<step>")
-    if not path.exists():
-        raise FileNotFoundError(f"--checkpoint={path} does not exist")
-    return str(path.parent.parent), int(path.name)
 
 
 def run(argv) -> None:
@@ -88,20 +77,21 @@ def run(argv) -> None:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not (FLAGS.workdir or FLAGS.checkpoint):
         cli.fail("give --workdir or --checkpoint", 2)
-    step = None
-    run_dir = FLAGS.workdir
-    if FLAGS.checkpoint:
-        run_dir, step = _parse_checkpoint(FLAGS.checkpoint)
-    workdir = FLAGS.workdir or run_dir
-    config = eval_config(FLAGS.config or rundir.read_config(run_dir), split=FLAGS.split,
-                         crops=FLAGS.crops, data_dir=FLAGS.data_dir,
-                         eval_batch_size=FLAGS.eval_batch_size)
-    results = evaluate(config, run_dir, step)
+    path = FLAGS.checkpoint or FLAGS.workdir
+    run_dir, step = runs.split_run_path(path)
+    if FLAGS.checkpoint and step is None:
+        raise ValueError(f"--checkpoint={FLAGS.checkpoint} is not a step folder "
+                         "<workdir>/checkpoints/<step>")
+    config = FLAGS.config if FLAGS.config is not None else configuration.read(str(run_dir))
+    cli.prepare_process(config)
+    results = evaluate(path, config, split=FLAGS.split, crops=FLAGS.crops,
+                       data_dir=FLAGS.data_dir, array_dir=FLAGS.array_dir,
+                       eval_batch_size=FLAGS.eval_batch_size)
     if jax.process_index() != 0:
         return
     cli.print_results(results, results["dataset"], results["split"])
-    output = epath.Path(FLAGS.output) if FLAGS.output else rundir.resolve(workdir) / \
-        "eval_results.json"
+    output = (epath.Path(FLAGS.output) if FLAGS.output else
+              rundir.resolve(FLAGS.workdir or str(run_dir)) / "eval_results.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_json(output, results)
     print(f"wrote {output}")
@@ -122,6 +112,8 @@ def define_flags() -> None:
     flags.DEFINE_list("crops", None, "Crop sizes, e.g. 224,320; default: the config's "
                       "eval_crop_sizes.")
     flags.DEFINE_string("data_dir", None, "tfds data_dir; default: the config's.")
+    flags.DEFINE_string("array_dir", None, "Folder of <dataset>_<split>.npz arrays "
+                        "(device-resident runs); default: the config's.")
     flags.DEFINE_integer("eval_batch_size", None, "Global eval batch (a multiple of the device "
                          "count); default: the config's.")
     flags.DEFINE_string("output", None, "JSON results; default: <workdir>/eval_results.json.")

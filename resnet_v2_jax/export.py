@@ -16,7 +16,7 @@ readable checkpoint of --workdir is exported, or the step folder it names.
 
 from absl import flags
 
-from resnet_v2_jax import cli, models, train
+from resnet_v2_jax import cli, configuration, models, runs
 
 FLAGS = flags.FLAGS
 USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError
@@ -36,7 +36,8 @@ def export(workdir: str, out: str, unrolled: bool = False) -> str:
     """Writes `workdir`'s checkpoint to `out`; returns which checkpoint it was."""
     if not out.endswith(".safetensors"):
         raise ValueError(f"--out={out} must end in .safetensors")
-    model, variables, where = train.restore_variables(workdir)
+    run = runs.read_run(workdir)
+    model, variables, where = run.model, run.variables, run.checkpoint
     if unrolled and model.scan_units:
         model, variables = model.clone(scan_units=False), models.scanned_to_unrolled(variables)
     models.save(out, model, variables)
@@ -46,6 +47,7 @@ def export(workdir: str, out: str, unrolled: bool = False) -> str:
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+    cli.prepare_process(configuration.read(str(runs.split_run_path(FLAGS.workdir)[0])))
     where = export(FLAGS.workdir, FLAGS.out, FLAGS.unrolled)
     print(f"wrote {FLAGS.out} (the weights of {where})")
 

@@ -21,23 +21,30 @@ from ml_collections import config_flags
 from resnet_v2_jax import cli, parallel, train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Folder (local, ~ or gs://) for checkpoints, logs, "
-                    "results; relative paths are made absolute at start. Required to train.")
-flags.DEFINE_bool("print_config", False, "Print every config key with its value and meaning, "
-                  "then exit without training.")
-flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when the "
-                  "environment names several processes (TPU pods, SLURM, JAX_COORDINATOR_ADDRESS) "
-                  "or the flags below are given.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, where no cluster "
-                    "environment (TPU, SLURM, Open MPI) provides it.")
-flags.DEFINE_integer("num_processes", None, "Number of processes, likewise.")
-flags.DEFINE_integer("process_id", None, "This process's index, likewise.")
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10_quick.py; "
-                                "override keys with --config.key=value.", lock_config=True)
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags() -> None:
+    """The command line's flags; defined by the command only, so importing defines none."""
+    flags.DEFINE_string("workdir", None, "Folder (local, ~ or gs://) for checkpoints, logs, "
+                        "results; relative paths are made absolute at start. Required to train.")
+    flags.DEFINE_bool("print_config", False, "Print every config key with its value and "
+                      "meaning, then exit without training.")
+    flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: when "
+                      "the environment names several processes (TPU pods, SLURM, "
+                      "JAX_COORDINATOR_ADDRESS) or the flags below are given.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, where no cluster "
+                        "environment (TPU, SLURM, Open MPI) provides it.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes, likewise.")
+    flags.DEFINE_integer("process_id", None, "This process's index, likewise.")
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
+                                    "configs/cifar10_quick.py; override keys with "
+                                    "--config.key=value (--config.model.key=value for the "
+                                    "network).", lock_config=True)
+    flags.mark_flags_as_required(["config"])
+
 
 # Errors that mean "the input is wrong", not "the program is wrong": one line, exit code 1.
-# ValueError covers bad config values, input_common.DataError, rundir.WorkdirError and
+# ValueError covers bad config values, datasets.DataError, rundir.WorkdirError and
 # checkpoint.CheckpointError.
 USER_ERRORS = (ValueError, FileNotFoundError, train.NonFiniteLossError)
 
@@ -50,6 +57,7 @@ def main(argv):
         return
     if not FLAGS.workdir:
         cli.fail("--workdir is required to train (--print_config lists the config's keys)", 2)
+    cli.prepare_process(FLAGS.config)
     parallel.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                     FLAGS.num_processes, FLAGS.process_id)
     logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)",
@@ -67,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main, USER_ERRORS)

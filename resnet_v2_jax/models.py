@@ -80,6 +80,12 @@ SHORTCUTS = (
     "dropout",         # (f) dropout(x) + F
 )
 
+# The options only some shortcuts use; a network with another shortcut ignores them (and
+# `signature` leaves them out).
+SHORTCUT_OPTIONS = {"shortcut_scale": ("scaling",), "residual_scale": ("scaling",),
+                    "gate_bias_init": ("exclusive_gate", "shortcut_gate"),
+                    "shortcut_dropout_rate": ("dropout",)}
+
 # Where the first unit of a stage takes its pre-activation from.
 PREACT_MODES = (
     "branch",  # only F is pre-activated; the shortcut takes the raw x (identity units)
@@ -92,6 +98,17 @@ he_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 """Torch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the authors keep it."""
+
+HEAD = "head"
+"""The classifier's module name: what fine-tuning replaces or trains alone."""
+
+
+def runtime(default):
+    """Declares a `ResNetV2` attribute that changes how the network runs (dtypes, layout, BN
+    reduction axes) but not the function it computes from its weights: `signature` leaves it
+    out, so checkpoints and weights files move between its values (converted where the layout
+    differs, see `unrolled_to_scanned`). Every other attribute defines the network."""
+    return dataclasses.field(default=default, metadata={"runtime": True})
 
 
 def _conv(features: int, kernel: int, strides: int = 1, use_bias: bool = False,
@@ -137,10 +154,8 @@ class ResidualUnit(nn.Module):
     deterministic: bool = True
 
     def __post_init__(self):
-        _check_choice("unit", self.unit, UNIT_PLACEMENTS)
-        _check_choice("shortcut", self.shortcut, SHORTCUTS)
+        _check_unit_options(self)
         _check_choice("preact", self.preact, PREACT_MODES)
-        _check_choice("stride_on", self.stride_on, ("1x1", "3x3"))
         super().__post_init__()
 
     def _layers(self):
@@ -217,6 +232,11 @@ class ResNetV2(nn.Module):
     -> the units' own pre-activation (the paper's extra BN-ReLU after the last unit) -> global
     average pool -> linear classifier.
 
+    The attributes are the one declaration of a network's options: configs pass theirs as
+    `create(**config.model)`, and checkpoints, `init_from` and weights files compare or store
+    `signature` / `options` of the built network. Those marked `runtime(...)` change how it runs,
+    not what it computes.
+
     Attributes:
         stage_sizes: units per stage.
         widths: output channels per stage.
@@ -227,14 +247,15 @@ class ResNetV2(nn.Module):
             unit pre-activates and shares it with its projection); needs a pre-activation unit.
         stem_width: channels of the stem conv.
         bottleneck, stride_on, unit, shortcut, shortcut_scale, residual_scale, gate_bias_init,
-            shortcut_dropout_rate: passed to every `ResidualUnit`.
+            shortcut_dropout_rate: passed to every `ResidualUnit` (`UNIT_OPTIONS`).
+        bn_momentum, bn_epsilon: BatchNorm running-average momentum (Torch's 0.1 is 0.9 here) and eps.
         dtype: compute dtype (e.g. jnp.bfloat16); params and BN statistics stay `param_dtype`,
             logits are returned as float32 (as `param_dtype` when that is float64).
         param_dtype: dtype of parameters and BN statistics: float32, or float64 for exact
-            equivalence tests (needs jax_enable_x64).
-        bn_momentum, bn_epsilon: BatchNorm running-average momentum (Torch's 0.1 is 0.9 here) and eps.
+            equivalence tests (needs jax_enable_x64, which the caller turns on).
         bn_axis_name: mapped axis name (or tuple of names) over which BN batch statistics are
-            averaged in training; None = per device. Set by the caller, never assumed.
+            averaged in training; None = over the batch this call sees (per device under pmap or
+            shard_map; the whole global batch under jax.jit over sharded arrays).
         bn_axis_index_groups: axis_index_groups for that reduction (pmap only).
         scan_units: run the identical units of each stage with nn.scan, so compile time does not
             grow with depth. Parameters of units 2..n of stage s are stacked under "stage{s}_repeat";
@@ -255,30 +276,38 @@ class ResNetV2(nn.Module):
     residual_scale: float = 1.0
     gate_bias_init: float = 0.0
     shortcut_dropout_rate: float = 0.5
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    bn_axis_name: Any = None
-    bn_axis_index_groups: Any = None
-    scan_units: bool = False
-    remat_units: bool = False
+    dtype: Any = runtime(jnp.float32)
+    param_dtype: Any = runtime(jnp.float32)
+    bn_axis_name: Any = runtime(None)
+    bn_axis_index_groups: Any = runtime(None)
+    scan_units: bool = runtime(False)
+    remat_units: bool = runtime(False)
 
     def __post_init__(self):
-        _check_choice("unit", self.unit, UNIT_PLACEMENTS)
-        _check_choice("shortcut", self.shortcut, SHORTCUTS)
+        _check_unit_options(self)
         _check_choice("stem", self.stem, ("cifar", "imagenet"))
         _check_choice("stem_norm", self.stem_norm, ("before_pool", "after_pool"))
-        _check_choice("stride_on", self.stride_on, ("1x1", "3x3"))
         if len(self.stage_sizes) != len(self.widths) or min(self.stage_sizes, default=0) < 1:
             raise ValueError(
                 f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
                 "must have the same length and at least one unit per stage")
         if self.bottleneck and any(w % 4 for w in self.widths):
             raise ValueError(f"bottleneck widths must divide by 4, got {tuple(self.widths)}")
+        if min(self.widths) < 1 or self.stem_width < 1:
+            raise ValueError(f"widths {tuple(self.widths)} and stem_width {self.stem_width} must "
+                             "be positive")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be positive (or None), got {self.num_classes}")
+        if self.stem == "cifar" and self.stem_norm != "before_pool":
+            raise ValueError("stem_norm applies to the imagenet stem only; the cifar stem has "
+                             "no pool")
         if self.stem_norm == "after_pool" and not UNIT_PLACEMENTS[self.unit]["before_conv"]:
             raise ValueError(
                 f"stem_norm='after_pool' needs a pre-activation unit, not {self.unit!r}")
+        _check_number("bn_momentum", self.bn_momentum, 0.0, 1.0)
+        _check_number("bn_epsilon", self.bn_epsilon, 0.0, None, open_low=True)
         super().__post_init__()
 
     @nn.compact
@@ -295,13 +324,8 @@ class ResNetV2(nn.Module):
                                  axis_index_groups=self.bn_axis_index_groups)
         unit_class = (nn.remat(ResidualUnit, prevent_cse=not self.scan_units)
                       if self.remat_units else ResidualUnit)
-        unit = functools.partial(unit_class, norm=norm, conv=conv, bottleneck=self.bottleneck,
-                                 stride_on=self.stride_on, unit=self.unit, shortcut=self.shortcut,
-                                 shortcut_scale=self.shortcut_scale,
-                                 residual_scale=self.residual_scale,
-                                 gate_bias_init=self.gate_bias_init,
-                                 shortcut_dropout_rate=self.shortcut_dropout_rate,
-                                 deterministic=not train)
+        unit = functools.partial(unit_class, norm=norm, conv=conv, deterministic=not train,
+                                 **{name: getattr(self, name) for name in UNIT_OPTIONS})
         preactivates = bool(UNIT_PLACEMENTS[self.unit]["before_conv"])
 
         x = jnp.asarray(x, self.dtype)
@@ -352,13 +376,44 @@ class ResNetV2(nn.Module):
         if self.num_classes is None:
             return x.astype(out_dtype)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=torch_linear_init, name="head")(x)
+                     kernel_init=torch_linear_init, name=HEAD)(x)
         return x.astype(out_dtype)
+
+
+# The attributes a network hands to each of its units: those the two declare alike.
+UNIT_OPTIONS = tuple(f.name for f in dataclasses.fields(ResidualUnit)
+                     if f.name in {g.name for g in dataclasses.fields(ResNetV2)}
+                     and f.name not in ("parent", "name"))
 
 
 def _check_choice(name: str, value, choices):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def _check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
+                  *, open_low: bool = False, open_high: bool = False):
+    """Raises a one-line ValueError unless `value` is a finite real in [low, high] (open ends
+    where asked); None bounds are unbounded."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if open_low else value < low):
+        raise ValueError(f"{name} must be {'>' if open_low else '>='} {low}, got {value}")
+    if high is not None and (value >= high if open_high else value > high):
+        raise ValueError(f"{name} must be {'<' if open_high else '<='} {high}, got {value}")
+
+
+def _check_unit_options(module):
+    """The checks a unit's options need, shared by `ResidualUnit` and `ResNetV2`."""
+    _check_choice("unit", module.unit, UNIT_PLACEMENTS)
+    _check_choice("shortcut", module.shortcut, SHORTCUTS)
+    _check_choice("stride_on", module.stride_on, ("1x1", "3x3"))
+    for name in ("shortcut_scale", "residual_scale", "gate_bias_init"):
+        _check_number(name, getattr(module, name))
+    _check_number("shortcut_dropout_rate", module.shortcut_dropout_rate, 0.0, 1.0,
+                  open_high=True)
 
 
 CIFAR_WIDTHS = {"bottleneck": (64, 128, 256), "basic": (16, 32, 64)}
@@ -382,7 +437,8 @@ def cifar_resnet(depth: int, num_classes: Optional[int] = 10, *, block: str = "b
     """
     _check_choice("block", block, CIFAR_WIDTHS)
     layers = 3 if block == "bottleneck" else 2
-    if depth < 3 * layers + 2 or (depth - 2) % (3 * layers):
+    if (not isinstance(depth, (int, np.integer)) or isinstance(depth, bool)
+            or depth < 3 * layers + 2 or (depth - 2) % (3 * layers)):
         raise ValueError(f"CIFAR {block} ResNet depth must be {3 * layers}n+2 (e.g. "
                          f"{'164, 1001' if layers == 3 else '20, 56, 110'}), got {depth}")
     n = (depth - 2) // (3 * layers)
@@ -406,8 +462,28 @@ def imagenet_resnet(depth: int, num_classes: Optional[int] = 1000, **options) ->
                     stem="imagenet", stem_width=64, bottleneck=bottleneck, **options)
 
 
+ARCHITECTURES = {"cifar": cifar_resnet, "imagenet": imagenet_resnet}
+
+
+def create(arch: str, depth: int, num_classes: Optional[int], **options) -> ResNetV2:
+    """The network a config's `model` section names: `create(num_classes=10, **config.model)`.
+    `arch` picks the factory (`ARCHITECTURES`), the rest are its arguments."""
+    _check_choice("arch", arch, ARCHITECTURES)
+    try:
+        return ARCHITECTURES[arch](depth, num_classes, **options)
+    except TypeError as e:  # an option the factory does not take
+        raise ValueError(f"{arch} networks take no such option ({e})") from e
+
+
 _UNROLLED = re.compile(r"stage(\d+)_unit(\d+)$")
 _SCANNED = re.compile(r"stage(\d+)_repeat$")
+
+
+def holds_units(tree) -> bool:
+    """Whether `tree` is a dict keyed by the network's modules (params, BN statistics, or an
+    optimiser's tree shaped like them): one with unit entries, unrolled or scanned."""
+    return isinstance(tree, dict) and any(
+        isinstance(k, str) and (_UNROLLED.match(k) or _SCANNED.match(k)) for k in tree)
 
 
 def unrolled_to_scanned(variables):
@@ -452,24 +528,46 @@ def _to_unrolled(tree):
     return out
 
 
-# --- weights files -------------------------------------------------------------------------------
+
+# --- what defines a network, and weights files ----------------------------------------------------
 
 FILE_FORMAT = "resnet_v2_jax/1"
-_RUNTIME_OPTIONS = ("parent", "name", "bn_axis_name", "bn_axis_index_groups")  # not the network's
+# Never part of the weights: set by whoever runs the network on several devices.
+_CALLER_OPTIONS = ("parent", "name", "bn_axis_name", "bn_axis_index_groups")
+
+
+def _json_value(name: str, value):
+    if name in ("dtype", "param_dtype"):
+        return jnp.dtype(value).name
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def options(model: ResNetV2) -> dict:
-    """The attributes that define `model`, as JSON values (`ResNetV2(**options)` rebuilds it).
-    The BN reduction axes are left out: they belong to a training loop, not to the weights."""
-    values = {}
-    for field in dataclasses.fields(model):
-        if field.name in _RUNTIME_OPTIONS:
-            continue
-        value = getattr(model, field.name)
-        if field.name in ("dtype", "param_dtype"):
-            value = jnp.dtype(value).name
-        values[field.name] = list(value) if isinstance(value, (tuple, list)) else value
-    return values
+    """The attributes that rebuild `model` (`ResNetV2(**options)`), as JSON values: `signature`
+    plus the runtime options that travel with weights (dtypes, scan/remat layout)."""
+    return {f.name: _json_value(f.name, getattr(model, f.name))
+            for f in dataclasses.fields(model) if f.name not in _CALLER_OPTIONS}
+
+
+def signature(model: ResNetV2) -> dict:
+    """What the network computes from its weights: every attribute not declared `runtime`, as
+    JSON values, but the shortcut options its shortcut ignores (`SHORTCUT_OPTIONS`). Two
+    networks with equal signatures are the same function of the same weights (converted
+    between scan layouts and dtypes)."""
+    return {f.name: _json_value(f.name, getattr(model, f.name))
+            for f in dataclasses.fields(model)
+            if f.name not in _CALLER_OPTIONS and not f.metadata.get("runtime")
+            and model.shortcut in SHORTCUT_OPTIONS.get(f.name, (model.shortcut,))}
+
+
+def signature_differences(saved: dict, current: dict) -> list:
+    """[(attribute, saved value, current value)] where two signatures differ. An attribute one
+    of them lacks (written before the attribute existed) counts as its default."""
+    defaults = {f.name: _json_value(f.name, f.default) for f in dataclasses.fields(ResNetV2)
+                if f.default is not dataclasses.MISSING}
+    saved, current = {**defaults, **saved}, {**defaults, **current}
+    return [(k, saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
 
 
 def save(path: str, model: ResNetV2, variables) -> None:

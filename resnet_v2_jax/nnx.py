@@ -32,7 +32,6 @@ module costs about 3 ms per call on a 2-core CPU (ResNet-20), `nnx.cached_partia
 (`benchmarks/nnx_vs_linen.py`; README, "Use in your own code").
 """
 
-import functools
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax

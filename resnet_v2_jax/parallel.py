@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_v2_jax import input_common
+from resnet_v2_jax import inputs
 
 EXECUTORS = ("shard_map", "pmap")
 
@@ -105,9 +105,9 @@ class DataParallel:
 
     def check_batch_size(self, global_batch: int, name: str = "batch_size") -> int:
         """Returns the per-device batch, or raises if `global_batch` does not split evenly
-        (the rule of `input_common.local_batch_size`, which the input pipelines apply too)."""
-        per_process = input_common.local_batch_size(global_batch, jax.process_count(),
-                                                    self.num_devices, name)
+        (the rule of `inputs.local_batch_size`, which the input pipelines apply too)."""
+        per_process = inputs.local_batch_size(global_batch, jax.process_count(),
+                                              self.num_devices, name)
         return per_process // len(self.local_devices)
 
     # --- placement -------------------------------------------------------------------------

@@ -23,13 +23,6 @@ from matplotlib.lines import Line2D
 
 from resnet_v2_jax import cli
 
-with cli.native_stderr_quiet():  # TensorFlow's C++ start-up lines
-    try:
-        import tensorflow  # noqa: F401  (TensorBoard would import it later, printing them)
-    except ImportError:  # TensorBoard reads event files without it too
-        pass
-    from tensorboard.backend.event_processing import event_accumulator
-
 TEST_PREFIX = "eval/top1_error_"
 Series = Tuple[np.ndarray, np.ndarray]  # (steps, values)
 
@@ -44,6 +37,7 @@ class Curves:
 
 def read_scalars(workdir: str) -> Dict[str, Series]:
     """Every scalar tag in `workdir`'s event files, as (steps, values) sorted by step."""
+    from tensorboard.backend.event_processing import event_accumulator  # imports TensorFlow
     if not epath.Path(workdir).exists():
         raise FileNotFoundError(f"run folder {workdir} does not exist")
     events = event_accumulator.EventAccumulator(
@@ -125,6 +119,7 @@ def define_flags() -> None:
 def main(argv: List[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+    cli.import_tensorflow_quietly()  # TensorBoard's reader imports TensorFlow where installed
     labels = FLAGS.labels or [epath.Path(w).name for w in FLAGS.workdir]
     if len(labels) != len(FLAGS.workdir):
         cli.fail(f"{len(labels)} --labels for {len(FLAGS.workdir)} --workdir", 2)

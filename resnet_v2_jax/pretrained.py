@@ -1,7 +1,8 @@
 """Weights from elsewhere, and their transfer into a new network (`--config.init_from`).
 
-Sources (`load_file`; a run's workdir or checkpoint step folder is read by
-`train.restore_variables`):
+Sources (`initialize_from` takes any of them; `load_file` reads files, `runs.read_run` runs):
+
+* a run's workdir or one of its checkpoint step folders;
 
 * a file written by `python -m resnet_v2_jax.export` (`models.save`): safetensors holding the
   network's options;
@@ -20,15 +21,30 @@ from typing import Any, Dict, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from resnet_v2_jax import models, timm_import
+from resnet_v2_jax import models, rundir, timm_import
 
-HEAD = "head"
-# Options that make two networks' backbones different networks (the rest, e.g. dtype, BN
-# momentum, scan or remat, do not change what a weight means).
-ARCHITECTURE = ("stage_sizes", "widths", "stem", "stem_norm", "stem_width", "bottleneck",
-                "stride_on", "unit", "shortcut")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def initialize_from(source: str, variables: Dict[str, Any],
+                    model: models.ResNetV2) -> Dict[str, Any]:
+    """`variables` (freshly initialised, of `model`) with the backbone of `source`: a run's
+    workdir or step folder, or a weights file (`load_file`). See `transfer`."""
+    path = rundir.resolve(source)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from {path} does not exist: give a run's workdir, a step "
+                                "folder <workdir>/checkpoints/<step> or a weights file")
+    if path.is_dir():
+        from resnet_v2_jax import runs  # the training stack: only for this source
+        run = runs.read_run(str(path))
+        source_model, source_variables, where = run.model, run.variables, run.checkpoint
+    else:
+        (source_model, source_variables), where = load_file(str(path)), str(path)
+    variables, summary = transfer(source_model, source_variables, model, variables, where)
+    logging.info("%s", summary)
+    return variables
 
 
 def load_file(path: str) -> Tuple[models.ResNetV2, Dict[str, Any]]:
@@ -62,13 +78,13 @@ def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: 
              target_variables: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], str]:
     """`target_variables` with every backbone variable replaced by `source_variables`' (and the
     head too where its shape matches). Returns (variables, a one-line summary). Raises a
-    one-line ValueError naming what differs when `source` is another architecture."""
-    theirs, ours = models.options(source), models.options(target)
-    differ = [f"{k} {theirs[k]!r} there vs {ours[k]!r} here" for k in ARCHITECTURE
-              if theirs[k] != ours[k]]
+    one-line ValueError naming what differs when `source` is another network: any attribute
+    of `models.signature` but the number of classes (the head is what fine-tuning replaces)."""
+    differ = [f"{k} {a!r} there vs {b!r} here" for k, a, b in models.signature_differences(
+        models.signature(source), models.signature(target)) if k != "num_classes"]
     if differ:
         raise ValueError(f"init_from {where} is another network ({'; '.join(differ)}); "
-                         "set the config's network to the source's")
+                         "set the config's model section to the source's")
     if source.scan_units != target.scan_units:
         convert = models.unrolled_to_scanned if target.scan_units else models.scanned_to_unrolled
         source_variables = convert(source_variables)
@@ -80,7 +96,7 @@ def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: 
         out[collection] = dict(tree)
         for name, value in tree.items():
             fits = name in given and _shapes(given[name]) == _shapes(value)
-            if name == HEAD:
+            if name == models.HEAD:
                 head = "kept" if fits else (
                     f"re-initialised ({_classes(source)} classes there, {_classes(target)} here)")
                 if not fits:

@@ -9,8 +9,8 @@
   `STALE_AFTER_S`) is taken over with a warning, so a crashed or killed run never blocks its
   own resume. On several processes only process 0 takes it, and every process learns the answer.
 * `write_json` writes strict JSON (non-finite numbers become null) atomically.
-* `read_config` reads the config a run saved; `split_run_path` tells a workdir from one of its
-  checkpoint step folders, for the commands that read runs (evaluate, export, init_from).
+
+Reading a finished run back is `runs`' job; its config.json is read by `configuration.read`.
 """
 
 import datetime
@@ -21,20 +21,15 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
 LOCK_FILE = "run.lock"
-# Config keys added after runs were saved, with the behaviour those runs had.
-KEYS_ADDED_LATER = {"float64": False, "augment_on_device": False, "antialias": True,
-                    "input_resize": 0, "init_from": "", "train_backbone": True,
-                    "train_bn_statistics": True}
 HEARTBEAT_S = 60        # the holder rewrites the lock this often
 STALE_AFTER_S = 600     # a lock without heartbeat for this long belongs to a dead run
 
@@ -52,29 +47,6 @@ def resolve(path: str) -> epath.Path:
     if "://" in path:
         return epath.Path(path)
     return epath.Path(os.path.abspath(os.path.expanduser(path)))
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a training run saved as `<workdir>/config.json`, with the keys added since
-    (`KEYS_ADDED_LATER`) set as that run behaved."""
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: pass the run's --config=configs/<name>.py")
-    return ml_collections.ConfigDict({**KEYS_ADDED_LATER, **json.loads(path.read_text())})
-
-
-def split_run_path(path: str) -> Tuple[epath.Path, Optional[int]]:
-    """(workdir, step) of a step folder `<workdir>/checkpoints/<step>`; (workdir, None) of a
-    workdir (its latest readable checkpoint is meant)."""
-    path = resolve(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.name.isdigit() and path.parent.name == "checkpoints":
-        return path.parent.parent, int(path.name)
-    if (path / "checkpoints").is_dir():
-        return path, None
-    raise ValueError(f"{path} is neither a run's workdir (with checkpoints/) nor a step folder "
-                     "<workdir>/checkpoints/<step>")
 
 
 def make(path: epath.Path) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from resnet_v2_jax import cli, datasets, models, train
+from resnet_v2_jax import cli, configuration, datasets, models, recipe
 
 FLAGS = flags.FLAGS
 
@@ -110,20 +110,26 @@ def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     config = FLAGS.config
-    train.check_config(config)
-    model = train.create_model(config, datasets.get(config.dataset).num_classes)
+    cli.prepare_process(config)
+    configuration.validate(config)
+    model = recipe.create_model(config, datasets.get(config.dataset).num_classes)
     size = config.input_resize or config.image_size
     rows = summarize(model, size)
     depth = 2 + sum(model.stage_sizes) * (3 if model.bottleneck else 2)
-    print(f"{config.arch} ResNet-{depth} ({model.unit} units, {model.shortcut} shortcuts), "
+    print(f"{config.model.arch} ResNet-{depth} ({model.unit} units, {model.shortcut} shortcuts), "
           f"{model.num_classes} classes, {size}x{size} input, per image:")
     print(format_rows(rows))
     print(f"{rows[-1]['flops'] / 2e9:.3f} G multiply-adds per image")
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """The command line's flags; defined by the command only, so importing defines none."""
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. "
                                     "configs/cifar10_resnet164.py; --config.key=value overrides.",
                                     lock_config=True)
     flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    define_flags()
     cli.run(main, (ValueError,))

@@ -21,7 +21,7 @@ OUR_MODULES = {name for name in os.listdir(os.path.join(ROOT, "resnet_v2_jax"))
 
 def command(workdir, array_dir, *overrides, config=CONFIG):
     return [sys.executable, "-m", "resnet_v2_jax.main", f"--config={config}",
-            f"--workdir={workdir}", "--config.depth=20", "--config.input_pipeline=device_resident",
+            f"--workdir={workdir}", "--config.model.depth=20", "--config.input_pipeline=device_resident",
             f"--config.array_dir={array_dir}", "--config.batch_size=64",
             "--config.eval_batch_size=40", f"--config.num_train_steps={2 * N}",
             f"--config.checkpoint_every_steps={N}", "--config.log_every_steps=1",

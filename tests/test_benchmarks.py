@@ -114,18 +114,18 @@ def test_unrolled_parts_start_from_the_scanned_twins_weights():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import accelerator  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
-    from resnet_v2_jax import models, parallel, train  # pylint: disable=import-outside-toplevel
+    from resnet_v2_jax import models, parallel, recipe  # pylint: disable=import-outside-toplevel
 
     config = accelerator.part_config(accelerator.PARTS["cifar164_b128"], smoke=True)
-    assert not config.scan_units
+    assert not config.model.scan_units
     dp = parallel.DataParallel(config.parallelism, config.bn_group_size, jax.devices()[:1])
-    setup = train.build(config, dp)
+    setup = recipe.build(config, dp)
     state = dp.to_host(accelerator.initial_state(config, setup, dp))
     reference = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
     assert jax.tree.structure(state) == jax.tree.structure(reference)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(state)] == \
         [(x.shape, x.dtype) for x in jax.tree.leaves(reference)]
-    config.scan_units = True
-    twin = train.build(config, dp).init_state(jax.random.PRNGKey(0))
+    config.model.scan_units = True
+    twin = recipe.build(config, dp).init_state(jax.random.PRNGKey(0))
     converted = models.scanned_to_unrolled({"params": twin.params})["params"]
     jax.tree.map(np.testing.assert_array_equal, state.params, converted)

@@ -20,7 +20,7 @@ import pytest
 from cli_runs import (CONFIG, N, ROOT, assert_one_error_line, assert_only_our_info_lines,
                       assert_same_params, environment, kill, run, saved_state, start,
                       wait_for_checkpoint)
-from resnet_v2_jax import cli
+from resnet_v2_jax import cli, configuration
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_restore_onto_another_device_count(tmp_path, array_dir, first, second):
 def two_process_runs(tmp_path, arrays, *overrides, steps):
     """(one process x 8 devices, two processes x 4 devices): (workdir, stderr) of each, for
     ResNet-8 (BN, projections and every collective of ResNet-20, at a third of the compile)."""
-    overrides = ("--config.depth=8",) + overrides
+    overrides = ("--config.model.depth=8",) + overrides
     one = str(tmp_path / "one")
     one_run = run(one, arrays, f"--config.num_train_steps={steps}", *overrides, devices=8)
     two = str(tmp_path / "two")
@@ -196,18 +196,18 @@ def flat(tree):
 
 
 BAD_INPUTS = [
-    ("depth", ["--config.depth=100"], "depth must be 6n+2"),
-    ("block", ["--config.block=wide"], "unknown block 'wide'"),
-    ("unit", ["--config.unit=preact"], "unknown unit 'preact'"),
-    ("shortcut", ["--config.shortcut=gated"], "unknown shortcut 'gated'"),
+    ("depth", ["--config.model.depth=100"], "depth must be 6n+2"),
+    ("block", ["--config.model.block=wide"], "unknown block 'wide'"),
+    ("unit", ["--config.model.unit=preact"], "unknown unit 'preact'"),
+    ("shortcut", ["--config.model.shortcut=gated"], "unknown shortcut 'gated'"),
     ("dataset", ["--config.dataset=mnist"], "unknown dataset 'mnist'"),
     ("batch", ["--config.batch_size=60"], "must be a positive multiple of the device count 8"),
-    ("boundaries", ["--config.lr_boundaries_steps=(48000,32000)"], "positive and increasing"),
-    ("parallelism", ["--config.parallelism=threads"], "unknown parallelism 'threads'"),
+    ("boundaries", ["--config.lr_boundaries_steps=(48000,32000)"], "positive increasing steps"),
+    ("parallelism", ["--config.parallelism=threads"], "parallelism='threads' is not allowed"),
     ("bn_group", ["--config.bn_group_size=3"], "bn_group_size=3 must divide"),
-    ("steps", ["--config.num_train_steps=0", "--config.num_epochs=0"], "num_train_steps > 0"),
+    ("steps", ["--config.num_train_steps=-1", "--config.num_epochs=0"], "num_train_steps > 0"),
     ("arrays", ["--config.array_dir=/nonexistent"], "not found"),
-    ("input", ["--config.input_pipeline=grain"], "unknown input_pipeline 'grain'"),
+    ("input", ["--config.input_pipeline=grain"], "input_pipeline='grain' is not allowed"),
     # An unprepared manual-download dataset fails at once; an unreachable or failed download of
     # CIFAR is tested in-process in test_input_pipeline.py (here it would download with internet).
     ("unprepared", ["--config.input_pipeline=tfds", "--config.dataset=imagenet2012",
@@ -234,10 +234,11 @@ def test_bad_input_ends_with_one_line_and_nonzero_exit(tmp_path, array_dir, name
 def test_workdir_with_another_models_checkpoint_is_refused(tmp_path, array_dir):
     workdir = str(tmp_path)
     run(workdir, array_dir, f"--config.num_train_steps={N}")
-    result = run(workdir, array_dir, "--config.depth=14", check=False)
+    result = run(workdir, array_dir, "--config.model.depth=14", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "error: " in result.stderr and "checkpoint of another model" in result.stderr
-    assert "depth: checkpoint 20 vs config 14" in result.stderr
+    assert "error: " in result.stderr and "checkpoint of another network" in result.stderr
+    assert "stage_sizes: checkpoint [3, 3, 3] vs config [2, 2, 2]" in result.stderr
+    assert "model.depth=20 there vs 14 now" in result.stderr
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(N)))  # nothing lost
 
 
@@ -264,16 +265,18 @@ def test_print_config_lists_every_key_with_its_meaning_and_help_takes_h():
     its line continuations; a training run without --workdir is refused in one line."""
     from configs import default
     main = [sys.executable, "-m", "resnet_v2_jax.main", f"--config={CONFIG}"]
-    listed = subprocess.run([*main, "--config.depth=20", "--print_config"], cwd=ROOT, text=True,
-                            capture_output=True, env=environment(), timeout=300)
+    listed = subprocess.run([*main, "--config.model.depth=20", "--print_config"], cwd=ROOT,
+                            text=True, capture_output=True, env=environment(), timeout=300)
     assert listed.returncode == 0, listed.stderr[-3000:]
     lines = listed.stdout.splitlines()
-    assert [line.split(" = ")[0] for line in lines] == list(cli.config_key_help())
-    assert len(lines) == len(default.get_config())
+    keys = list(configuration.flatten(default.get_config()))
+    assert sorted(line.split(" = ")[0] for line in lines) == sorted(keys)
+    assert [line.split(" = ")[0] for line in lines] == [
+        k for k in configuration.key_help() if k in keys]  # in the base config's order
     assert all(" # " in line for line in lines)  # every key has its meaning
-    assert "depth = 20" in listed.stdout and "# devices per BN group: 0 = all devices" in \
+    assert "model.depth = 20" in listed.stdout and "# devices per BN group: 0 = all devices" in \
         listed.stdout
-    assert re.search(r"^unit = 'full_preact' +# Fig. 4: original \| bn_after_add \| "
+    assert re.search(r"^model.unit = 'full_preact' +# Fig. 4: original \| bn_after_add \| "
                      r"relu_before_add \| relu_preact \| full_preact$", listed.stdout, re.M)
     usage = subprocess.run([sys.executable, "-m", "resnet_v2_jax.main", "-h"], cwd=ROOT,
                            text=True, capture_output=True, env=environment(), timeout=300)
@@ -306,16 +309,19 @@ def test_library_noise_is_dropped_and_warnings_are_kept():
     assert kept("jax._src.xla_bridge", logging.WARNING, "An NVIDIA GPU may be present on this "
                 "machine, but a CUDA-enabled jaxlib is not installed. Falling back to cpu.")
     assert kept("absl", logging.WARNING, "cifar100 is not prepared in /data: downloading and "
-                "preparing it with tfds", "/repo/resnet_v2_jax/input_pipeline.py")
+                "preparing it with tfds", "/repo/resnet_v2_jax/tfds_input.py")
 
 
 def test_tensorflow_says_nothing_at_import_or_of_a_partly_read_cache():
-    """TensorFlow's C++ start-up lines, and its warning when a cache is left partly read (every
-    CIFAR run stopped in its first epoch), reach no output (cli.native_stderr_quiet); afterwards
-    TF_CPP_MIN_LOG_LEVEL is JAX's default again, for XLA's warnings."""
+    """In the commands (cli.import_tensorflow_quietly), TensorFlow's C++ start-up lines, and its
+    warning when a cache is left partly read (every CIFAR run stopped in its first epoch), reach
+    no output; afterwards TF_CPP_MIN_LOG_LEVEL is JAX's default again, for XLA's warnings."""
     code = ("import os\n"
-            "from resnet_v2_jax import input_pipeline\n"
-            "batches = iter(input_pipeline.tf.data.Dataset.range(10).cache().repeat())\n"
+            "import jax\n"  # as the commands do, before TensorFlow
+            "from resnet_v2_jax import cli\n"
+            "cli.import_tensorflow_quietly()\n"
+            "from resnet_v2_jax import tfds_input\n"
+            "batches = iter(tfds_input.tf.data.Dataset.range(10).cache().repeat())\n"
             "next(batches)\n"
             "del batches\n"
             "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])\n")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import ablation
-from resnet_v2_jax import datasets, parallel, train
+from resnet_v2_jax import configuration, datasets, parallel, recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -31,10 +31,10 @@ def setup_and_batch(config):
     The units run scanned, so compile time does not grow with depth: the scanned network is
     the same function (tests/test_models.py checks scanned against unrolled).
     """
-    config.scan_units = True
+    config.model.scan_units = True
     config.image_size = 32  # parameter shapes do not depend on it; initialisation is cheaper
     dp = parallel.DataParallel(config.parallelism, 0, jax.devices()[:1])
-    setup = train.build(config, dp)
+    setup = recipe.build(config, dp)
     rng = np.random.RandomState(0)
     batch = {"image": rng.randint(0, 256, (2, 32, 32, 3)).astype(np.uint8),
              "label": rng.randint(0, datasets.get(config.dataset).num_classes,
@@ -53,6 +53,9 @@ def one_step(config):
 @pytest.mark.parametrize("name", [c for c in CONFIGS if c != "ablation"])
 def test_config_builds_its_train_step_and_a_kind_of_each_trains(name):
     config = importlib.import_module(f"configs.{name}").get_config()
+    if config.init_from is None:  # fine-tuning configs name their source on the command line
+        config.init_from = ""
+    configuration.validate(config)
     if name in TRAINED:
         model, state, metrics = one_step(config)
         assert np.isfinite(metrics["loss"]) and int(state.step) == 1
@@ -63,10 +66,10 @@ def test_config_builds_its_train_step_and_a_kind_of_each_trains(name):
                  for k, v in batch.items()}
         state, metrics = jax.eval_shape(setup.train_step, setup.abstract_state, batch)
         assert metrics["loss"].shape == () and state.step.shape == ()
-    assert model.unit == config.unit and model.num_classes == datasets.get(
+    assert model.unit == config.model.unit and model.num_classes == datasets.get(
         config.dataset).num_classes
     depth = 2 + sum(model.stage_sizes) * (3 if model.bottleneck else 2)
-    assert depth == config.depth
+    assert depth == config.model.depth
 
 
 def test_the_trained_configs_exist():
@@ -79,13 +82,14 @@ def test_ablation_config_builds_and_trains_one_step(arg):
     model, state, metrics = one_step(config)
     assert np.isfinite(metrics["loss"]) and int(state.step) == 1
     for key, value in {**ablation.DEFAULTS, **ablation.parse(arg)}.items():
-        assert config[key] == value
-    assert model.shortcut == config.shortcut and model.unit == config.unit
+        assert (config[key] if key in config else config.model[key]) == value
+    assert model.shortcut == config.model.shortcut and model.unit == config.model.unit
 
 
 def test_ablation_defaults_are_table_1s_baseline():
     config = ablation.get_config("")
-    assert (config.depth, config.block, config.unit, config.shortcut) == (
+    model = config.model
+    assert (model.depth, model.block, model.unit, model.shortcut) == (
         110, "basic", "original", "identity")
     assert config.warmup == "constant"  # the appendix's warm-up for original units
 

@@ -17,15 +17,16 @@ from PIL import Image
 from tensorboardX import SummaryWriter
 
 from configs import cifar10_quick
-from resnet_v2_jax import checkpoint, evaluate, plot, rundir, train
+from resnet_v2_jax import checkpoint, configuration, evaluate, plot, runs, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 20
 
 
-def tiny_config(data_dir, **overrides):
+def tiny_config(data_dir, unit="full_preact", **overrides):
     config = cifar10_quick.get_config()
-    config.update({**dict(depth=8, num_train_steps=STEPS, batch_size=64, warmup_steps=5,
+    config.model.depth, config.model.unit = 8, unit
+    config.update({**dict(num_train_steps=STEPS, batch_size=64, warmup_steps=5,
                           log_every_steps=5, eval_every_steps=STEPS, checkpoint_every_steps=STEPS,
                           eval_batch_size=1000, data_dir=data_dir), **overrides})
     return config
@@ -95,9 +96,8 @@ def test_eval_only_on_another_split_leaves_the_run_alone(run):
     in_flight.mkdir()
     damaged.mkdir()
     try:
-        config = evaluate.eval_config(rundir.read_config(workdir), split="test[:1000]")
-        for step in (None, STEPS):
-            results = evaluate.evaluate(config, str(workdir), step=step)
+        for path in (workdir, workdir / "checkpoints" / str(STEPS)):
+            results = evaluate.evaluate(str(path), split="test[:1000]")
             assert results["step"] == STEPS and results["split"] == "test[:1000]"
             assert results["eval"]["32"]["num_examples"] == 1000
         assert in_flight.is_dir() and damaged.is_dir()
@@ -110,26 +110,26 @@ def test_eval_only_on_another_split_leaves_the_run_alone(run):
 
 def test_eval_only_refuses_another_models_checkpoint(run):
     workdir, _ = run
-    config = evaluate.eval_config(rundir.read_config(workdir))
-    config.depth = 20
-    with pytest.raises(checkpoint.CheckpointError, match="another model.*depth: checkpoint 8"):
-        evaluate.evaluate(config, str(workdir))
-    with pytest.raises(checkpoint.CheckpointError, match="another model.*depth: checkpoint 8"):
-        evaluate.evaluate(config, str(workdir), step=STEPS)
+    config = configuration.read(str(workdir))
+    config.model.depth = 20
+    another = r"another network .stage_sizes: checkpoint \[1, 1, 1\] vs config \[3, 3, 3\]"
+    for path in (workdir, workdir / "checkpoints" / str(STEPS)):
+        with pytest.raises(checkpoint.CheckpointError, match=another):
+            evaluate.evaluate(str(path), config)
 
 
 def test_eval_only_errors_for_missing_checkpoints(run, tmp_path):
     workdir, _ = run
-    config = evaluate.eval_config(rundir.read_config(workdir))
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of step 7"):
-        evaluate.evaluate(config, str(workdir), step=7)
-    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
-        evaluate.evaluate(config, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="checkpoints/7 does not exist"):
+        evaluate.evaluate(str(workdir / "checkpoints" / "7"))
+    with pytest.raises(ValueError, match="is neither a run's workdir"):
+        evaluate.evaluate(str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()  # nothing created on the way
-    result = python_module("resnet_v2_jax.evaluate", f"--workdir={tmp_path}")
+    result = python_module("resnet_v2_jax.evaluate", f"--workdir={tmp_path / 'gone'}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path}/config.json not found: pass the run's --config=configs/<name>.py")
+        f"error: {tmp_path / 'gone'} does not exist: give a run's workdir or one of its step "
+        "folders <workdir>/checkpoints/<step>")
 
 
 # --- plots of real runs -----------------------------------------------------------------------
@@ -171,12 +171,16 @@ def test_eval_config_overrides_and_makes_eval_exact():
     assert config.steps_per_eval == 3  # the original is left alone
 
 
-@pytest.mark.parametrize("path, error", [
-    ("/runs/a/checkpoints/latest", ValueError), ("/runs/a/20", ValueError),
-    ("/runs/a/checkpoints/20", FileNotFoundError)])
-def test_checkpoint_flag_must_name_a_step_folder(path, error):
-    with pytest.raises(error, match="--checkpoint"):
-        evaluate._parse_checkpoint(path)
+def test_runs_are_named_by_workdir_or_step_folder(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "20").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").mkdir()
+    assert runs.split_run_path(str(tmp_path / "run")) == (tmp_path / "run", None)
+    assert runs.split_run_path(str(tmp_path / "run" / "checkpoints" / "20")) == (
+        tmp_path / "run", 20)
+    for path, error in ((tmp_path / "run" / "checkpoints" / "latest", ValueError),
+                        (tmp_path / "run" / "checkpoints" / "30", FileNotFoundError)):
+        with pytest.raises(error):
+            runs.split_run_path(str(path))
 
 
 def test_plot_keeps_the_latest_value_of_a_resumed_run(tmp_path):

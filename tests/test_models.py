@@ -284,6 +284,20 @@ BAD_OPTIONS = {
                   "unknown unit 'preact'"),
     "unit_preact": (lambda: models.ResidualUnit(8, EVAL_NORM, preact="both"),
                     "unknown preact 'both'"),
+    "dropout_rate": (lambda: models.cifar_resnet(20, block="basic", shortcut_dropout_rate=2.0),
+                     r"shortcut_dropout_rate must be < 1.0, got 2.0"),
+    "nan_scale": (lambda: models.cifar_resnet(20, block="basic", shortcut_scale=float("nan")),
+                  "shortcut_scale must be finite, got nan"),
+    "bn_epsilon": (lambda: models.cifar_resnet(20, block="basic", bn_epsilon=0.0),
+                   "bn_epsilon must be > 0.0"),
+    "bn_momentum": (lambda: models.cifar_resnet(20, block="basic", bn_momentum=1.5),
+                    "bn_momentum must be <= 1.0"),
+    "cifar_stem_norm": (lambda: models.cifar_resnet(20, block="basic", stem_norm="after_pool"),
+                        "stem_norm applies to the imagenet stem only"),
+    "num_classes": (lambda: models.cifar_resnet(20, 0, block="basic"), "num_classes must be"),
+    "arch": (lambda: models.create("tiny", 20, 10), "unknown arch 'tiny'"),
+    "arch_option": (lambda: models.create("imagenet", 50, 10, block="basic"),
+                    "imagenet networks take no such option"),
 }
 
 

@@ -5,16 +5,12 @@ import numpy as np
 import pytest
 
 from configs import default
-from resnet_v2_jax import parallel, train
+from resnet_v2_jax import parallel, recipe
 
 
 def tiny_config(**overrides):
-    config = default.cifar("cifar10", 8)  # basic units, one per stage
-    config.batch_size = config.eval_batch_size = 16
-    config.weight_decay = 1e-4
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return default.cifar("cifar10", 8,  # basic units, one per stage
+                         **{"batch_size": 16, "eval_batch_size": 16, **overrides})
 
 
 def batch(n=16, seed=0):
@@ -25,7 +21,7 @@ def batch(n=16, seed=0):
 
 def run_steps(config, dp, steps=2):
     """`steps` training steps on fixed batches; returns (host state, per-step metrics)."""
-    setup = train.build(config, dp)
+    setup = recipe.build(config, dp)
     state = setup.init_state(jax.random.PRNGKey(0))
     step = setup.train_step
     state = dp.put_state(state)
@@ -91,7 +87,7 @@ def test_bn_groups_change_the_result(single_device_run):
 
 def all_reduces(config, dp):
     """The all-reduce ops in the compiled train step's HLO."""
-    setup = train.build(config, dp)
+    setup = recipe.build(config, dp)
     state = dp.put_state(setup.init_state(jax.random.PRNGKey(0)))
     hlo = setup.train_step.lower(state, dp.put_batch(batch())).compile().as_text()
     return hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from cli_runs import ROOT, environment, run
-from resnet_v2_jax import checkpoint, export, models, parallel, pretrained, timm_import, train
+from resnet_v2_jax import checkpoint, export, models, parallel, pretrained, recipe, timm_import
 from tests.test_timm_import import _fixture
-from tests.test_train import config_with
+from tests.test_recipe import config_with
 
 IMAGES = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
 
@@ -21,9 +21,8 @@ def small_run(workdir, seed=1, **overrides):
     """A run folder holding a freshly initialised CIFAR ResNet-8 (seed 1) at step 1."""
     config = config_with(**{"depth": 8, "block": "basic", "batch_size": 8, "eval_batch_size": 8,
                             "seed": seed, **overrides})
-    setup = train.build(config, parallel.DataParallel("shard_map"))
-    checkpoints = checkpoint.Checkpoints(
-        workdir, train.model_signature(config, setup.model.num_classes))
+    setup = recipe.build(config, parallel.DataParallel("shard_map"))
+    checkpoints = checkpoint.Checkpoints(workdir, setup.model)
     state = setup.init_state(jax.random.PRNGKey(seed))
     checkpoints.save(1, state)
     checkpoints.close()
@@ -38,16 +37,12 @@ def source(tmp_path_factory):
     return workdir, config, state
 
 
-def variables_of(state):
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-
 def fresh(**overrides):
-    """(model, state) of a new run's start (seed 0), before init_from."""
+    """(model, variables) of a new run's start (seed 0), before init_from."""
     config = config_with(**{"depth": 8, "block": "basic", "batch_size": 8, "eval_batch_size": 8,
                             **overrides})
-    setup = train.build(config, parallel.DataParallel("shard_map"))
-    return setup.model, setup.init_state(jax.random.PRNGKey(0))
+    setup = recipe.build(config, parallel.DataParallel("shard_map"))
+    return setup.model, recipe.variables_of(setup.init_state(jax.random.PRNGKey(0)))
 
 
 def assert_equal(a, b):
@@ -60,7 +55,7 @@ def test_export_round_trip_needs_no_config(source, tmp_path):
     assert export.export(str(workdir), path).endswith(os.path.join("checkpoints", "1"))
     model, variables = models.load(path)
     assert model.scan_units and model.num_classes == 10
-    assert_equal(variables, jax.tree.map(np.asarray, variables_of(state)))
+    assert_equal(variables, jax.tree.map(np.asarray, recipe.variables_of(state)))
     logits = model.apply(variables, IMAGES, train=False)
     # The unrolled layout of the same checkpoint is the same function.
     export.export(str(workdir / "checkpoints" / "1"), path, unrolled=True)
@@ -77,28 +72,29 @@ def test_export_round_trip_needs_no_config(source, tmp_path):
 @pytest.mark.parametrize("classes, head", [(100, "re-initialised"), (10, "kept")])
 def test_init_from_a_run_copies_exactly_the_backbone(source, classes, head):
     workdir, _, saved = source
-    model, state = fresh(dataset="cifar100" if classes == 100 else "cifar10")
-    started = train.initialize_from(str(workdir / "checkpoints" / "1"), state, model)
+    model, own_start = fresh(dataset="cifar100" if classes == 100 else "cifar10")
+    started = pretrained.initialize_from(str(workdir / "checkpoints" / "1"), own_start, model)
     for collection in ("params", "batch_stats"):
-        new, theirs, own = (getattr(s, collection) for s in (started, saved, state))
+        new, theirs, own = (v[collection] for v in (started, recipe.variables_of(saved),
+                                                    own_start))
         # The source is scanned, the new run unrolled: compare in the new run's layout.
         theirs = models.scanned_to_unrolled({collection: theirs})[collection]
         for name in new:
             expected = own[name] if name == "head" and head == "re-initialised" else theirs[name]
             assert_equal(new[name], expected)
-    assert started.params["head"]["kernel"].shape == (64, classes)
+    assert started["params"]["head"]["kernel"].shape == (64, classes)
     if head == "kept":
-        assert_equal(started.params["head"], saved.params["head"])
+        assert_equal(started["params"]["head"], saved.params["head"])
 
 
 def test_init_from_another_network_is_refused_in_one_line(source):
     workdir, _, _ = source
-    model, state = fresh(depth=14)
+    model, variables = fresh(depth=14)
     with pytest.raises(ValueError, match=r"^init_from .*checkpoints/1 is another network "
                        r"\(stage_sizes \[1, 1, 1\] there vs \[2, 2, 2\] here\); set the"):
-        train.initialize_from(str(workdir), state, model)
+        pretrained.initialize_from(str(workdir), variables, model)
     with pytest.raises(ValueError, match="neither a run's workdir"):
-        train.initialize_from(str(workdir / "checkpoints"), state, model)
+        pretrained.initialize_from(str(workdir / "checkpoints"), variables, model)
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
@@ -131,7 +127,7 @@ def test_frozen_backbone_and_bn_statistics_change_only_the_head():
     config = config_with(depth=8, block="basic", batch_size=8, eval_batch_size=8,
                          train_backbone=False, train_bn_statistics=False, input_resize=48)
     dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
-    setup = train.build(config, dp)
+    setup = recipe.build(config, dp)
     state = jax.tree.map(np.array, setup.init_state(jax.random.PRNGKey(0)))  # the step donates
     rng = np.random.RandomState(0)
     batch = {"image": rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
@@ -149,11 +145,11 @@ def test_fine_tuning_run_through_the_cli_its_resume_and_export(source, tmp_path,
     resumes from its own checkpoint (init_from is not read again: here it no longer exists);
     `python -m resnet_v2_jax.export` writes the run's weights for `models.load`."""
     workdir = str(tmp_path / "finetune")
-    result = run(workdir, array_dir, "--config.depth=8", f"--config.init_from={source[0]}",
-                 "--config.num_train_steps=1")
+    result = run(workdir, array_dir, "--config.model.depth=8",
+                 f"--config.init_from={source[0]}", "--config.num_train_steps=1")
     assert "classifier head kept" in result.stderr
     gone = str(tmp_path / "deleted_run")
-    again = run(workdir, array_dir, "--config.depth=8", f"--config.init_from={gone}",
+    again = run(workdir, array_dir, "--config.model.depth=8", f"--config.init_from={gone}",
                 "--config.num_train_steps=1")
     assert "nothing to train" in again.stderr
     out = str(tmp_path / "finetuned.safetensors")
@@ -164,6 +160,6 @@ def test_fine_tuning_run_through_the_cli_its_resume_and_export(source, tmp_path,
     assert exported.stdout.strip() == f"wrote {out} (the weights of {workdir}/checkpoints/1)"
     model, variables = models.load(out)
     assert model.stage_sizes == (1, 1, 1) and int(variables["params"]["head"]["kernel"].size)
-    model, state = fresh()
+    model, variables = fresh()
     with pytest.raises(FileNotFoundError, match=f"^init_from {gone} does not exist: give a run"):
-        train.initialize_from(gone, state, model)
+        pretrained.initialize_from(gone, variables, model)

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from cli_runs import (CONFIG, N, assert_one_error_line, kill, run, snapshot, start,
+from cli_runs import (CONFIG, N, assert_one_error_line, kill, run, saved_state, snapshot, start,
                       wait_for_checkpoint)
-from resnet_v2_jax import checkpoint, device_input, input_common, rundir
+from resnet_v2_jax import checkpoint, configuration, datasets, device_input, models, rundir
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +57,32 @@ def test_relative_and_home_workdirs_train_and_resume_from_any_directory(tmp_path
 
 # --- resumes that do not fit -----------------------------------------------------------------
 
-@pytest.mark.parametrize("override, differs", [
-    ("--config.weight_decay_bn_and_bias=False", "weight_decay_bn_and_bias=True there vs False"),
-    ("--config.float64=True", "vs config float64["),
-    ("--config.scan_units=True", "scan_units=False there vs True"),
-], ids=["optimiser", "dtype", "scan"])
-def test_a_resume_that_does_not_fit_is_refused_and_renames_nothing(copy_of_finished, array_dir,
-                                                                   override, differs):
+def test_a_resume_that_does_not_fit_is_refused_and_renames_nothing(copy_of_finished, array_dir):
     before = snapshot(copy_of_finished)
-    result = run(copy_of_finished, array_dir, f"--config.num_train_steps={3 * N}", override,
-                 check=False)
+    result = run(copy_of_finished, array_dir, f"--config.num_train_steps={3 * N}",
+                 "--config.weight_decay_bn_and_bias=False", check=False)
     assert_one_error_line(result, "does not fit the state this config builds")
-    assert differs in result.stderr.splitlines()[-1]
+    assert "weight_decay_bn_and_bias=True there vs False" in result.stderr.splitlines()[-1]
     assert snapshot(copy_of_finished) == before
     resumed = run(copy_of_finished, array_dir, f"--config.num_train_steps={3 * N}")
     assert f"resuming from step {2 * N}" in resumed.stderr
+
+
+def test_a_resume_in_another_layout_or_precision_converts_the_checkpoint(copy_of_finished,
+                                                                         array_dir):
+    """How the network runs is not what it is: an unrolled run resumes scanned (its
+    checkpoint converted, momentum included), and a float32 run resumes in float64 (cast)."""
+    scanned = run(copy_of_finished, array_dir, f"--config.num_train_steps={3 * N}",
+                  "--config.model.scan_units=True")
+    assert f"resuming from step {2 * N}" in scanned.stderr
+    state, step = saved_state(copy_of_finished)
+    assert step == 3 * N and "stage1_repeat" in state["params"]
+    in_float64 = run(copy_of_finished, array_dir, f"--config.num_train_steps={4 * N}",
+                     "--config.float64=True")
+    assert f"resuming from step {3 * N}" in in_float64.stderr
+    state, step = saved_state(copy_of_finished)
+    assert step == 4 * N and "stage1_unit2" in state["params"]
+    assert state["params"]["head"]["kernel"].dtype == np.float64
 
 
 def test_workdir_of_unreadable_checkpoints_is_never_trained_from_scratch(copy_of_finished,
@@ -103,7 +114,7 @@ def test_interrupted_saves_are_cleaned_up_before_checkpoints_is_used(tmp_path):
         leftover = folder / f"{step}.orbax-checkpoint-tmp-{1000 + step}" / "state"
         leftover.mkdir(parents=True)
         (leftover / "data").write_bytes(b"x" * 1000)
-    checkpoints = checkpoint.Checkpoints(tmp_path, {"model": "test"})
+    checkpoints = checkpoint.Checkpoints(tmp_path, models.cifar_resnet(8, block="basic"))
     assert os.listdir(folder) == []
     assert checkpoints.latest_step() is None
     checkpoints.close()
@@ -177,7 +188,8 @@ def test_final_checkpoint_is_written_before_evaluation(tmp_path, array_dir, monk
     from configs import cifar10_quick
     from resnet_v2_jax import train
     config = cifar10_quick.get_config()
-    config.update(dict(depth=8, input_pipeline="device_resident", array_dir=array_dir,
+    config.model.depth = 8
+    config.update(dict(input_pipeline="device_resident", array_dir=array_dir,
                        batch_size=64, eval_batch_size=40, num_train_steps=2,
                        checkpoint_every_steps=1000, eval_every_steps=1000))
 
@@ -266,23 +278,23 @@ def test_tfds_metadata_checks(tfds_data_dir, tmp_path):
     """The tfds pipeline checks splits, image size and classes from metadata, and an unprepared
     manual-download dataset (ImageNet) fails at once without creating folders."""
     from configs import default
-    from resnet_v2_jax import input_pipeline, train
+    from resnet_v2_jax import inputs
     config = default.cifar("cifar10", 20)
     config.data_dir = tfds_data_dir
-    assert train.check_data(config) == 50_000
+    assert inputs.check_data(config) == 50_000
     config.train_split = "train[:90%]"
-    assert train.check_data(config) == 45_000
+    assert inputs.check_data(config) == 45_000
     config.image_size = 48
-    with pytest.raises(input_common.DataError, match="images are 32x32, but the config has "
-                                                 "image_size=48"):
-        train.check_data(config)
+    with pytest.raises(datasets.DataError, match="images are 32x32, but the config has "
+                                             "image_size=48"):
+        inputs.check_data(config)
     config.image_size, config.eval_split = 32, "validation"
-    with pytest.raises(input_common.DataError, match="has no split 'validation'"):
-        train.check_data(config)
+    with pytest.raises(datasets.DataError, match="has no split 'validation'"):
+        inputs.check_data(config)
     imagenet = default.imagenet(50)
     imagenet.data_dir = str(tmp_path / "tfds")
     with pytest.raises(FileNotFoundError, match="needs a manual download"):
-        input_pipeline.check_data(imagenet)
+        inputs.check_data(imagenet)
     assert not (tmp_path / "tfds").exists()
 
 
@@ -299,7 +311,8 @@ def test_bad_config_files_and_overrides_are_one_line(tmp_path, array_dir):
         (dict(config=_write(tmp_path / "syntax.py", "x = (")), "syntax error", 2),
         (dict(config=_write(tmp_path / "empty.py", "X = 1")), "has no get_config()", 2),
         (dict(overrides=["--config.foo=1"]), "unknown config key 'foo'", 2),
-        (dict(overrides=["--config.steps_per_eval=0"]), "steps_per_eval must be -1", 1),
+        (dict(overrides=["--config.model.foo=1"]), "unknown config key 'model.foo'", 2),
+        (dict(overrides=["--config.steps_per_eval=0"]), "steps_per_eval=0 is not allowed", 1),
         (dict(overrides=["--config.image_size=48"]), "image_size=48", 1),
     ]
     workdir = tmp_path / "run"
@@ -334,10 +347,27 @@ def test_configs_of_older_runs_read_with_the_behaviour_they_had(tmp_path):
     every such key is a key of today's config."""
     from configs import default
     config = default.get_config()
-    assert set(rundir.KEYS_ADDED_LATER) <= set(config.keys())
+    assert set(configuration.KEYS_ADDED_LATER) <= set(config.keys())
     older = {k: v for k, v in json.loads(config.to_json()).items()
-             if k not in rundir.KEYS_ADDED_LATER}
+             if k not in configuration.KEYS_ADDED_LATER}
     (tmp_path / "config.json").write_text(json.dumps(older))
-    read = rundir.read_config(str(tmp_path))
-    assert {k: read[k] for k in rundir.KEYS_ADDED_LATER} == rundir.KEYS_ADDED_LATER
-    assert read.antialias and not read.augment_on_device  # what runs did before these keys
+    read = configuration.read(str(tmp_path))
+    assert {k: read[k] for k in configuration.KEYS_ADDED_LATER} == \
+        configuration.KEYS_ADDED_LATER
+    assert read.antialias  # what runs did before the key
+
+
+@pytest.mark.parametrize("arch, dropped, stride_on", [("cifar", "stem_norm", "1x1"),
+                                                      ("imagenet", "block", "3x3")])
+def test_release_0_1_configs_move_their_network_keys_into_the_model_section(arch, dropped,
+                                                                            stride_on):
+    """Release 0.1 kept the network's keys at the top level, with settings the network
+    ignored (ImageNet's block, CIFAR's stem_norm, stride_on "" for the default)."""
+    flat = {"dataset": "cifar10", "arch": arch, "depth": 50 if arch == "imagenet" else 20,
+            "block": "basic", "stem_norm": "before_pool", "stride_on": "", "unit": "original",
+            "scan_units": True, "augment_on_device": True, "batch_size": 64}
+    migrated = configuration.migrate(flat)
+    assert dropped not in migrated["model"] and migrated["model"]["stride_on"] == stride_on
+    assert migrated["model"]["unit"] == "original" and migrated["model"]["scan_units"]
+    assert "augment_on_device" not in migrated and "depth" not in migrated
+    assert migrated["batch_size"] == 64

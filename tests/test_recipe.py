@@ -1,4 +1,5 @@
-"""Optimiser, schedules and the per-device steps of resnet_v2_jax.train."""
+"""A run built from its config (resnet_v2_jax.recipe): optimiser, schedules, the network the
+config names, the per-device steps, and the loop's evaluator over them."""
 import threading
 
 import jax
@@ -8,20 +9,17 @@ import optax
 import pytest
 
 from configs import default
-from resnet_v2_jax import checkpoint, parallel, train
+from resnet_v2_jax import checkpoint, inputs, models, parallel, recipe, train
 
 
-def config_with(**overrides):
-    config = default.cifar("cifar10", 164)
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+def config_with(depth=164, unit="full_preact", dataset="cifar10", **overrides):
+    return default.cifar(dataset, depth, unit, **overrides)
 
 
 def test_paper_cifar_schedule_with_constant_warmup():
     """Appendix: 0.01 for the first 400 iterations, 0.1 until 32k, 0.01 until 48k, then 0.001."""
     config = config_with(lr_boundaries_steps=(32000, 48000), warmup="constant")
-    schedule = train.learning_rate_schedule(config, 390, 64000)
+    schedule = recipe.learning_rate_schedule(config, 390, 64000)
     for step, lr in [(0, 0.01), (399, 0.01), (400, 0.1), (31999, 0.1), (32000, 0.01),
                      (47999, 0.01), (48000, 0.001), (63999, 0.001)]:
         assert float(schedule(step)) == pytest.approx(lr, rel=1e-6), step
@@ -29,7 +27,7 @@ def test_paper_cifar_schedule_with_constant_warmup():
 
 def test_epoch_boundaries_and_batch_scaling():
     config = config_with(batch_size=256, lr_boundaries_epochs=(81, 122))
-    schedule = train.learning_rate_schedule(config, 195, 195 * 164)
+    schedule = recipe.learning_rate_schedule(config, 195, 195 * 164)
     assert float(schedule(0)) == pytest.approx(0.2)            # 0.1 * 256 / 128
     assert float(schedule(81 * 195 - 1)) == pytest.approx(0.2)
     assert float(schedule(81 * 195)) == pytest.approx(0.02)
@@ -38,7 +36,7 @@ def test_epoch_boundaries_and_batch_scaling():
 
 def test_linear_warmup_then_cosine():
     config = config_with(lr_schedule="cosine", warmup="linear", warmup_steps=100)
-    schedule = train.learning_rate_schedule(config, 10, 1100)
+    schedule = recipe.learning_rate_schedule(config, 10, 1100)
     assert float(schedule(0)) == 0.0
     assert float(schedule(50)) == pytest.approx(0.05)
     assert float(schedule(100)) == pytest.approx(0.1)
@@ -49,19 +47,16 @@ def test_linear_warmup_then_cosine():
 @pytest.mark.parametrize("overrides, message", [
     (dict(lr_boundaries_steps=(48000, 32000)), "positive and increasing"),
     (dict(lr_boundaries_epochs=(81, 81)), "positive and increasing"),
-    (dict(lr_schedule="exponential"), "unknown lr_schedule"),
-    (dict(warmup="gradual"), "unknown warmup"),
-    (dict(learning_rate=-0.1), "learning_rate must be positive"),
 ])
 def test_bad_schedule_settings(overrides, message):
     with pytest.raises(ValueError, match=message):
-        train.learning_rate_schedule(config_with(**overrides), 390, 64000)
+        recipe.learning_rate_schedule(config_with(**overrides), 390, 64000)
 
 
 def test_sgd_matches_torch_nesterov_with_coupled_weight_decay():
     """Torch optim.sgd: d = g + wd*w; v = mu*v + d; w -= lr * (d + mu*v)."""
     config = config_with(weight_decay=1e-2)
-    tx = train.create_optimizer(config, optax.constant_schedule(0.1))
+    tx = recipe.create_optimizer(config, optax.constant_schedule(0.1))
     w = {"kernel": jnp.array([1.0, -2.0])}
     opt_state = tx.init(w)
     v, expect = np.zeros(2), np.array([1.0, -2.0])
@@ -77,7 +72,7 @@ def test_sgd_matches_torch_nesterov_with_coupled_weight_decay():
 @pytest.mark.parametrize("decay_all, bn_scale_changes", [(True, True), (False, False)])
 def test_weight_decay_mask(decay_all, bn_scale_changes):
     config = config_with(weight_decay_bn_and_bias=decay_all, weight_decay=0.5, nesterov=False)
-    tx = train.create_optimizer(config, optax.constant_schedule(1.0))
+    tx = recipe.create_optimizer(config, optax.constant_schedule(1.0))
     params = {"conv1": {"kernel": jnp.ones(3)}, "bn1": {"scale": jnp.ones(3), "bias": jnp.ones(3)}}
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
@@ -89,7 +84,7 @@ def test_weight_decay_mask(decay_all, bn_scale_changes):
 def test_model_options_reach_the_network():
     config = config_with(unit="relu_before_add", shortcut="exclusive_gate", gate_bias_init=-6.0,
                          depth=110, block="basic", half_precision=True, scan_units=True)
-    model = train.create_model(config, 100)
+    model = recipe.create_model(config, 100)
     assert (model.unit, model.shortcut, model.gate_bias_init) == ("relu_before_add",
                                                                  "exclusive_gate", -6.0)
     assert model.stage_sizes == (18, 18, 18) and not model.bottleneck
@@ -100,17 +95,15 @@ def test_eval_step_counts_only_masked_examples():
     """Padded entries (mask False) must not count, whatever their labels."""
     logits = jnp.array([[5.0, 1, 0, 0, 0, 0], [0, 5.0, 1, 0, 0, 0], [5.0, 0, 0, 0, 0, 0]])
 
-    class State:
-        params, batch_stats = {}, {}
-
+    class Network:
         @staticmethod
-        def apply_fn(variables, images, train):
+        def apply(variables, images, train):
             return logits
 
     batch = {"image": jnp.zeros((3, 2, 2, 3), jnp.uint8), "label": jnp.array([0, 2, 1]),
              "mask": jnp.array([True, True, False])}
-    sums = jax.vmap(lambda b: train.eval_step(State, b, axes=train.parallel.Axes("d", "d"),
-                                              normalize=lambda x: x.astype(jnp.float32)),
+    sums = jax.vmap(lambda b: recipe.eval_step({}, b, model=Network, axes=parallel.Axes("d", "d"),
+                                               normalize=lambda x: x.astype(jnp.float32)),
                     axis_name="d")(jax.tree.map(lambda x: x[None], batch))
     assert float(sums["count"][0]) == 2
     assert float(sums["top1_wrong"][0]) == 1   # the second example: predicted 1, label 2
@@ -124,19 +117,20 @@ def test_evaluator_prefetches_onto_the_devices_and_fetches_once(array_dir, monke
     config = default.cifar("cifar10", 8, input_pipeline="device_resident", array_dir=array_dir,
                            eval_batch_size=40)
     dp = parallel.DataParallel("shard_map", 0)
-    setup = train.build(config, dp)
+    setup = recipe.build(config, dp)
     state = dp.put_state(setup.init_state(jax.random.PRNGKey(0)))
     put_by, fetches = [], []
     put_batch, to_host = dp.put_batch, dp.to_host
     monkeypatch.setattr(dp, "put_batch", lambda b: put_by.append(
         threading.current_thread().name) or put_batch(b))
     monkeypatch.setattr(dp, "to_host", lambda tree: fetches.append(tree) or to_host(tree))
-    results = train.Evaluator(config, dp, setup.eval_step)(state)
+    variables = recipe.variables_of(state)
+    results = train.Evaluator(config, dp, setup.eval_step)(variables)
     assert put_by == ["prefetch_to_device"] * 3 and len(fetches) == 1
     assert results["32"]["num_examples"] == 100
     config.steps_per_eval = 2
     put_by.clear()
-    assert train.Evaluator(config, dp, setup.eval_step)(state)["32"]["num_examples"] == 80
+    assert train.Evaluator(config, dp, setup.eval_step)(variables)["32"]["num_examples"] == 80
     assert len(put_by) == 2  # nothing read past the limit
 
 
@@ -146,7 +140,7 @@ def test_epochs_count_the_split_actually_read(tfds_data_dir):
     config = config_with(data_dir=tfds_data_dir, train_split="train[:90%]", num_epochs=2.0,
                          eval_batch_size=400)
     dp = parallel.DataParallel("shard_map")
-    setup = train.build(config, dp, train.check_data(config))
+    setup = recipe.build(config, dp, inputs.check_data(config))
     assert setup.steps_per_epoch == 45_000 // 128
     assert setup.total_steps == 2 * (45_000 // 128)
     boundary = 81 * (45_000 // 128)
@@ -154,17 +148,18 @@ def test_epochs_count_the_split_actually_read(tfds_data_dir):
     assert float(setup.schedule(boundary)) == pytest.approx(0.01)
 
 
-def test_signature_ignores_settings_the_network_ignores():
-    """What a checkpoint must match is the network as built: `block` on an ImageNet config and
-    `stride_on` set to its default do not change it; `stride_on` set otherwise does."""
-    imagenet = default.imagenet(50)
-    assert train.model_signature(imagenet, 1000) == train.model_signature(
-        default.imagenet(50, block="basic"), 1000)
-    cifar = config_with()
-    assert train.model_signature(cifar, 10) == train.model_signature(
-        config_with(stride_on="1x1"), 10)
-    assert train.model_signature(cifar, 10) != train.model_signature(
-        config_with(stride_on="3x3"), 10)
+def test_signature_is_the_network_as_built():
+    """What a checkpoint must match is the network as built: options its shortcut ignores and
+    runtime options (dtype, scan layout) do not count; every other option does."""
+    def signature(**overrides):
+        return models.signature(recipe.create_model(config_with(**overrides), 10))
+    assert signature() == signature(shortcut_scale=0.9, gate_bias_init=-3.0,
+                                    shortcut_dropout_rate=0.1)  # identity shortcuts ignore them
+    assert signature() == signature(scan_units=True, half_precision=True)
+    assert signature() != signature(stride_on="3x3")
+    scaling = signature(shortcut="scaling")
+    assert scaling != signature(shortcut="scaling", shortcut_scale=0.9)
+    assert scaling == signature(shortcut="scaling", gate_bias_init=-3.0)
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +167,9 @@ def small_checkpoint(tmp_path_factory):
     """A saved ResNet-20 state and the config that made it."""
     config = config_with(depth=20, block="basic", eval_batch_size=8, batch_size=8)
     dp = parallel.DataParallel("shard_map")
-    setup = train.build(config, dp)
+    setup = recipe.build(config, dp)
     workdir = tmp_path_factory.mktemp("checkpoint")
-    checkpoints = checkpoint.Checkpoints(workdir, train.model_signature(config, 10))
+    checkpoints = checkpoint.Checkpoints(workdir, setup.model)
     checkpoints.save(1, dp.put_state(setup.init_state(jax.random.PRNGKey(0))))
     checkpoints.close()
     return workdir, config
@@ -185,19 +180,23 @@ def test_checkpoint_check_compares_the_built_network(small_checkpoint):
     dp = parallel.DataParallel("shard_map")
 
     def restore(**overrides):
-        other = config_with(**{**config.to_dict(), **overrides})
-        checkpoints = checkpoint.Checkpoints(workdir, train.model_signature(other, 10),
-                                             read_only=True)
+        other = config_with(depth=20, block="basic", eval_batch_size=8, batch_size=8,
+                            **overrides)
+        setup = recipe.build(other, dp)
+        checkpoints = checkpoint.Checkpoints(workdir, setup.model, read_only=True)
         try:
-            return checkpoints.restore_latest(train.build(other, dp).abstract_state)
+            return checkpoints.restore_latest(setup.abstract_state)
         finally:
             checkpoints.close()
 
     state, step, meta = restore(stride_on="1x1")  # the default, spelled out
     assert step == 1 and meta["structure"] == checkpoint.tree_structure(state)
     with pytest.raises(checkpoint.CheckpointMismatchError,
-                       match="another model .stride_on: checkpoint '1x1' vs config '3x3'"):
+                       match="another network .stride_on: checkpoint '1x1' vs config '3x3'"):
         restore(stride_on="3x3")
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match="bn_epsilon: checkpoint 1e-05 vs config 0.001"):
+        restore(bn_epsilon=1e-3)
     with pytest.raises(checkpoint.CheckpointMismatchError,
                        match="opt_state only in the checkpoint, e.g. opt_state/0;"):
         restore(weight_decay_bn_and_bias=False)

@@ -1,36 +1,36 @@
-"""Host input pipelines on tf.data/tfds: CIFAR and ImageNet, with the paper's augmentation.
+"""The tfds pipeline: tf.data on the host, for CIFAR and ImageNet.
 
 Every process reads its own disjoint, equal share of a split (`tfds.split_for_jax_process`) and
-yields numpy batches of `config.batch_size // process_count` uint8 images;
-`input_common.prefetch_to_device` moves them onto the accelerators ahead of the step, where
-`datasets.normalize` runs.
-TensorFlow is kept off the accelerators, which belong to JAX.
+yields numpy batches of `config.batch_size // process_count` un-augmented uint8 images;
+`inputs.prefetch_to_device` moves them onto the accelerators ahead of the step, where
+`augment` and `datasets.normalize` run. What stays on the host is what must: reading, shuffling,
+and for JPEG datasets the decode of each image's random crop window and its resize to the crop
+size (which pixels exist depends on the window).
 
 Determinism. The training stream of a process is its share in a fresh order each epoch, the
 order seeded by (seed, process, epoch), epochs concatenated and cut into batches. Example i of
-that stream (i = step * local_batch + row) is augmented with stateless ops keyed by
+that stream (i = step * local_batch + row) draws its crop window with stateless ops keyed by
 (seed, process, i), so parallel decoding stays reproducible and `start_step=k` rebuilds exactly
 the batches an uninterrupted run sees from step k: it starts at epoch k * local_batch // n and
 skips the examples before step k within that epoch, before any decoding.
 
-Augmentation (docs/paper.md, "Training recipes"):
-- "pad_crop_flip" (CIFAR): 4-pixel zero padding, random 32x32 crop, random horizontal flip;
-  eval images are used as stored.
-- "scale" (ImageNet): shorter side random in [256, 480], random 224 crop, flip.
+Crop windows (docs/paper.md, "Training recipes"):
+- "pad_crop_flip" (CIFAR): none; images go to the step as stored.
+- "scale" (ImageNet): shorter side random in [256, 480], random 224 crop.
 - "scale_aspect" (Table 5's best row): random-resized crop of 8-100% of the area with aspect
-  ratio in [3/4, 4/3], flip.
-- `config.color_augment`: fb.resnet.torch's colour jitter (brightness, contrast, saturation in
-  random order) and AlexNet-style PCA lighting noise.
-- `config.augment_on_device` (ImageNet): the host stops after decode, crop and resize; the flip
-  and the colour augmentation run in the train step on the uint8 batch (`augment`), where they
-  cost the host nothing. False does them here, with `color_augment`.
-JPEG datasets are decoded with the fused `tf.image.decode_and_crop_jpeg`: the crop window is
-chosen in the coordinates of the stored image, so only that window is decoded, then resized.
-Eval resizes the shorter side to crop / `config.eval_resize_ratio` and takes the centre crop
-(also as one fused decode of the centre window).
+  ratio in [3/4, 4/3].
+JPEG datasets are decoded with the fused `tf.image.decode_and_crop_jpeg`: the window is chosen
+in the coordinates of the stored image, so only that window is decoded, then resized. Eval
+resizes the shorter side to crop / `config.eval_resize_ratio` and takes the centre crop (also as
+one fused decode of the centre window).
+
+TensorFlow only feeds data: when a pipeline is created it hides the accelerators from
+TensorFlow (`tf.config.set_visible_devices([], "GPU")`), so that TensorFlow takes no memory JAX
+needs. Importing this module changes nothing else in the process.
 """
 
 import contextlib
+import functools
 import io
 import urllib.error
 import urllib.parse
@@ -39,16 +39,13 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from resnet_v2_jax import augment, cli, datasets, input_common
+from resnet_v2_jax import datasets, inputs
 
-with cli.native_stderr_quiet():  # TensorFlow's C++ start-up lines
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-AUGMENTATIONS = ("pad_crop_flip", "scale", "scale_aspect")
 # fb.resnet.torch (datasets/imagenet.lua), used by the paper for ImageNet: RandomScale(256, 480).
 SCALE_RANGE = (256, 480)
 # Szegedy et al. (2015) random-resized crop, Table 5's "scale + aspect ratio" row.
@@ -59,17 +56,15 @@ RESIZE_METHOD = "bicubic"
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
-def _hide_accelerators_from_tf():
-    """TensorFlow only feeds data: it must not allocate accelerator memory JAX needs."""
+@functools.lru_cache(maxsize=None)
+def hide_accelerators_from_tensorflow() -> None:
+    """TensorFlow only feeds data: it must not allocate accelerator memory JAX needs. Called
+    (once) when a pipeline is created, before TensorFlow initialises its devices."""
     for kind in ("GPU", "TPU"):
         try:
             tf.config.set_visible_devices([], kind)
         except (RuntimeError, ValueError):  # no such device type, or TF already initialised
             pass
-
-
-_hide_accelerators_from_tf()
-tfds.disable_progress_bar()  # a batch job's log is read as text: no progress-bar escape codes
 
 
 # --- datasets on disk --------------------------------------------------------------------------
@@ -82,6 +77,7 @@ def _builder(config) -> tfds.core.DatasetBuilder:
     attempt created are removed again.
     """
     datasets.get(config.dataset)  # registered: normalisation needs its statistics
+    hide_accelerators_from_tensorflow()
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
     if builder.is_prepared():
         return builder
@@ -92,7 +88,7 @@ def _builder(config) -> tfds.core.DatasetBuilder:
             raise FileNotFoundError(
                 f"{config.dataset} is not prepared in {root} and needs a manual download: put its "
                 f"archives in {manual}, then run `tfds build {config.dataset} --data_dir={root}` "
-                "(README.md, section 'Preparing ImageNet'), or set config.data_dir to where it is "
+                '(docs/running.md, "Preparing ImageNet"), or set config.data_dir to where it is '
                 "prepared")
     unreachable = _unreachable_hosts(builder)
     if unreachable:
@@ -145,7 +141,7 @@ def _unreachable_hosts(builder, timeout_s: float = 10.0) -> list:
 def check_data(config) -> int:
     """Checks, from the dataset's metadata only (nothing is decoded), that the training and eval
     splits exist and hold uint8 RGB images of the config's size and labels of the dataset's
-    classes; raises `input_common.DataError` or FileNotFoundError in one line otherwise. Returns the
+    classes; raises `datasets.DataError` or FileNotFoundError in one line otherwise. Returns the
     number of examples in `config.train_split` (over all processes)."""
     builder = _builder(config)
     _check_augment(config, builder)
@@ -155,18 +151,18 @@ def check_data(config) -> int:
         try:
             sizes[split] = builder.info.splits[split].num_examples
         except (KeyError, ValueError) as e:
-            raise input_common.DataError(f"{where} has no split {split!r} ({e}); its splits "
+            raise datasets.DataError(f"{where} has no split {split!r} ({e}); its splits "
                                          f"are {', '.join(builder.info.splits)}") from e
         if not sizes[split]:
-            raise input_common.DataError(f"{where}: split {split!r} holds no examples")
+            raise datasets.DataError(f"{where}: split {split!r} holds no examples")
     features = builder.info.features
     missing = sorted({"image", "label"} - set(features.keys()))
     if missing:
-        raise input_common.DataError(f"{where} has no {' or '.join(missing)} feature; expected "
+        raise datasets.DataError(f"{where} has no {' or '.join(missing)} feature; expected "
                                      "an image classification dataset with 'image' and 'label'")
     image, label = features["image"], features["label"]
     pad_crop_flip = config.augment == "pad_crop_flip"
-    input_common.check_examples(where, datasets.get(config.dataset), image_dtype=image.np_dtype,
+    datasets.check_examples(where, datasets.get(config.dataset), image_dtype=image.np_dtype,
                                 image_shape=image.shape, label_dtype=label.np_dtype,
                                 num_label_classes=getattr(label, "num_classes", None),
                                 image_size=config.image_size if pad_crop_flip else None)
@@ -187,8 +183,6 @@ def load_split_arrays(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def _check_augment(config, builder):
     augment = config.augment
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
     encoding = builder.info.features["image"].encoding_format
     if augment != "pad_crop_flip" and encoding != "jpeg":
         raise ValueError(f"augment={augment!r} decodes JPEGs, but {config.dataset} stores "
@@ -209,33 +203,7 @@ def _read(builder, split, config, *, shuffle_files: bool) -> tf.data.Dataset:
     return ds.cache() if config.cache else ds
 
 
-# --- CIFAR: pad, crop, flip --------------------------------------------------------------------
-
-def pad_crop_flip(image, offset_y, offset_x, flip, crop_size: int):
-    """Zero-pads by `input_common.CIFAR_PADDING`, crops a `crop_size` square at (offset_y, offset_x)
-    of the padded image and mirrors it if `flip`. `device_input.pad_crop_flip` is the same
-    function in JAX; given the same offsets and flips both return identical images."""
-    pad = input_common.CIFAR_PADDING
-    height, width = image.shape[0], image.shape[1]
-    padded = tf.image.pad_to_bounding_box(image, pad, pad, height + 2 * pad, width + 2 * pad)
-    crop = tf.image.crop_to_bounding_box(padded, offset_y, offset_x, crop_size, crop_size)
-    return tf.cond(flip, lambda: tf.image.flip_left_right(crop), lambda: crop)
-
-
-def _random_pad_crop_flip(image, key, crop_size: int):
-    """docs/paper.md, "Training recipes": random crop of the 4-pixel zero-padded image, then a
-    coin-flip mirror."""
-    key_y, key_x, key_flip = tf.unstack(tf.random.experimental.stateless_split(key, 3))
-    pad = input_common.CIFAR_PADDING
-    offset_y = tf.random.stateless_uniform(
-        [], key_y, 0, image.shape[0] + 2 * pad - crop_size + 1, tf.int32)
-    offset_x = tf.random.stateless_uniform(
-        [], key_x, 0, image.shape[1] + 2 * pad - crop_size + 1, tf.int32)
-    flip = tf.random.stateless_uniform([], key_flip) < 0.5
-    return pad_crop_flip(image, offset_y, offset_x, flip, crop_size)
-
-
-# --- ImageNet: crop windows, fused decode, colour --------------------------------------------
+# --- ImageNet: crop windows and fused decode --------------------------------------------
 
 def scale_window(shape, key, crop_size: int):
     """[y, x, h, w] in the stored image equivalent to: resize the shorter side to a random
@@ -280,70 +248,21 @@ def decode_window(jpeg, window, size: int, antialias: bool):
     return tf.image.resize(crop, [size, size], method=RESIZE_METHOD, antialias=antialias)
 
 
-def color_draws(key):
-    """The tf.data counterpart of `augment.draw`'s colour draws (same distributions)."""
-    key_factors, key_order, key_lighting = tf.unstack(
-        tf.random.experimental.stateless_split(key, 3))
-    jitter = augment.COLOR_JITTER
-    return (tf.random.stateless_uniform([3], key_factors, 1 - jitter, 1 + jitter),
-            tf.random.stateless_uniform([], key_order, 0, len(augment.JITTER_ORDERS), tf.int32),
-            tf.random.stateless_normal([3], key_lighting, stddev=augment.LIGHTING_STD))
-
-
-def color_augment(image, factors, order, lighting):
-    """`augment.color_augment` in TensorFlow, for `augment_on_device=False`: the same blends in
-    the order JITTER_ORDERS[order], then PCA lighting, on a float image in [0, 1]."""
-    def gray(x):
-        return tf.tensordot(x, tf.constant(augment.GRAY_WEIGHTS, x.dtype), axes=1)[..., None]
-
-    def blend(x, which):
-        other = (tf.zeros_like(x), tf.reduce_mean(gray(x)), gray(x))[which]
-        return factors[which] * x + (1 - factors[which]) * other
-
-    def in_order(jitter_order):
-        def apply():
-            x = image
-            for which in jitter_order:
-                x = blend(x, which)
-            return x
-        return apply
-
-    image = tf.switch_case(order, [in_order(o) for o in augment.JITTER_ORDERS])
-    rgb = tf.linalg.matvec(tf.constant(augment.PCA_EIGVEC),
-                           lighting * tf.constant(augment.PCA_EIGVAL))
-    return tf.clip_by_value(image + rgb, 0.0, 1.0)
-
-
 def _to_uint8(image):
     """Rounds a float image on the 0-255 scale to uint8 (half up), clipping: two ops instead of
     round, clip and cast (a tenth of the host's time per ImageNet image)."""
     return tf.saturate_cast(image + 0.5, tf.uint8)
 
 
-def _random_jpeg_crop(jpeg, key, config):
-    """ImageNet training example: random window, fused decode, resize; then, unless the train
-    step does them (`config.augment_on_device`, see `augment`), flip and optional colour."""
-    key_window, key_flip, key_color = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+def random_crop(jpeg, key, config):
+    """ImageNet training example: random window, fused decode, resize to the crop size (the flip
+    and colour come later, in the train step: `augment`)."""
     shape = tf.image.extract_jpeg_shape(jpeg)
     if config.augment == "scale":
-        window = scale_window(shape, key_window, config.image_size)
+        window = scale_window(shape, key, config.image_size)
     else:
-        window = scale_aspect_window(shape, key_window)
-    image = decode_window(jpeg, window, config.image_size, config.antialias)
-    if config.augment_on_device:
-        return _to_uint8(image)
-    image = tf.cond(tf.random.stateless_uniform([], key_flip) < 0.5,
-                    lambda: tf.image.flip_left_right(image), lambda: image)
-    if config.color_augment:
-        image = 255.0 * color_augment(image / 255.0, *color_draws(key_color))
-    return _to_uint8(image)
-
-
-def train_preprocess(config) -> Callable:
-    """(encoded or stored image, stateless key) -> the uint8 training image of `config`."""
-    if config.augment == "pad_crop_flip":
-        return lambda image, key: _random_pad_crop_flip(image, key, config.image_size)
-    return lambda image, key: _random_jpeg_crop(image, key, config)
+        window = scale_aspect_window(shape, key)
+    return _to_uint8(decode_window(jpeg, window, config.image_size, config.antialias))
 
 
 def eval_preprocess(config, builder, crop_size: int) -> Callable:
@@ -368,8 +287,8 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: Optiona
 
     `process_index`/`process_count` default to JAX's; tests pass them to simulate hosts.
     """
-    process_index, process_count = input_common.resolve_process(process_index, process_count)
-    batch = input_common.local_batch_size(config.batch_size, process_count, jax.device_count())
+    process_index, process_count = inputs.resolve_process(process_index, process_count)
+    batch = inputs.local_batch_size(config.batch_size, process_count, jax.device_count())
     builder = _builder(config)
     _check_augment(config, builder)
     split = tfds.split_for_jax_process(config.train_split, process_index=process_index,
@@ -379,7 +298,7 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: Optiona
     buffer = min(config.shuffle_buffer_size, size)
     process_key = tf.constant([config.seed, process_index], tf.int64)
     shuffle_key = tf.random.experimental.stateless_fold_in(process_key, 0)
-    augment_key = tf.random.experimental.stateless_fold_in(process_key, 1)
+    window_key = tf.random.experimental.stateless_fold_in(process_key, 1)
 
     def epoch(index):
         seed = tf.random.stateless_uniform(
@@ -387,28 +306,29 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: Optiona
             minval=None, maxval=None, dtype=tf.int64)
         return examples.shuffle(buffer, seed=seed).enumerate(start=index * size)
 
-    preprocess = train_preprocess(config)
-
-    def augment(position, example):
-        key = tf.random.experimental.stateless_fold_in(augment_key, position)
-        return {"image": preprocess(example["image"], key), "label": example["label"]}
+    def crop(position, example):
+        if config.augment == "pad_crop_flip":  # as stored: the step pads, crops and flips
+            return example
+        key = tf.random.experimental.stateless_fold_in(window_key, position)
+        return {"image": random_crop(example["image"], key, config),
+                "label": example["label"]}
 
     first_epoch, skip = divmod(start_step * batch, size)
     ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(skip)
-    ds = ds.map(augment, num_parallel_calls=_AUTOTUNE)
+    ds = ds.map(crop, num_parallel_calls=_AUTOTUNE)
     ds = ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE)
     return iter(tfds.as_numpy(ds))
 
 
 def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Optional[str] = None,
                          process_index: Optional[int] = None,
-                         process_count: Optional[int] = None) -> input_common.EvalBatches:
+                         process_count: Optional[int] = None) -> inputs.EvalBatches:
     """One exact pass over `split` (default config.eval_split) at `crop_size` (default the
     first of config.eval_crop_sizes), in per-process batches {"image": uint8, "label": int32,
-    "mask": bool} of config.eval_batch_size // process_count; see `input_common.EvalBatches`."""
-    process_index, process_count = input_common.resolve_process(process_index, process_count)
-    batch = input_common.local_batch_size(config.eval_batch_size, process_count,
-                                          jax.device_count(), "eval_batch_size")
+    "mask": bool} of config.eval_batch_size // process_count; see `inputs.EvalBatches`."""
+    process_index, process_count = inputs.resolve_process(process_index, process_count)
+    batch = inputs.local_batch_size(config.eval_batch_size, process_count,
+                                    jax.device_count(), "eval_batch_size")
     crop_size = crop_size or config.eval_crop_sizes[0]
     split = split or config.eval_split
     builder = _builder(config)
@@ -416,7 +336,7 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Opti
     local_split = tfds.split_for_jax_process(split, process_index=process_index,
                                              process_count=process_count)
     total = builder.info.splits[split].num_examples
-    num_batches = input_common.eval_num_batches(total, process_count, batch)
+    num_batches = inputs.eval_num_batches(total, process_count, batch)
     preprocess = eval_preprocess(config, builder, crop_size)
     ds = _read(builder, local_split, config, shuffle_files=False).map(
         lambda ex: {"image": preprocess(ex["image"]), "label": ex["label"], "mask": True},
@@ -425,4 +345,4 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Opti
         tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec))
     num_padding = num_batches * batch - builder.info.splits[local_split].num_examples
     ds = ds.concatenate(padding.repeat(num_padding)).batch(batch).prefetch(_AUTOTUNE)
-    return input_common.EvalBatches(lambda: iter(tfds.as_numpy(ds)), num_batches, total)
+    return inputs.EvalBatches(lambda: iter(tfds.as_numpy(ds)), num_batches, total)

@@ -1,0 +1,160 @@
+"""What training asks of an input pipeline, and the one dispatch over the two pipelines.
+
+Two pipelines deliver batches of un-augmented uint8 images (`augment` does the rest, in the
+train step):
+
+* "tfds" (`tfds_input`): tf.data on the host, each process reading its share of a tfds split;
+  batches are put onto the devices two ahead of the step (`prefetch_to_device`).
+* "device_resident" (`device_input`): the whole split held in accelerator memory, batches
+  gathered there under `jit` (CIFAR).
+
+`check_data`, `train_batches` and `eval_batches` pick the pipeline a config names; nothing else
+in the project does. The contract both keep: a global batch splits evenly over processes and
+devices (`local_batch_size`), a process reads a contiguous share of a split (`process_share`),
+and an evaluation is one exact pass (`EvalBatches`: the tail padded and masked, never dropped).
+Neither this module nor `device_input` imports TensorFlow: `tfds_input` is imported only for
+configs that use it.
+"""
+
+import dataclasses
+import math
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, Optional, Tuple
+
+import jax
+import ml_collections
+
+PIPELINES = ("tfds", "device_resident")
+
+
+def check_data(config: ml_collections.ConfigDict) -> int:
+    """Checks the training and eval splits cheaply (dtype, shape, labels; nothing decoded) before
+    anything is compiled or written; returns the number of training examples actually read
+    (`config.train_split`, e.g. "train[:90%]"), which is what an epoch counts."""
+    return _pipeline(config).check_data(config)
+
+
+def train_batches(config: ml_collections.ConfigDict, dp, start_step: int) -> Iterator[dict]:
+    """Device batches {"image": uint8, "label": int32} from step `start_step` on, laid out for
+    `dp` (a `parallel.DataParallel`)."""
+    pipeline = _pipeline(config)
+    if config.input_pipeline == "device_resident":
+        return pipeline.create_train_iterator(config, dp.batch_sharding, start_step=start_step)
+    host = pipeline.create_train_iterator(config, start_step=start_step)
+    return prefetch_to_device(host, dp.put_batch, size=2)
+
+
+def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> "EvalBatches":
+    """One exact pass over the eval split at `crop_size`: per-process host batches with a mask."""
+    return _pipeline(config).create_eval_iterator(config, crop_size)
+
+
+def _pipeline(config: ml_collections.ConfigDict):
+    if config.input_pipeline == "device_resident":
+        from resnet_v2_jax import device_input
+        return device_input
+    try:
+        from resnet_v2_jax import tfds_input
+    except ImportError as e:
+        raise ValueError(
+            f"input_pipeline='tfds' needs TensorFlow and tensorflow-datasets ({e}): pip install "
+            "'resnet_v2_jax[train]', or train CIFAR from .npz arrays with "
+            "--config.input_pipeline=device_resident --config.array_dir=DIR") from e
+    return tfds_input
+
+
+# --- batches and shares ---------------------------------------------------------------------------
+
+def local_batch_size(global_batch: int, process_count: int, device_count: int,
+                     name: str = "batch_size") -> int:
+    """This process's share of a global batch; raises unless every device gets the same."""
+    if global_batch < 1 or global_batch % device_count or global_batch % process_count:
+        raise ValueError(f"global {name}={global_batch} must be a positive multiple of the "
+                         f"device count {device_count} (and of the process count "
+                         f"{process_count})")
+    return global_batch // process_count
+
+
+def resolve_process(process_index: Optional[int],
+                    process_count: Optional[int]) -> Tuple[int, int]:
+    """(index, count) of this process; None means JAX's (tests pass values to simulate hosts)."""
+    return (jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)
+
+
+def process_share(num_examples: int, process_index: int, process_count: int) -> Tuple[int, int]:
+    """[start, stop) of this process's share: contiguous, sizes differ by at most one, larger
+    shares first (the convention of `tfds.even_splits` with drop_remainder=False)."""
+    small, extra = divmod(num_examples, process_count)
+    start = process_index * small + min(process_index, extra)
+    return start, start + small + (process_index < extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatches:
+    """One exact pass over an eval split, in per-process batches {"image", "label", "mask"}.
+
+    Iterate it once per evaluation (each `iter()` starts a fresh pass). Every process yields
+    `num_batches` batches, so collectives inside the eval step line up on every host; the
+    tail is padded with zero images whose `mask` is False, never dropped. `num_examples` is
+    the number of real examples over all processes (the mask sum).
+    """
+    make_iterator: Callable[[], Iterator[dict]]
+    num_batches: int
+    num_examples: int
+
+    def __iter__(self):
+        return self.make_iterator()
+
+    def __len__(self):
+        return self.num_batches
+
+
+def eval_num_batches(num_examples: int, process_count: int, local_batch: int) -> int:
+    """Batches per process: enough for the largest process share."""
+    return math.ceil(math.ceil(num_examples / process_count) / local_batch)
+
+
+# --- host to device ----------------------------------------------------------------------------
+
+def prefetch_to_device(iterator: Iterable, put: Callable, size: int = 2) -> Iterator:
+    """Yields `put(batch)` for each batch, computed by a background thread `size` batches ahead.
+
+    `put` turns a host batch into device arrays laid out for the data-parallel step (for
+    example `DataParallel.put_batch`), so the transfer overlaps the previous step. Exceptions
+    in the thread are re-raised here; closing the generator stops the thread.
+    """
+    done = object()
+    results = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for batch in iterator:
+                if not offer((put(batch), None)):
+                    return
+            offer((done, None))
+        except BaseException as e:  # handed to the consumer
+            offer((None, e))
+
+    threading.Thread(target=produce, daemon=True, name="prefetch_to_device").start()
+    try:
+        while True:
+            item, error = results.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,135 @@
+"""One declaration of a network's options (`models.ResNetV2`'s attributes): every attribute that
+changes what the network computes is refused, by name, when a checkpoint (resume) or a source
+(`init_from`) differs in it; the runtime ones (`models.runtime`) are accepted or converted.
+The walk covers every attribute, so a new one cannot be forgotten."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cli_runs import N, assert_one_error_line, run, snapshot
+from resnet_v2_jax import checkpoint, models, pretrained, recipe
+
+TINY = dict(stage_sizes=(1, 2), widths=(8, 16), stem="cifar", stem_width=8, num_classes=5,
+            stride_on="1x1")
+# attribute -> (the base network's other options, another value of the attribute). Shortcut
+# options count only for the shortcut that uses them, hence their bases.
+CHANGES = {
+    "stage_sizes": ({}, (2, 2)),
+    "widths": ({}, (8, 32)),
+    "num_classes": ({}, 7),
+    "stem": ({}, "imagenet"),
+    "stem_norm": ({"stem": "imagenet"}, "after_pool"),
+    "stem_width": ({}, 16),
+    "bottleneck": ({}, False),
+    "stride_on": ({}, "3x3"),
+    "unit": ({}, "original"),
+    "shortcut": ({}, "conv"),
+    "shortcut_scale": ({"shortcut": "scaling"}, 0.9),
+    "residual_scale": ({"shortcut": "scaling"}, 0.5),
+    "gate_bias_init": ({"shortcut": "exclusive_gate"}, -6.0),
+    "shortcut_dropout_rate": ({"shortcut": "dropout"}, 0.2),
+    "bn_momentum": ({}, 0.99),
+    "bn_epsilon": ({}, 0.1),
+}
+RUNTIME = {"dtype": jnp.bfloat16, "scan_units": True, "remat_units": True}
+
+
+def network(**options):
+    return models.ResNetV2(**{**TINY, **options})
+
+
+def init(model):
+    return jax.jit(lambda rng: model.init(rng, jnp.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.PRNGKey(0))
+
+
+def test_the_walk_covers_every_attribute():
+    declared = {f.name for f in dataclasses.fields(models.ResNetV2)} - {"parent", "name"}
+    runtime = {f.name for f in dataclasses.fields(models.ResNetV2) if f.metadata.get("runtime")}
+    assert set(CHANGES) == declared - runtime
+    assert set(RUNTIME) | {"param_dtype", "bn_axis_name", "bn_axis_index_groups"} == runtime
+
+
+@pytest.mark.parametrize("name", CHANGES)
+def test_a_changed_attribute_is_refused_on_resume_and_init_from_by_name(name, tmp_path):
+    base, value = CHANGES[name]
+    saved, changed = network(**base), network(**{**base, name: value})
+    assert [d[0] for d in models.signature_differences(
+        models.signature(saved), models.signature(changed))] == [name]
+    # Resume: the checkpoint's meta against the network the config builds.
+    abstract = jax.eval_shape(lambda: init(changed))
+    checkpoints = checkpoint.Checkpoints(tmp_path, changed, read_only=True)
+    meta = {"network": models.signature(saved)}
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=rf"another network \({name}: checkpoint "):
+        checkpoints.check_fits(1, meta, abstract)
+    checkpoints.close()
+    # init_from: the source's network against the new run's (a new head is what fine-tuning
+    # replaces: only the number of classes may differ).
+    if name == "num_classes":
+        _, summary = pretrained.transfer(saved, init(saved), changed, init(changed), "src")
+        assert summary.endswith("classifier head re-initialised (5 classes there, 7 here)")
+    else:
+        with pytest.raises(ValueError, match=rf"^init_from src is another network \({name} "):
+            pretrained.transfer(saved, init(saved), changed, init(changed), "src")
+
+
+@pytest.mark.parametrize("name", RUNTIME)
+def test_runtime_attributes_are_accepted_and_converted(name):
+    saved = network()
+    other = network(**{name: RUNTIME[name]})
+    assert models.signature(saved) == models.signature(other)
+    variables, summary = pretrained.transfer(saved, init(saved), other, init(other), "src")
+    assert "classifier head kept" in summary
+    images = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    np.testing.assert_allclose(other.apply(variables, images, train=False),
+                               saved.apply(init(saved), images, train=False),
+                               atol=0.05 if name == "dtype" else 1e-5)
+
+
+def test_the_unit_layout_converts_on_restore_momentum_included(tmp_path):
+    """A checkpoint of the unrolled network restores into the scanned one (and back), the
+    optimiser's momentum converted with the parameters."""
+    from configs import default
+    from resnet_v2_jax import parallel
+    config = default.cifar("cifar10", 20, batch_size=8, eval_batch_size=8)
+    dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
+    unrolled = recipe.build(config, dp)
+    state = unrolled.init_state(jax.random.PRNGKey(0))
+    state = state.replace(opt_state=jax.tree.map(  # momentum that is not all zeros
+        lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, state.opt_state))
+    checkpoints = checkpoint.Checkpoints(tmp_path, unrolled.model)
+    checkpoints.save(1, dp.put_state(state))
+    checkpoints.close()
+    config.model.scan_units = True
+    scanned = recipe.build(config, dp)
+    checkpoints = checkpoint.Checkpoints(tmp_path, scanned.model, read_only=True)
+    restored, _, _ = checkpoints.restore_latest(scanned.abstract_state, scanned.layouts)
+    checkpoints.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(scanned.abstract_state)
+    expected = recipe.in_layout(jax.device_get(state), scan_units=True)
+    for name in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(restored, name)),
+                     getattr(expected, name))
+    assert "stage1_repeat" in restored.opt_state[1][0].trace
+    assert "stage1_repeat" in restored.batch_stats  # full pre-activation: no BN in the stem
+
+
+def test_the_issues_example_a_shortcut_scale_changed_on_resume_is_refused(tmp_path, array_dir):
+    """The command line: a run of constant-scaling shortcuts (lambda = 0.5) resumed with 0.9 and
+    another BN epsilon ends in one line naming both, and changes nothing in the workdir."""
+    workdir = str(tmp_path / "run")
+    scaling = ("--config.model.shortcut=scaling", "--config.model.shortcut_scale=0.5")
+    run(workdir, array_dir, *scaling, f"--config.num_train_steps={N}")
+    before = snapshot(workdir)
+    result = run(workdir, array_dir, "--config.model.shortcut=scaling",
+                 "--config.model.shortcut_scale=0.9", "--config.model.bn_epsilon=0.1",
+                 check=False)
+    assert_one_error_line(result, "holds a checkpoint of another network (bn_epsilon: "
+                          "checkpoint 1e-05 vs config 0.1, shortcut_scale: checkpoint 0.5 vs "
+                          "config 0.9)")
+    assert snapshot(workdir) == before
+    print(result.stderr.strip().splitlines()[-1])  # the line the closing note quotes
