@@ -122,9 +122,9 @@ class Evaluator:
 
     def __call__(self, variables: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
         """Evaluates the network's `variables` {"params", "batch_stats"}, placed for the steps
-        (`DataParallel.put_state`)."""
-        """Batches are put onto the devices two ahead of the step (as in training) and the sums
-        stay on the devices until the pass is over: one fetch per crop size."""
+        (`DataParallel.put_state`). Batches are put onto the devices two ahead of the step (as
+        in training) and the sums stay on the devices until the pass is over: one fetch per
+        crop size."""
         results = {}
         limit = None if self.config.steps_per_eval < 0 else self.config.steps_per_eval
         for crop, batches in self.batches.items():
