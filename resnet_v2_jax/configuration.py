@@ -100,6 +100,7 @@ def _optional_text(value) -> bool:
     return value is None or (isinstance(value, str) and bool(value.strip()))
 
 
+_BOOLEAN = (lambda v: isinstance(v, bool), "True or False")
 # key -> (test, what is allowed). Keys whose test needs other keys are checked in `validate`.
 RULES = {
     "dataset": (lambda v: isinstance(v, str), "a registered dataset name"),
@@ -110,30 +111,30 @@ RULES = {
     "eval_split": (lambda v: _optional_text(v) and v is not None, "a tfds split"),
     "batch_size": (_positive_int, "a positive integer"),
     "eval_batch_size": (_positive_int, "a positive integer"),
-    "cache": (lambda v: isinstance(v, bool), "True or False"),
+    "cache": _BOOLEAN,
     "shuffle_buffer_size": (_positive_int, "a positive integer"),
     "image_size": (_positive_int, "a positive integer"),
     "eval_crop_sizes": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0
                         and all(_positive_int(c) for c in v), "positive integers, at least one"),
     "eval_resize_ratio": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "augment": (lambda v: v in augment.AUGMENTATIONS, f"one of {', '.join(augment.AUGMENTATIONS)}"),
-    "color_augment": (lambda v: isinstance(v, bool), "True or False"),
-    "antialias": (lambda v: isinstance(v, bool), "True or False"),
+    "color_augment": _BOOLEAN,
+    "antialias": _BOOLEAN,
     "seed": (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2^31)"),
-    "half_precision": (lambda v: isinstance(v, bool), "True or False"),
-    "float64": (lambda v: isinstance(v, bool), "True or False"),
+    "half_precision": _BOOLEAN,
+    "float64": _BOOLEAN,
     "bn_group_size": (lambda v: _is_int(v) and v >= 0, "0 (all devices) or a positive integer"),
     "input_resize": (lambda v: _is_int(v) and v >= 0, "0 (none) or a size in pixels"),
     "init_from": (lambda v: v is None or isinstance(v, str),
                   "a path, or empty for random initialisation"),
-    "train_backbone": (lambda v: isinstance(v, bool), "True or False"),
-    "train_bn_statistics": (lambda v: isinstance(v, bool), "True or False"),
+    "train_backbone": _BOOLEAN,
+    "train_bn_statistics": _BOOLEAN,
     "learning_rate": (lambda v: _number(v) and v > 0, "a positive finite number"),
     "base_batch_size": (_positive_int, "a positive integer"),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "nesterov": (lambda v: isinstance(v, bool), "True or False"),
+    "nesterov": _BOOLEAN,
     "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
-    "weight_decay_bn_and_bias": (lambda v: isinstance(v, bool), "True or False"),
+    "weight_decay_bn_and_bias": _BOOLEAN,
     "lr_schedule": (lambda v: v in ("steps", "cosine"), "one of steps, cosine"),
     "lr_boundaries_epochs": (lambda v: isinstance(v, (tuple, list))
                              and all(_number(b) and b > 0 for b in v)
