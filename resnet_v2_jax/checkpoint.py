@@ -17,8 +17,10 @@ Orbax decides which process writes what.
   checkpoints are all unreadable is refused rather than trained from scratch.
 """
 
+import contextlib
 import dataclasses
 import re
+import shutil
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -68,6 +70,12 @@ def _castable(structure: Dict[str, str]) -> Dict[str, str]:
             for k, v in structure.items()}
 
 
+def has_checkpoints(workdir: epath.Path) -> bool:
+    """Whether `workdir` holds a checkpoint step folder (readable or not), read without Orbax."""
+    directory = epath.Path(workdir) / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 class Checkpoints:
     """Saves and restores the train state under `<workdir>/checkpoints`.
 
@@ -85,6 +93,8 @@ class Checkpoints:
         self.directory = epath.Path(workdir) / "checkpoints"
         self.model = model
         self.signature = models.signature(model)
+        self.keep = keep
+        self._failed = False
         self.read_only = read_only
         options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
                    ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -105,15 +115,57 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, extra: Optional[dict] = None) -> None:
         """Starts writing `state` (global arrays) for `step`; returns before it is on disk.
-        `extra` (JSON-able, e.g. the training metrics) is stored beside it, see `meta`."""
+        `extra` (JSON-able, e.g. the training metrics) is stored beside it, see `meta`.
+        Raises CheckpointError, in one line, when there is no room for it on a local disk or
+        when writing it (or the previous one, which finishes first) fails."""
         meta = {"step": step, "network": self.signature, "structure": tree_structure(state),
                 **(extra or {})}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._check_space(step, state)
+        with self._writing(step):
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def _check_space(self, step: int, state: Any) -> None:
+        if "://" in str(self.directory) or jax.process_index() != 0:
+            return
+        need = sum(x.nbytes for x in jax.tree.leaves(state)) * 1.05 + 2**20
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            latest = self.manager.latest_step()
+            then = f"to resume from step {latest}" if latest is not None else "to start again"
+            raise CheckpointError(
+                f"no room for checkpoint {step} in {self.directory}: it needs about "
+                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free space and rerun "
+                f"the same command {then}")
+
+    @contextlib.contextmanager
+    def _writing(self, step: Optional[int]):
+        """Turns a failed write (in this call, or an earlier asynchronous one it waits for) into
+        one CheckpointError line naming the folder and the cause."""
+        try:
+            yield
+        except Exception as e:  # Orbax and tensorstore raise many types
+            self._failed = True
+            text = str(e)
+            cause = re.search(r"No space left on device|Permission denied|Read-only file system|"
+                              r"Disk quota exceeded|Input/output error", text)
+            cause = cause[0] if cause else (text.splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(
+                f"writing a checkpoint{'' if step is None else f' (step {step})'} in "
+                f"{self.directory} failed: {cause}; fix that and rerun the same command to "
+                f"resume from the newest complete checkpoint") from e
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once JAX's multi-host preemption sync point is reached."""
         return self.manager.reached_preemption(step)
+
+    def prune(self) -> None:
+        """Deletes all but the newest `keep` checkpoints (Orbax does it at a save; a run that
+        saves nothing, such as a rerun of a finished run, does it here)."""
+        if self.read_only:
+            return
+        for step in sorted(self.manager.all_steps())[:-self.keep or None]:
+            self.manager.delete(step)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -252,11 +304,24 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are on disk."""
-        self.manager.wait_until_finished()
+        with self._writing(None):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending writes and closes the manager. A failure already reported (by a
+        save or wait) is not raised again."""
+        failed_before = self._failed
+        try:
+            self.wait()
+        except CheckpointError:
+            if not failed_before:
+                raise
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # after a failed write Orbax may fail again here
+                if not self._failed:
+                    raise
 
 
 def _signature_of_0_1(model: models.ResNetV2) -> dict:

@@ -18,6 +18,7 @@ import importlib.util
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 import types
 from typing import Callable, Sequence, Tuple, Type
@@ -40,13 +41,38 @@ LIBRARY_NOISE = (
 )
 
 
+# Libraries whose errors come with tracebacks of their own threads; the command reports what
+# went wrong in its `error:` line, so their records are cut to their first line.
+_TRACEBACK_LIBRARIES = ("orbax", "asyncio", "tensorstore", "etils")
+
+
 class _LibraryNoise(std_logging.Filter):
+    """Drops `LIBRARY_NOISE` and Orbax's INFO lines; cuts library errors to one line without
+    their traceback (all of it stays with RESNET_V2_JAX_TRACEBACK=1)."""
+
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if record.levelno < std_logging.WARNING and "orbax" in record.pathname:
+        library = next((name for name in _TRACEBACK_LIBRARIES
+                        if name in record.pathname or record.name.startswith(name)), None)
+        if record.levelno < std_logging.WARNING and library == "orbax":
             return False  # Orbax logs every save in detail at INFO; keep its warnings
         message = record.getMessage()
-        return not any(record.name.startswith(name) and re.search(pattern, message)
-                       for name, pattern in LIBRARY_NOISE)
+        if any(record.name.startswith(name) and re.search(pattern, message)
+               for name, pattern in LIBRARY_NOISE):
+            return False
+        if library and not os.environ.get(TRACEBACK_VARIABLE):
+            if library == "asyncio":  # "Task exception was never retrieved" and kin
+                return False
+            record.msg, record.args = message.splitlines()[0][:300], None
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
+def _unraisable(unraisable) -> None:
+    """Exceptions nobody can catch, raised in library threads after the fact (tensorstore's
+    callbacks into an asyncio loop Orbax has closed: "Event loop is closed"): consequences of
+    an error the command reports itself. Shown only with RESNET_V2_JAX_TRACEBACK=1."""
+    if os.environ.get(TRACEBACK_VARIABLE):
+        sys.__unraisablehook__(unraisable)
 
 
 @contextlib.contextmanager
@@ -78,9 +104,10 @@ def native_stderr_quiet():
 
 
 def quiet_libraries() -> None:
-    """Drops `LIBRARY_NOISE` from absl's log. (TensorFlow's C++ log goes with
-    `import_tensorflow_quietly`.)"""
+    """Drops `LIBRARY_NOISE` from absl's log and library tracebacks from stderr (`_LibraryNoise`,
+    `_unraisable`). (TensorFlow's C++ log goes with `import_tensorflow_quietly`.)"""
     logging.get_absl_handler().addFilter(_LibraryNoise())
+    sys.unraisablehook = _unraisable
 
 
 def import_tensorflow_quietly() -> None:
@@ -108,10 +135,16 @@ def prepare_process(config: ml_collections.ConfigDict) -> None:
 
 def fail(message: str, code: int = 1, error: BaseException = None) -> None:
     """Ends the command with `error: <message>` on stderr (and the traceback of `error` when
-    RESNET_V2_JAX_TRACEBACK is set)."""
+    RESNET_V2_JAX_TRACEBACK is set). An interrupted command (exit code 130 or 143) ends on the
+    spot, without the interpreter's teardown, which can crash while native threads (XLA's
+    compiler, a prefetching thread) are still running."""
     if error is not None and os.environ.get(TRACEBACK_VARIABLE):
         logging.exception("%s", message)
     print(f"error: {message}", file=sys.stderr)
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -212,15 +245,29 @@ def print_config(config: ml_collections.ConfigDict) -> None:
         print(f"{setting:<{width}}  # {meanings[key]}" if meanings.get(key) else setting)
 
 
+class _Terminated(BaseException):
+    """SIGTERM where no run handles it (start-up, commands that do not train)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def run(main: Callable, user_errors: Tuple[Type[BaseException], ...]) -> None:
-    """`app.run(main)` where `user_errors` and Ctrl-C end in one line instead of a traceback."""
+    """`app.run(main)` where `user_errors`, Ctrl-C and SIGTERM end in one line instead of a
+    traceback or a silent death. A training run replaces these handlers with its own for as long
+    as it runs (`train`), which stop it at a step boundary."""
+    signal.signal(signal.SIGTERM, _terminate)
 
     def guarded(argv):
         try:
             main(argv)
         except KeyboardInterrupt as e:
-            fail("interrupted: stopped at once; rerun the same command to resume from the "
-                  "last checkpoint", 130, e)
+            fail("interrupted (Ctrl-C): stopped at once; rerun the same command to resume "
+                 "from the last checkpoint", 130, e)
+        except _Terminated as e:
+            fail("terminated (SIGTERM): stopped at once; rerun the same command to resume "
+                 "from the last checkpoint", 143, e)
         except user_errors as e:
             fail(str(e), 1, e)
 
@@ -229,9 +276,11 @@ def run(main: Callable, user_errors: Tuple[Type[BaseException], ...]) -> None:
 
 
 def print_results(results: dict, dataset: str, split: str) -> None:
-    """One line per eval crop, as `main` and `evaluate` print them."""
+    """One line per eval crop, as `main` and `evaluate` print them, labelled with the step
+    whose weights were evaluated."""
+    step = results.get("eval_step") or results["step"]
     for crop, r in results["eval"].items():
-        print(f"step {results['step']}: test accuracy {100 * (1 - r['top1_error']):.2f}% "
+        print(f"step {step}: test accuracy {100 * (1 - r['top1_error']):.2f}% "
               f"(top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
               f"{100 * r['top5_error']:.2f}%) on {r['num_examples']} {dataset} {split} images "
               f"at crop {crop}")

@@ -97,6 +97,9 @@ def check_examples(where: str, info: DatasetInfo, *, image_dtype, image_shape: S
     if image_dtype != np.uint8:
         raise DataError(f"{where}: images are {image_dtype}, expected uint8 (0-255); write the "
                         "unnormalised pixels, e.g. np.uint8(np.round(255 * x)) for x in [0, 1]")
+    if len(image_shape) == 3 and image_shape[0] == 3 and image_shape[-1] != 3:
+        raise DataError(f"{where}: images have shape {tuple(image_shape)} per example, channels "
+                        "first; expected (height, width, 3): np.transpose(x, (0, 2, 3, 1))")
     if len(image_shape) != 3 or image_shape[-1] != 3:
         raise DataError(f"{where}: images have shape {tuple(image_shape)} per example, expected "
                         "(height, width, 3) RGB; convert grayscale: np.repeat(x[..., None], 3, -1)")

@@ -62,9 +62,9 @@ def load_arrays(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
 
 def check_data(config) -> int:
     """Checks the training and eval splits before anything is compiled or written: for .npz
-    files the image dtype and shape (from the array header, without reading the pixels) and
-    every label; for tfds what `tfds_input.check_data` checks. Returns the number of
-    training examples."""
+    files the image dtype and shape (from the array header), the checksums of every member and
+    every label; for tfds what `tfds_input.check_data` checks. Returns the number of training
+    examples."""
     if config.array_dir is None:
         from resnet_v2_jax import tfds_input
         return tfds_input.check_data(config)
@@ -92,8 +92,11 @@ def _read_npz(config, split: str, *, with_images: bool):
             if with_images:
                 images = data["image"]
                 shape, dtype = images.shape, images.dtype
-            else:
+            else:  # the pixels' checksums are verified, the pixels are not kept
                 images = None
+                damaged = data.zip.testzip()
+                if damaged is not None:
+                    raise zipfile.BadZipFile(f"the checksum of {damaged} does not match")
                 with data.zip.open("image.npy") as stream:
                     version = np.lib.format.read_magic(stream)
                     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -104,11 +107,11 @@ def _read_npz(config, split: str, *, with_images: bool):
             raise
         first_line = str(e).splitlines()[0] if str(e) else ""
         raise datasets.DataError(f"{path} cannot be read ({type(e).__name__}: {first_line}); "
-                                     "it may be truncated: write it again") from e
+                                 "it is damaged or truncated: write it again") from e
     if len(shape) < 1:
         raise datasets.DataError(f"{path}: 'image' is a scalar, expected uint8 [N, H, W, 3]")
     datasets.check_examples(path, info, image_dtype=dtype, image_shape=shape[1:],
-                                num_images=shape[0], labels=labels, image_size=config.image_size)
+                            num_images=shape[0], labels=labels, image_size=config.image_size)
     return images, labels
 
 

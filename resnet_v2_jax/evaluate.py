@@ -20,7 +20,6 @@ from typing import Any, Dict, Optional, Sequence
 import jax
 import ml_collections
 from absl import flags, logging
-from etils import epath
 from ml_collections import config_flags
 
 from resnet_v2_jax import cli, configuration, parallel, recipe, rundir, runs, train
@@ -83,6 +82,10 @@ def run(argv) -> None:
         raise ValueError(f"--checkpoint={FLAGS.checkpoint} is not a step folder "
                          "<workdir>/checkpoints/<step>")
     config = FLAGS.config if FLAGS.config is not None else configuration.read(str(run_dir))
+    output = (rundir.resolve(FLAGS.output) if FLAGS.output else
+              rundir.resolve(FLAGS.workdir or str(run_dir)) / "eval_results.json")
+    if jax.process_index() == 0:
+        rundir.check_output_file(output, "--output")
     cli.prepare_process(config)
     results = evaluate(path, config, split=FLAGS.split, crops=FLAGS.crops,
                        data_dir=FLAGS.data_dir, array_dir=FLAGS.array_dir,
@@ -90,9 +93,6 @@ def run(argv) -> None:
     if jax.process_index() != 0:
         return
     cli.print_results(results, results["dataset"], results["split"])
-    output = (epath.Path(FLAGS.output) if FLAGS.output else
-              rundir.resolve(FLAGS.workdir or str(run_dir)) / "eval_results.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_json(output, results)
     print(f"wrote {output}")
 

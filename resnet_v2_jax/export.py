@@ -16,7 +16,7 @@ readable checkpoint of --workdir is exported, or the step folder it names.
 
 from absl import flags
 
-from resnet_v2_jax import cli, configuration, models, runs
+from resnet_v2_jax import cli, configuration, models, rundir, runs
 
 FLAGS = flags.FLAGS
 USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError
@@ -36,6 +36,7 @@ def export(workdir: str, out: str, unrolled: bool = False) -> str:
     """Writes `workdir`'s checkpoint to `out`; returns which checkpoint it was."""
     if not out.endswith(".safetensors"):
         raise ValueError(f"--out={out} must end in .safetensors")
+    rundir.check_output_file(rundir.resolve(out), "--out")
     run = runs.read_run(workdir)
     model, variables, where = run.model, run.variables, run.checkpoint
     if unrolled and model.scan_units:

@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Iterator, Optional, Tuple
 import jax
 import ml_collections
 
+from resnet_v2_jax import datasets
+
 PIPELINES = ("tfds", "device_resident")
 
 
@@ -32,7 +34,12 @@ def check_data(config: ml_collections.ConfigDict) -> int:
     """Checks the training and eval splits cheaply (dtype, shape, labels; nothing decoded) before
     anything is compiled or written; returns the number of training examples actually read
     (`config.train_split`, e.g. "train[:90%]"), which is what an epoch counts."""
-    return _pipeline(config).check_data(config)
+    examples = _pipeline(config).check_data(config)
+    if examples < config.batch_size:
+        raise datasets.DataError(
+            f"{config.dataset} {config.train_split} holds {examples} training examples, fewer "
+            f"than one batch of {config.batch_size}: lower batch_size or use a larger split")
+    return examples
 
 
 def train_batches(config: ml_collections.ConfigDict, dp, start_step: int) -> Iterator[dict]:

@@ -63,7 +63,10 @@ def main(argv):
     logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)",
                  jax.__version__, jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train.Interrupted as e:
+        cli.fail(str(e), 130 if e.signal_name == "SIGINT" else 143)
     if jax.process_index() == 0:
         cli.print_results(results, FLAGS.config.dataset, FLAGS.config.eval_split)
     if results.get("stop_signal") == "SIGINT":

@@ -16,7 +16,9 @@ initialised network of the same architecture: the usual fine-tuning start (docs/
 re-initialised otherwise (another class count).
 """
 
-from typing import Any, Dict, Tuple
+import dataclasses
+import zipfile
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +30,19 @@ from resnet_v2_jax import models, rundir, timm_import
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
-def initialize_from(source: str, variables: Dict[str, Any],
-                    model: models.ResNetV2) -> Dict[str, Any]:
-    """`variables` (freshly initialised, of `model`) with the backbone of `source`: a run's
-    workdir or step folder, or a weights file (`load_file`). See `transfer`."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Weights to start from: their network, variables {"params", "batch_stats"}, and where
+    they came from (for messages)."""
+    model: models.ResNetV2
+    variables: Dict[str, Any]
+    where: str
+
+
+def load_source(source: str, target: Optional[models.ResNetV2] = None) -> Source:
+    """The weights of `source`: a run's workdir or step folder (`runs.read_run`), or a weights
+    file (`load_file`). With `target`, also checks that they fit it (`check_fits`), so that a
+    run refuses a wrong source before it writes anything."""
     path = rundir.resolve(source)
     if not path.exists():
         raise FileNotFoundError(f"init_from {path} does not exist: give a run's workdir, a step "
@@ -39,37 +50,70 @@ def initialize_from(source: str, variables: Dict[str, Any],
     if path.is_dir():
         from resnet_v2_jax import runs  # the training stack: only for this source
         run = runs.read_run(str(path))
-        source_model, source_variables, where = run.model, run.variables, run.checkpoint
+        loaded = Source(run.model, run.variables, run.checkpoint)
     else:
-        (source_model, source_variables), where = load_file(str(path)), str(path)
-    variables, summary = transfer(source_model, source_variables, model, variables, where)
+        loaded = Source(*load_file(str(path)), str(path))
+    if target is not None:
+        check_fits(loaded.model, target, loaded.where)
+    return loaded
+
+
+def transfer_from(source: Source, variables: Dict[str, Any],
+                  model: models.ResNetV2) -> Dict[str, Any]:
+    """`variables` (freshly initialised, of `model`) with the backbone of `source` (`transfer`),
+    logging what was copied."""
+    variables, summary = transfer(source.model, source.variables, model, variables, source.where)
     logging.info("%s", summary)
     return variables
 
 
+def initialize_from(source: str, variables: Dict[str, Any],
+                    model: models.ResNetV2) -> Dict[str, Any]:
+    """`variables` (freshly initialised, of `model`) with the backbone of `source`: a run's
+    workdir or step folder, or a weights file. See `transfer`."""
+    return transfer_from(load_source(source, model), variables, model)
+
+
 def load_file(path: str) -> Tuple[models.ResNetV2, Dict[str, Any]]:
-    """(model, variables) of a weights file: this project's export, or a timm state dict."""
+    """(model, variables) of a weights file: this project's export, or a timm state dict.
+    Raises a one-line ValueError naming the file when it is neither."""
+    state_dict = _read_state_dict(path)
+    if state_dict is None:
+        return models.load(path)
+    try:
+        return timm_import.load(state_dict)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _read_state_dict(path: str) -> Optional[Dict[str, Any]]:
+    """The arrays of a timm state dict file; None for this project's own safetensors files."""
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.numpy import load_file as read_tensors
         try:
             with safe_open(path, framework="numpy") as f:
                 ours = (f.metadata() or {}).get("format") == models.FILE_FORMAT
+            return None if ours else read_tensors(path)
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
-        return models.load(path) if ours else timm_import.load(read_tensors(path))
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            return timm_import.load({k: data[k] for k in data.files})
+        try:
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is not a readable state dict of arrays "
+                             f"({str(e).splitlines()[0][:120]}); give timm weights saved with "
+                             "numpy.savez, .safetensors or .pth") from e
     if path.endswith(TORCH_SUFFIXES):
         try:
             import torch
         except ImportError as e:
             raise ValueError(f"{path} is a PyTorch file and torch is not installed: pip install "
-                             "-e '.[timm]', or save the state dict as .safetensors") from e
+                             "'resnet_v2_jax[timm]', or save the state dict as .safetensors") from e
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         state_dict = state_dict.get("state_dict", state_dict)
-        return timm_import.load({k: v.numpy() for k, v in state_dict.items()})
+        return {k: v.numpy() for k, v in state_dict.items()}
     raise ValueError(f"{path}: weights files are .safetensors (resnet_v2_jax.export, or timm), "
                      f".npz or {'/'.join(TORCH_SUFFIXES)} (timm state dicts)")
 
@@ -78,13 +122,8 @@ def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: 
              target_variables: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], str]:
     """`target_variables` with every backbone variable replaced by `source_variables`' (and the
     head too where its shape matches). Returns (variables, a one-line summary). Raises a
-    one-line ValueError naming what differs when `source` is another network: any attribute
-    of `models.signature` but the number of classes (the head is what fine-tuning replaces)."""
-    differ = [f"{k} {a!r} there vs {b!r} here" for k, a, b in models.signature_differences(
-        models.signature(source), models.signature(target)) if k != "num_classes"]
-    if differ:
-        raise ValueError(f"init_from {where} is another network ({'; '.join(differ)}); "
-                         "set the config's model section to the source's")
+    one-line ValueError naming what differs when `source` is another network (`check_fits`)."""
+    check_fits(source, target, where)
     if source.scan_units != target.scan_units:
         convert = models.unrolled_to_scanned if target.scan_units else models.scanned_to_unrolled
         source_variables = convert(source_variables)
@@ -108,6 +147,17 @@ def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: 
                                                  value, given[name])
             copied += len(jax.tree.leaves(value))
     return out, f"init_from {where}: copied {copied} tensors; classifier head {head}"
+
+
+def check_fits(source: models.ResNetV2, target: models.ResNetV2, where: str) -> None:
+    """Raises a one-line ValueError naming what differs unless `source`'s weights can start
+    `target`: the same `models.signature` but the number of classes (the head is what
+    fine-tuning replaces)."""
+    differ = [f"{k} {a!r} there vs {b!r} here" for k, a, b in models.signature_differences(
+        models.signature(source), models.signature(target)) if k != "num_classes"]
+    if differ:
+        raise ValueError(f"init_from {where} is another network ({'; '.join(differ)}); "
+                         "set the config's model section to the source's")
 
 
 def _shapes(tree):

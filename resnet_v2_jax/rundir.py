@@ -4,16 +4,17 @@
   one path the whole run uses. Orbax saves in background threads and refuses relative paths, so
   a relative workdir used as typed loses the run at the first save.
 * `RunLock` keeps a second run out of a folder that is in use (two runs in one workdir overwrite
-  each other's checkpoints and results). The lock file names its holder (host, pid, boot); a
-  lock whose holder is gone (same host and boot, process dead; or no heartbeat for
-  `STALE_AFTER_S`) is taken over with a warning, so a crashed or killed run never blocks its
-  own resume. On several processes only process 0 takes it, and every process learns the answer.
+  each other's checkpoints and results): an OS file lock, which a crashed or killed run gives
+  up with its process, so it never blocks its own resume. On several processes only process 0
+  takes it, and every process learns the answer.
 * `write_json` writes strict JSON (non-finite numbers become null) atomically.
 
 Reading a finished run back is `runs`' job; its config.json is read by `configuration.read`.
 """
 
 import datetime
+import errno
+import fcntl
 import json
 import math
 import os
@@ -65,6 +66,27 @@ def make(path: epath.Path) -> None:
                            "write to") from e
 
 
+def check_output_file(path: epath.Path, flag: str) -> None:
+    """Raises WorkdirError, in one line naming `flag`, unless a file can be written at `path`
+    (its folder made if needed): checked before a command does its work, not after."""
+    if path.is_dir():
+        raise WorkdirError(f"cannot write {flag}={path}: it is a folder; name a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise WorkdirError(f"cannot write {flag}={path}: {folder} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".write_test.{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise WorkdirError(f"cannot write {flag}={path}: {reason}; choose a path you can write "
+                           "to") from e
+
+
 def write_json(path: epath.Path, value: Any) -> None:
     """Writes `value` as strict JSON (NaN/Inf become null), via a temporary file and a rename,
     so a reader never sees half a file."""
@@ -109,16 +131,24 @@ def _process_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """`<workdir>/run.lock` while a run trains or evaluates in that folder; a context manager.
+    """`<workdir>/run.lock` while a run trains in that folder; a context manager. Exactly one
+    of any number of runs started at once holds it.
 
-    The file is JSON: {"host", "pid", "boot", "token", "started", "heartbeat"}. A background
-    thread refreshes "heartbeat" every HEARTBEAT_S seconds.
+    On a filesystem (local, NFS) the holder keeps an exclusive `flock` on the file: the kernel
+    decides who gets it, and releases it when the holder dies, however it dies, so a killed
+    run's leftover file is taken over at once and a file being written is never mistaken for a
+    dead run's. The file names its holder, as JSON {"host", "pid", "boot", "token", "started",
+    "heartbeat"}, for the message a second run gets. Object stores (gs://) have no locks: there
+    the holder rewrites "heartbeat" every HEARTBEAT_S seconds and a lock without one for
+    STALE_AFTER_S (or of a dead process on this host) is taken over; two runs started in the
+    same second on an object store are not told apart.
     """
 
     def __init__(self, workdir: epath.Path):
         self.path = workdir / LOCK_FILE
         self.token = uuid.uuid4().hex
         self.started = time.time()
+        self._fd: Optional[int] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -145,16 +175,21 @@ class RunLock:
                 "token": self.token, "started": self.started, "heartbeat": time.time()}
 
     def _holder(self) -> Optional[dict]:
+        """The record in the lock file; None without a file, {} for an empty or unreadable one
+        (being written, or left half-written by a dying run)."""
         try:
             return json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
-        except (ValueError, OSError):  # half-written by a dying run: treat as stale
+        except (ValueError, OSError):
             return {}
 
     def _is_stale(self, holder: dict) -> bool:
-        if not holder:
-            return True
+        """Heartbeat locks: whether `holder` is a run that is gone."""
+        if not holder:  # being written now, or half-written long ago
+            info = self.path.stat()
+            mtime = getattr(info, "mtime", None) or getattr(info, "st_mtime", 0)
+            return time.time() - mtime > STALE_AFTER_S
         if time.time() - float(holder.get("heartbeat", 0)) > STALE_AFTER_S:
             return True
         if holder.get("host") == socket.gethostname():
@@ -163,37 +198,76 @@ class RunLock:
             return not _process_alive(int(holder.get("pid", -1)))
         return False
 
+    def _in_use(self, holder: Optional[dict]) -> WorkdirError:
+        if not holder:
+            return WorkdirError(f"{self.path.parent} is in use by another run that is starting: "
+                                "wait for it or use another --workdir")
+        started = datetime.datetime.fromtimestamp(float(holder.get("started", 0)))
+        return WorkdirError(
+            f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
+            f"{holder.get('host')}, started {started:%Y-%m-%d %H:%M:%S}): wait for it to end or "
+            f"use another --workdir")
+
     def _acquire(self) -> None:
+        try:
+            if "://" in str(self.path) or not self._acquire_flock():
+                self._acquire_by_heartbeat()
+        except OSError as e:  # a full or read-only disk: nothing of ours is left behind
+            self.release()
+            reason = e.strerror or type(e).__name__
+            raise WorkdirError(f"cannot write {self.path}: {reason}; free space or choose "
+                               "another --workdir") from e
+
+    def _acquire_flock(self) -> bool:
+        """Takes the OS lock on the file; False where the filesystem has no such locks."""
+        for _ in range(100):  # a holder that releases unlinks the file it held: retry then
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder()
+                os.close(fd)
+                raise self._in_use(holder) from None
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    logging.warning("%s: this filesystem has no file locks (%s); locking by "
+                                    "heartbeat instead", self.path, e.strerror)
+                    return False
+                raise
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(str(self.path)).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:
+                os.close(fd)
+                continue
+            self._fd = fd
+            previous = self._holder()
+            if previous:
+                logging.warning("taking over %s from a run that is gone (%s)", self.path,
+                                {k: previous.get(k) for k in ("host", "pid")})
+            record = json.dumps(self._record()).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+            os.fsync(fd)
+            return True
+        raise WorkdirError(f"could not lock {self.path}: it keeps changing; use another --workdir")
+
+    def _acquire_by_heartbeat(self) -> None:
         holder = self._holder()
         if holder is not None:
             if not self._is_stale(holder):
-                started = datetime.datetime.fromtimestamp(float(holder["started"]))
-                raise WorkdirError(
-                    f"{self.path.parent} is in use by another run (pid {holder['pid']} on "
-                    f"{holder['host']}, started {started:%Y-%m-%d %H:%M:%S}): wait for it to end "
-                    f"or use another --workdir; if that run is gone, delete {self.path}")
+                raise self._in_use(holder)
             logging.warning("taking over %s from a run that is gone (%s)", self.path,
                             {k: holder.get(k) for k in ("host", "pid")})
             self.path.unlink(missing_ok=True)
-        if not self._create():
+        self.path.write_text(json.dumps(self._record()))  # last writer wins; check who that was
+        if (self._holder() or {}).get("token") != self.token:
             raise WorkdirError(f"{self.path.parent} was locked by another run that started at "
                                "the same moment: use another --workdir")
         self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="run.lock")
         self._thread.start()
-
-    def _create(self) -> bool:
-        """Writes the lock file unless someone else just did (atomic on local disks)."""
-        text = json.dumps(self._record())
-        if "://" not in str(self.path):
-            try:
-                fd = os.open(str(self.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            return True
-        self.path.write_text(text)  # object stores: last writer wins; check who that was
-        return (self._holder() or {}).get("token") == self.token
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -204,13 +278,20 @@ class RunLock:
                 logging.warning("could not refresh %s: %s", self.path, e)
 
     def release(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-        try:
-            if (self._holder() or {}).get("token") == self.token:
-                self.path.unlink()
-        except OSError as e:
-            logging.warning("could not remove %s: %s", self.path, e)
+        """Removes the lock file if this run holds it (then lets go of the OS lock)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            try:
+                if (self._holder() or {}).get("token") == self.token:
+                    self.path.unlink()
+            except OSError as e:
+                logging.warning("could not remove %s: %s", self.path, e)
+        if self._fd is not None:
+            try:
+                self.path.unlink()  # while still held: a run waiting on this file retries
+            except OSError as e:
+                logging.warning("could not remove %s: %s", self.path, e)
+            os.close(self._fd)
+            self._fd = None

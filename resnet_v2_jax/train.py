@@ -7,7 +7,10 @@ and writing TensorBoard files and results. What is written where: `train_and_eva
 
 import itertools
 import json
+import os
 import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -34,39 +37,67 @@ def is_time(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-class _StopSignals:
-    """SIGTERM (a preemption notice) and SIGINT (Ctrl-C): finish the step, save, stop.
+class Interrupted(Exception):
+    """SIGINT or SIGTERM before training started: nothing was trained."""
 
-    A second Ctrl-C stops at once (KeyboardInterrupt). On several processes JAX's own notifier
-    (installed by jax.distributed) receives SIGTERM and the sync point answers the same on every
-    process; a Python handler would replace it. Ctrl-C reaches one process only, which cannot
-    stop alone without leaving the others waiting in a collective, so it keeps its default
-    there (use SIGTERM, e.g. `launch/tpu_vm.sh stop`, to stop a multi-host run cleanly).
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+class _StopSignals:
+    """SIGTERM (a preemption notice) and SIGINT (Ctrl-C), from the first moment of a run to its
+    end: a signal never interrupts what the run is doing (compiling, restoring, saving). Before
+    training starts the run stops at its next phase (`check`: one line, nothing trained); in
+    training it finishes the step, saves a checkpoint and stops (`reached`).
+
+    A second Ctrl-C stops at once: one line, and the process ends on the spot (`os._exit`;
+    the OS lets go of the run's lock). On several processes JAX's own notifier (installed by
+    jax.distributed) receives SIGTERM and the sync point answers the same on every process; a
+    Python handler would replace it. Ctrl-C reaches one process only, which cannot stop alone
+    without leaving the others waiting in a collective, so it keeps its default there (use
+    SIGTERM, e.g. `launch/tpu_vm.sh stop`, to stop a multi-host run cleanly). Outside the main
+    thread (a notebook's worker, say) signals are left alone.
     """
 
-    def __init__(self, checkpoints: checkpoint.Checkpoints):
-        self.checkpoints = checkpoints
+    def __init__(self):
         self.received: Optional[str] = None
-        signals = [signal.SIGINT, signal.SIGTERM] if jax.process_count() == 1 else []
-        self.previous = {s: signal.signal(s, self._handle) for s in signals}
+        self.previous = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle)
+                             for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        logging.warning("%s received: finishing the step, saving a checkpoint and stopping%s",
-                        name, " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")
-        self.received = name
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.received == "SIGINT" and signum == signal.SIGINT:
+            sys.stderr.write("error: interrupted again (Ctrl-C): stopped at once; rerun the same "
+                             "command to resume from the last checkpoint\n")
+            sys.stderr.flush()
+            os._exit(130)
+        logging.warning("%s received: stopping at the end of the current step or phase, "
+                        "saving a checkpoint if training has started%s", name,
+                        " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")
+        self.received = self.received or name
 
-    def reached(self, step: int) -> Optional[str]:
+    def check(self, phase: str) -> None:
+        """Raises Interrupted if a signal came before training started (in `phase`)."""
+        if self.received is not None:
+            raise Interrupted(self.received, f"interrupted ({self.received}) {phase}; nothing "
+                              "was trained: rerun the same command to start")
+
+    def reached(self, step: int, checkpoints: checkpoint.Checkpoints) -> Optional[str]:
         """The signal to stop for after `step`, or None."""
         if self.received is None and jax.process_count() > 1 and \
-                self.checkpoints.reached_preemption(step):
+                checkpoints.reached_preemption(step):
             self.received = "preemption"
         return self.received
-
-    def close(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 class _MetricsWriter:
@@ -202,7 +233,7 @@ def _finished_run(workdir: epath.Path, step: int, total_steps: int, meta: dict, 
                     "is evaluated and results.json written", found)
     results = {"step": step, "total_steps": total_steps, "preempted": False,
                "train": meta.get("train", {}),
-               "eval": evaluator(dp.put_state(recipe.variables_of(state))),
+               "eval": evaluator(dp.put_state(recipe.variables_of(state))), "eval_step": step,
                "wall_time_s": None, "steps_this_run": 0, "devices": dp.describe()}
     if jax.process_index() == 0:
         rundir.write_json(path, results)
@@ -214,68 +245,119 @@ def _finished_run(workdir: epath.Path, step: int, total_steps: int, meta: dict, 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, returns results.
 
-    Writes into `workdir`: config.json, run.lock (while running), checkpoints/ (Orbax),
-    TensorBoard event files and results.json. Raises ValueError (DataError, WorkdirError,
-    CheckpointError) or NonFiniteLossError with one-line messages for bad configs, data,
-    workdirs or checkpoints; before anything is written when it can be known at start.
+    Writes into `workdir`: config.json (and config_history/<step>.json, the config of each
+    start that changed settings), run.lock (while running), checkpoints/ (Orbax), TensorBoard
+    event files and results.json. Raises ValueError (DataError, WorkdirError, CheckpointError),
+    NonFiniteLossError or Interrupted with one-line messages; everything that can be checked
+    at start (config, data, the `init_from` source) is checked before anything is written.
     """
     t_start = time.time()
-    workdir = rundir.resolve(workdir)
-    configuration.validate(config)
-    dp = parallel.DataParallel(config.parallelism, config.bn_group_size)
-    num_train_examples = inputs.check_data(config)
-    setup = recipe.build(config, dp, num_train_examples)
-    evaluator = Evaluator(config, dp, setup.eval_step)
-    total_steps, steps_per_epoch = setup.total_steps, setup.steps_per_epoch
-    logging.info("devices: %s", dp.describe())
-    logging.info("batch: %d global, %d per process, %d per device; %d steps (%.1f epochs of %d "
-                 "examples)", config.batch_size, config.batch_size // jax.process_count(),
-                 dp.check_batch_size(config.batch_size), total_steps,
-                 total_steps / steps_per_epoch, num_train_examples)
-
-    rundir.make(workdir)
-    with rundir.RunLock(workdir):
-        checkpoints = checkpoint.Checkpoints(workdir, setup.model, config.keep_checkpoints)
-        try:
-            state, start_step, meta = _restore(checkpoints, setup, workdir, config)
-            if start_step >= total_steps:
-                return _finished_run(workdir, start_step, total_steps, meta, state, evaluator, dp)
-            if state is None:
-                state = setup.init_state(jax.random.PRNGKey(config.seed))
-                if config.init_from:  # a resumed run continues from its own checkpoint
-                    variables = pretrained.initialize_from(
-                        config.init_from, recipe.variables_of(state), setup.model)
-                    state = state.replace(**variables)
-            else:
-                logging.info("resuming from step %d", start_step)
+    with _StopSignals() as signals:
+        workdir = rundir.resolve(workdir)
+        configuration.validate(config)
+        dp = parallel.DataParallel(config.parallelism, config.bn_group_size)
+        num_train_examples = inputs.check_data(config)
+        setup = recipe.build(config, dp, num_train_examples)
+        evaluator = Evaluator(config, dp, setup.eval_step)
+        logging.info("devices: %s", dp.describe())
+        logging.info("batch: %d global, %d per process, %d per device; %d steps (%.1f epochs of "
+                     "%d examples)", config.batch_size, config.batch_size // jax.process_count(),
+                     dp.check_batch_size(config.batch_size), setup.total_steps,
+                     setup.total_steps / setup.steps_per_epoch, num_train_examples)
+        source = None
+        if config.init_from and not checkpoint.has_checkpoints(workdir):
+            source = pretrained.load_source(config.init_from, setup.model)
+        signals.check("before the workdir was touched")
+        rundir.make(workdir)
+        with rundir.RunLock(workdir):
+            checkpoints = checkpoint.Checkpoints(workdir, setup.model, config.keep_checkpoints)
+            try:
+                state, start_step, meta = _restore(checkpoints, setup, workdir, config)
+                checkpoints.prune()  # keep_checkpoints holds whatever an earlier run left
+                if start_step >= setup.total_steps:
+                    return _finished_run(workdir, start_step, setup.total_steps, meta, state,
+                                         evaluator, dp)
+                results = _start(config, setup, dp, workdir, checkpoints, evaluator, source,
+                                 signals, state, start_step, meta)
+            finally:
+                checkpoints.close()
+            results.update(wall_time_s=round(time.time() - t_start, 1), devices=dp.describe())
             if jax.process_index() == 0:
-                (workdir / configuration.CONFIG_FILE).write_text(
-                    config.to_json_best_effort(indent=2))
-            results = _train(config, setup, dp, dp.put_state(state), start_step, workdir,
-                             checkpoints, evaluator, meta.get("train", {}))
-        finally:
-            checkpoints.close()
-        results.update(wall_time_s=round(time.time() - t_start, 1), devices=dp.describe())
-        if jax.process_index() == 0:
-            rundir.write_json(workdir / "results.json", results)
+                rundir.write_json(workdir / "results.json", results)
     return results
+
+
+def _start(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.DataParallel,
+           workdir: epath.Path, checkpoints: checkpoint.Checkpoints, evaluator: Evaluator,
+           source: Optional[pretrained.Source], signals: _StopSignals,
+           state: Optional[recipe.TrainState], start_step: int, meta: dict) -> Dict[str, Any]:
+    """Initialises the state (or takes the restored one), records the config, trains."""
+    if state is None:
+        state = setup.init_state(jax.random.PRNGKey(config.seed))
+        if source is not None:  # a resumed run continues from its own checkpoint
+            variables = pretrained.transfer_from(source, recipe.variables_of(state),
+                                                 setup.model)
+            state = state.replace(**variables)
+    else:
+        logging.info("resuming from step %d", start_step)
+    signals.check("before training started")
+    if jax.process_index() == 0:
+        _record_config(workdir, config, start_step)
+    return _train(config, setup, dp, dp.put_state(state), start_step, workdir, checkpoints,
+                  evaluator, meta.get("train", {}), signals)
+
+
+HISTORY = "config_history"
+
+
+def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict, start_step: int):
+    """Writes config.json (the config training runs with now). The config of every start that
+    changes settings is kept as config_history/<its first step>.json, the previous ones stay,
+    and a resume with other settings says which in one warning."""
+    current = json.loads(config.to_json_best_effort())
+    history = workdir / HISTORY
+    path = workdir / configuration.CONFIG_FILE
+    if path.exists():
+        if not history.exists():  # written by a release without history: its first start
+            history.mkdir()
+            rundir.write_json(history / "0.json", json.loads(path.read_text()))
+        try:
+            before = configuration.flatten(configuration.read(str(workdir)))
+        except ValueError:
+            before = {}
+        now = configuration.flatten(current)
+        changed = [f"{k}={before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                   if before.get(k) != now.get(k)]
+        if not changed:
+            return
+        logging.warning("resuming at step %d with other settings than before: %s; the earlier "
+                        "configs stay in %s", start_step, ", ".join(changed), history)
+    history.mkdir(exist_ok=True)
+    rundir.write_json(history / f"{start_step}.json", current)
+    rundir.write_json(path, current)
 
 
 def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.DataParallel,
            state: recipe.TrainState, start_step: int, workdir: epath.Path,
            checkpoints: checkpoint.Checkpoints, evaluator: Evaluator,
-           train_metrics: Dict[str, float]) -> Dict[str, Any]:
+           train_metrics: Dict[str, float], signals: _StopSignals) -> Dict[str, Any]:
     """The loop from `start_step`: step, then log, checkpoint and evaluate when it is time.
     At the last step the checkpoint is written before evaluation, so nothing that can fail
-    afterwards costs the trained state."""
+    afterwards costs the trained state. A signal stops the loop after the step (or the
+    evaluation) it arrives in, with a checkpoint of that step."""
     total_steps = setup.total_steps
     eval_every = config.eval_every_steps or setup.steps_per_epoch
     batches = inputs.train_batches(config, dp, start_step)
     writer = _MetricsWriter(workdir)
-    stop_signals = _StopSignals(checkpoints)
     metrics = _StepMetrics(dp)
     eval_results: Dict[str, Dict[str, float]] = {}
-    t_log, steps_since_log, step, stopped = time.time(), 0, start_step, None
+    t_log, steps_since_log, step, stopped, eval_step = time.time(), 0, start_step, None, None
+
+    def save(step, state):
+        if not bool(dp.to_host(recipe.all_finite(state))):  # never checkpoint a diverged state
+            raise _diverged(checkpoints, "the state is not finite", step)
+        checkpoints.save(step, dp.get_state(state), {"train": train_metrics})
+
     try:
         while step < total_steps and stopped is None:
             state, step_metrics = setup.train_step(state, next(batches))
@@ -285,7 +367,7 @@ def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
             if step == start_step + 1:  # keep compilation out of the throughput and ETA
                 jax.block_until_ready(step_metrics)
                 t_log, steps_since_log = time.time(), 0
-            stopped = stop_signals.reached(step)
+            stopped = signals.reached(step, checkpoints)
             saving = stopped is not None or is_time(step, config.checkpoint_every_steps,
                                                     total_steps)
             if saving or is_time(step, config.log_every_steps, total_steps) or \
@@ -301,24 +383,26 @@ def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
                            float(setup.schedule(step - 1)), config.batch_size,
                            (now - t_log) / steps_since_log if steps_since_log else None)
                 t_log, steps_since_log = now, 0
-            if saving:  # never checkpoint a diverged state
-                if not bool(dp.to_host(recipe.all_finite(state))):
-                    raise _diverged(checkpoints, "the state is not finite", step)
-                checkpoints.save(step, dp.get_state(state), {"train": train_metrics})
-            if is_time(step, eval_every, total_steps):
-                eval_results = evaluator(recipe.variables_of(state))
+            if saving:
+                save(step, state)
+            if (stopped is None or step == total_steps) and is_time(step, eval_every, total_steps):
+                eval_results, eval_step = evaluator(recipe.variables_of(state)), step
                 _log_eval(writer, step, eval_results)
                 t_log = time.time()  # keep eval time out of the training throughput
+                stopped = signals.reached(step, checkpoints)  # a signal during evaluation
+                if stopped is not None and step < total_steps and not saving:
+                    save(step, state)
     finally:
         writer.close()
-        stop_signals.close()
+        if hasattr(batches, "close"):  # stops a prefetching thread before the process ends
+            batches.close()
     if stopped is not None and step < total_steps:
         logging.warning("%s (%s): checkpoint of step %d written; rerun the same command to "
                         "resume", "interrupted" if stopped == "SIGINT" else "preempted", stopped,
                         step)
     return {"step": step, "total_steps": total_steps, "preempted": step < total_steps,
             "stop_signal": stopped if step < total_steps else None,
-            "train": train_metrics, "eval": eval_results,
+            "train": train_metrics, "eval": eval_results, "eval_step": eval_step,
             "steps_this_run": step - start_step}
 
 

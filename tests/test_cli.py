@@ -99,6 +99,39 @@ def test_second_ctrl_c_stops_at_once_and_the_run_still_resumes(tmp_path, array_d
     assert f"resuming from step {saved}" in resumed.stderr
 
 
+@pytest.mark.parametrize("sig, delay", [(signal.SIGINT, 0.3), (signal.SIGINT, 1.5),
+                                        (signal.SIGTERM, 0.8)], ids=["int_0.3s", "int_1.5s",
+                                                                    "term_0.8s"])
+def test_a_signal_during_start_up_or_compilation_ends_cleanly(tmp_path, array_dir, sig, delay):
+    """Ctrl-C or SIGTERM while the run restores, initialises or compiles (after the `batch:`
+    line): one line, exit 130 or 143 (0 for SIGTERM once a step was saved), no crash, no
+    traceback, the lock gone; the run then trains from where it is."""
+    workdir = str(tmp_path / "run")
+    process = start(workdir, array_dir)
+    lines = []
+    while not any("batch:" in line for line in lines):
+        line = process.stderr.readline()
+        assert line, "".join(lines)[-3000:]
+        lines.append(line)
+    time.sleep(delay)
+    process.send_signal(sig)
+    _, rest = process.communicate(timeout=300)
+    stderr = "".join(lines) + rest
+    result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+    code = 130 if sig == signal.SIGINT else 143
+    if process.returncode == 0:  # SIGTERM after the first step: saved and stopped
+        assert sig == signal.SIGTERM and "preempted" in stderr
+    elif "nothing was trained" in stderr:
+        assert_one_error_line(result, f"interrupted ({signal.Signals(sig).name}) before",
+                              returncode=code)
+    else:
+        assert_one_error_line(result, "interrupted (Ctrl-C) at step", returncode=code)
+    assert not os.path.exists(os.path.join(workdir, "run.lock"))
+    resumed = run(workdir, array_dir)
+    assert json.load(open(os.path.join(workdir, "results.json")))["step"] == 2 * N
+    assert "Traceback" not in resumed.stderr
+
+
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, array_dir):
     workdir = str(tmp_path)
     run(workdir, array_dir)
@@ -112,6 +145,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, array_
     resumed = run(workdir, array_dir, f"--config.num_train_steps={3 * N}")
     assert f"checkpoint at step {2 * N} is unreadable" in resumed.stderr
     assert f"resuming from step {N}" in resumed.stderr
+    assert "Traceback" not in resumed.stderr and "Event loop is closed" not in resumed.stderr
     assert json.load(open(os.path.join(workdir, "results.json")))["step"] == 3 * N
 
 

@@ -138,9 +138,68 @@ def test_second_run_is_refused_while_the_first_runs_and_a_killed_runs_lock_is_ta
     assert "taking over" in third.stderr and f"resuming from step {saved}" in third.stderr
 
 
-def test_lock_staleness(tmp_path, monkeypatch):
-    """A lock of a live process on this host is kept, of a dead one taken over; a lock from
-    another host is kept while its heartbeat is fresh, taken over once it is STALE_AFTER_S old."""
+COMPETITOR = r"""
+import os, sys, time
+import jax
+from resnet_v2_jax import rundir
+workdir, results, t0, rounds = rundir.resolve(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+jax.process_index()  # the backend starts before the rounds do
+for r in range(rounds):
+    while time.time() < t0 + r:
+        time.sleep(0.001)
+    lock = rundir.RunLock(workdir)
+    try:
+        lock.__enter__()
+    except rundir.WorkdirError:
+        continue
+    with open(results, "a") as f:
+        f.write(f"{r} {os.getpid()}\n")
+    time.sleep(max(0.0, t0 + r + 0.8 - time.time()))  # hold while the others try
+    if r % 2:
+        lock.release()  # a clean end: the file is removed
+    else:
+        os.close(lock._fd)  # a killed run: its file stays, the OS lock goes with the process
+"""
+
+
+def test_exactly_one_of_many_simultaneous_starters_holds_the_lock(tmp_path):
+    """8 processes try to take the lock at the same instant, 24 times: on a fresh folder (odd
+    rounds follow a clean release) and over a dead run's lock file (even rounds follow a
+    holder that let go without removing it). Each round has exactly one holder."""
+    results = tmp_path / "holders"
+    rounds, t0 = 24, time.time() + 8  # the processes start (import JAX) before t0
+    competitors = [subprocess.Popen([sys.executable, "-c", COMPETITOR, str(tmp_path),
+                                     str(results), str(t0), str(rounds)],
+                                    env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                   for _ in range(8)]
+    assert all(p.wait(timeout=300) == 0 for p in competitors)
+    holders = [line.split()[0] for line in results.read_text().splitlines()]
+    assert sorted(holders, key=int) == [str(r) for r in range(rounds)]
+
+
+def test_a_live_runs_lock_is_kept_and_a_killed_runs_taken_over(tmp_path):
+    holder_code = ("import sys, time\nfrom resnet_v2_jax import rundir\n"
+                   "lock = rundir.RunLock(rundir.resolve(sys.argv[1])).__enter__()\n"
+                   "print('held', flush=True)\ntime.sleep(60)\n")
+    with subprocess.Popen([sys.executable, "-c", holder_code, str(tmp_path)], text=True,
+                          stdout=subprocess.PIPE,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu")) as holder:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(rundir.WorkdirError, match=f"in use by another run .pid {holder.pid} "):
+            rundir.RunLock(rundir.resolve(str(tmp_path))).__enter__()
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / rundir.LOCK_FILE).exists()  # a killed run leaves its file
+    with rundir.RunLock(rundir.resolve(str(tmp_path))) as lock:
+        assert json.loads((tmp_path / rundir.LOCK_FILE).read_text())["token"] == lock.token
+    assert not (tmp_path / rundir.LOCK_FILE).exists()
+
+
+def test_heartbeat_locks_where_the_filesystem_has_no_file_locks(tmp_path, monkeypatch):
+    """Object stores (and filesystems without flock): a lock of a live process on this host is
+    kept, of a dead one taken over; another host's is kept while its heartbeat is fresh, taken
+    over once it is STALE_AFTER_S old; a file being written is a run starting."""
+    monkeypatch.setattr(rundir.RunLock, "_acquire_flock", lambda self: False)
     workdir = rundir.resolve(str(tmp_path))
     path = tmp_path / rundir.LOCK_FILE
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as sleeper:
@@ -153,6 +212,9 @@ def test_lock_staleness(tmp_path, monkeypatch):
         with rundir.RunLock(workdir) as lock:
             assert json.loads(path.read_text())["token"] == lock.token
         assert not path.exists()
+    path.write_text("")
+    with pytest.raises(rundir.WorkdirError, match="in use by another run that is starting"):
+        rundir.RunLock(workdir).__enter__()
     elsewhere = dict(holder, host="another-host", pid=1)
     path.write_text(json.dumps(elsewhere))
     with pytest.raises(rundir.WorkdirError, match="another-host"):
@@ -181,6 +243,59 @@ def test_rerunning_a_finished_run_keeps_its_results(copy_of_finished, array_dir)
     rebuilt = strict_json(os.path.join(copy_of_finished, "results.json"))
     assert rebuilt["step"] == 2 * N and rebuilt["train"] == results["train"]
     assert rebuilt["eval"] == results["eval"]
+
+
+def test_a_rerun_with_nothing_to_train_still_keeps_only_keep_checkpoints(copy_of_finished,
+                                                                          array_dir):
+    again = run(copy_of_finished, array_dir, "--config.keep_checkpoints=1")
+    assert "nothing to train" in again.stderr
+    assert sorted(os.listdir(os.path.join(copy_of_finished, "checkpoints"))) == [str(2 * N)]
+
+
+def test_a_resume_keeps_the_earlier_configs_and_names_what_changed(copy_of_finished, array_dir):
+    """config.json is the config training runs with now; the config of every start that
+    changed settings stays in config_history/<its first step>.json, and the resume says what
+    changed in one warning."""
+    first = strict_json(os.path.join(copy_of_finished, "config.json"))
+    resumed = run(copy_of_finished, array_dir, f"--config.num_train_steps={3 * N}",
+                  "--config.seed=1", "--config.nesterov=False")
+    warning = next(line for line in resumed.stderr.splitlines() if "other settings" in line)
+    assert (f"resuming at step {2 * N} with other settings than before: nesterov=True -> False, "
+            f"num_train_steps={2 * N} -> {3 * N}, seed=0 -> 1") in warning
+    history = os.path.join(copy_of_finished, "config_history")
+    assert sorted(os.listdir(history)) == ["0.json", f"{2 * N}.json"]
+    assert strict_json(os.path.join(history, "0.json")) == first
+    current = strict_json(os.path.join(copy_of_finished, "config.json"))
+    assert current == strict_json(os.path.join(history, f"{2 * N}.json"))
+    assert (current["seed"], current["nesterov"]) == (1, False)
+    again = run(copy_of_finished, array_dir, f"--config.num_train_steps={3 * N}",
+                "--config.seed=1", "--config.nesterov=False")
+    assert "other settings" not in again.stderr  # same settings: nothing new recorded
+    assert sorted(os.listdir(history)) == ["0.json", f"{2 * N}.json"]
+
+
+def test_a_signal_during_evaluation_stops_there_and_labels_the_results(tmp_path, array_dir,
+                                                                       monkeypatch):
+    """SIGTERM while step N is evaluated: the run stops at step N (saved), and the figures are
+    labelled with the step they evaluated, in results.json and on stdout."""
+    from configs import cifar10_quick
+    from resnet_v2_jax import cli, train
+    config = cifar10_quick.get_config()
+    config.model.depth = 8
+    config.update(dict(input_pipeline="device_resident", array_dir=array_dir, batch_size=64,
+                       eval_batch_size=40, num_train_steps=3 * N, checkpoint_every_steps=1000,
+                       eval_every_steps=N, log_every_steps=1))
+    evaluate = train.Evaluator.__call__
+
+    def signalled(self, variables):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the run: stop after this evaluation
+        return evaluate(self, variables)
+    monkeypatch.setattr(train.Evaluator, "__call__", signalled)
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert (results["step"], results["eval_step"], results["stop_signal"]) == (N, N, "SIGTERM")
+    assert strict_json(tmp_path / "results.json")["eval_step"] == N
+    assert os.listdir(tmp_path / "checkpoints") == [str(N)]
+    cli.print_results(results, "cifar10", "test")
 
 
 def test_final_checkpoint_is_written_before_evaluation(tmp_path, array_dir, monkeypatch):
@@ -246,6 +361,10 @@ BAD_DATA = [
      "512 images but labels of shape (500,)"),
     ("float_labels", dict(train_labels=_LABELS.astype(np.float32)),
      "labels are float32, expected integers"),
+    ("channels_first", dict(train_images=np.transpose(_IMAGES, (0, 3, 1, 2))),
+     "shape (3, 32, 32) per example, channels first; expected (height, width, 3)"),
+    ("fewer_than_a_batch", dict(train_images=_IMAGES[:40], train_labels=_LABELS[:40]),
+     "cifar10 train holds 40 training examples, fewer than one batch of 64"),
 ]
 
 
@@ -271,7 +390,39 @@ def test_npz_without_labels_or_truncated_is_refused(tmp_path, array_dir):
         f.truncate(os.path.getsize(path) // 2)
     assert_one_error_line(run(str(tmp_path / "run"), folder, check=False),
                           "cifar10_train.npz cannot be read")
+    device_input.write_arrays(folder, "cifar10", "train", _IMAGES, _LABELS)
+    with open(path, "r+b") as f:  # flipped bits inside the pixels: the zip checksum says so
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\xff" * 64)
+    assert_one_error_line(run(str(tmp_path / "run"), folder, check=False),
+                          "cifar10_train.npz cannot be read (BadZipFile: the checksum of "
+                          "image.npy does not match); it is damaged or truncated: write it again")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_init_from_source_is_refused_before_the_workdir_exists(tmp_path, array_dir,
+                                                                     finished):
+    random_npz = tmp_path / "random.npz"
+    np.savez(random_npz, weights=np.array([{"a": 1}], dtype=object))
+    cases = [(tmp_path / "missing", "does not exist: give a run's workdir"),
+             (random_npz, f"{random_npz} is not a readable state dict of arrays"),
+             (finished, "is another network (stage_sizes [3, 3, 3] there vs [2, 2, 2] here)")]
+    for source, message in cases:
+        result = run(str(tmp_path / "run"), array_dir, f"--config.init_from={source}",
+                     "--config.model.depth=14", check=False)
+        assert_one_error_line(result, message)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_config_json_is_named(copy_of_finished, array_dir):
+    from cli_runs import ROOT, environment
+    with open(os.path.join(copy_of_finished, "config.json"), "w") as f:
+        f.write("\x00garbage")
+    result = subprocess.run([sys.executable, "-m", "resnet_v2_jax.evaluate",
+                             f"--workdir={copy_of_finished}"], cwd=ROOT, env=environment(),
+                            text=True, capture_output=True, timeout=300)
+    assert_one_error_line(result, f"{copy_of_finished}/config.json is not a config a run wrote "
+                          "(JSONDecodeError")
 
 
 def test_tfds_metadata_checks(tfds_data_dir, tmp_path):
@@ -340,6 +491,89 @@ def test_unusable_workdirs_are_one_line(tmp_path, array_dir):
                               "Read-only file system")
     finally:
         subprocess.run(["umount", str(read_only)], check=True)
+
+
+def tmpfs(folder, size):
+    """Mounts a tmpfs of `size` on `folder` (root only, else the test is skipped)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    return folder
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_lock(tmp_path, array_dir):
+    """A disk full at the start (the lock cannot be written) and a disk without room for the
+    next checkpoint: one line each, and nothing half-written is left."""
+    full = tmpfs(tmp_path / "full", "64k")
+    try:
+        (full / "run").mkdir()
+        try:  # fill it to the last block
+            with open(full / "filler", "wb") as f:
+                while True:
+                    f.write(b"x" * 4096)
+                    f.flush()
+        except OSError:
+            pass
+        result = run(str(full / "run"), array_dir, check=False)
+        assert_one_error_line(result, f"cannot write {full}/run/run.lock: No space left on device")
+        assert os.listdir(full / "run") == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+    small = tmpfs(tmp_path / "small", "1500k")  # ResNet-20's first checkpoint needs 3.2 MiB
+    try:
+        result = run(str(small / "run"), array_dir, check=False)
+        assert_one_error_line(result, f"no room for checkpoint {N} in {small}/run/checkpoints: "
+                              "it needs about")
+        assert not [p for p in os.listdir(small / "run" / "checkpoints") if p.startswith(str(N))]
+        assert not (small / "run" / rundir.LOCK_FILE).exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_failed_checkpoint_write_is_one_line(tmp_path, monkeypatch):
+    """Orbax's errors from a background write (here a full disk) reach the user as one line
+    naming the folder and the cause; a second report at close is not raised."""
+    checkpoints = checkpoint.Checkpoints(tmp_path, models.cifar_resnet(8, block="basic"))
+
+    def failing(*args, **kwargs):
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.1.0.trace" in OCDBT '
+                         "database: Failed to write 609477 bytes to file 8: No space left on "
+                         "device [os_error_code='28']")
+    monkeypatch.setattr(checkpoints.manager, "save", failing)
+    monkeypatch.setattr(checkpoints.manager, "wait_until_finished", failing)
+    with pytest.raises(checkpoint.CheckpointError, match=r"^writing a checkpoint \(step 2\) in "
+                       rf"{tmp_path}/checkpoints failed: No space left on device; fix that"):
+        checkpoints.save(2, {"x": np.zeros(3)})
+    checkpoints.close()  # the failure was reported already
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, array_dir,
+                                                                     finished):
+    """evaluate --output and export --out: a folder, a path under a file or a read-only place
+    ends in one line before anything is evaluated or read."""
+    from cli_runs import ROOT, environment
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    commands = [
+        (["resnet_v2_jax.evaluate", f"--workdir={finished}", f"--output={tmp_path}"],
+         f"cannot write --output={tmp_path}: it is a folder"),
+        (["resnet_v2_jax.evaluate", f"--workdir={finished}", f"--output={a_file}/r.json"],
+         f"cannot write --output={a_file}/r.json: {a_file} is a file, not a folder"),
+        (["resnet_v2_jax.export", f"--workdir={finished}", f"--out={a_file}/w.safetensors"],
+         f"cannot write --out={a_file}/w.safetensors: {a_file} is a file, not a folder"),
+        (["resnet_v2_jax.export", f"--workdir={finished}", f"--out={tmp_path}/d.safetensors"],
+         f"cannot write --out={tmp_path}/d.safetensors: it is a folder"),
+    ]
+    (tmp_path / "d.safetensors").mkdir()
+    for command, message in commands:
+        result = subprocess.run([sys.executable, "-m", *command, f"--array_dir={array_dir}"
+                                 if "evaluate" in command[0] else "--verbosity=0"],
+                                cwd=ROOT, env=environment(), text=True, capture_output=True,
+                                timeout=300)
+        assert_one_error_line(result, message)
+    assert a_file.read_text() == "keep me"
 
 
 def test_configs_of_older_runs_read_with_the_behaviour_they_had(tmp_path):
