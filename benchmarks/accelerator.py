@@ -62,6 +62,8 @@ class Part:
     smoke_depth: int             # the depth --smoke uses (same unit type, same layout options)
     remat: bool = False
     scan: Optional[bool] = None  # None: the recipe's default (scan for ResNet-1001)
+    runs: int = 1                # runs trained together (config.num_runs)
+    runs_layout: str = "auto"    # how a device computes them (config.runs_layout)
 
 
 PARTS = {
@@ -70,6 +72,12 @@ PARTS = {
     "cifar164_b128_scan": Part("cifar", 164, 128, smoke_depth=11, scan=True),
     "cifar164_b1024": Part("cifar", 164, 1024, smoke_depth=11),
     "cifar1001_b128": Part("cifar", 1001, 128, smoke_depth=20, scan=True, remat=True),
+    # Several runs in one program (config.num_runs), in each layout; "_x8_vmap" is in the
+    # default list, the others are asked for with --parts.
+    **{f"cifar{depth}_b128_x{runs}_{layout}": Part("cifar", depth, 128, smoke_depth=smoke,
+                                                   runs=runs, runs_layout=layout)
+       for depth, smoke in ((110, 8), (164, 11)) for runs in (4, 8)
+       for layout in ("vmap", "unrolled")},
     "imagenet50_b256": Part("imagenet", 50, 256, smoke_depth=50),
     "imagenet200_b128": Part("imagenet", 200, 128, smoke_depth=18),
     "timm_resnetv2_50": Part("timm", 50, 256, smoke_depth=50),
@@ -92,7 +100,8 @@ VARIANTS = {
 PROFILE_STEPS = 3
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("parts", [p for p in PARTS if not p.endswith("_scan")],
+flags.DEFINE_list("parts", [p for p in PARTS if not (p.endswith("_scan") or "_x" in p)
+                            or p == "cifar164_b128_x8_vmap"],
                   f"Parts to run, from {', '.join(PARTS)}.")
 flags.DEFINE_list("variants", ["default"], "Presets of XLA flags to run each JAX part under, "
                   f"from {', '.join(VARIANTS)} (benchmarks/accelerator.py, VARIANTS).")
@@ -175,6 +184,7 @@ def part_config(part: Part, smoke: bool):
     config.model.remat_units = part.remat
     if part.scan is not None:
         config.model.scan_units = part.scan
+    config.num_runs, config.runs_layout = part.runs, part.runs_layout
     if smoke and part.recipe == "imagenet":
         config.image_size = SMOKE_IMAGENET_SIZE
     return config
@@ -192,6 +202,7 @@ def model_flops(config, per_device_batch: int) -> Optional[float]:
     config = config.copy_and_resolve_references()
     config.batch_size = config.eval_batch_size = per_device_batch
     config.model.scan_units = config.model.remat_units = False
+    config.num_runs = 1  # one run's count; several runs do it each
     dp = parallel.DataParallel(config.parallelism, 1, devices=jax.devices("cpu")[:1])
     setup = recipe.build(config, dp)
     size = config.image_size
@@ -210,17 +221,14 @@ def initial_state(config, setup, dp):
     scanned twin's layout and converted (`models.scanned_to_unrolled`): the unrolled init
     program (one set of random initialisers per unit) compiles about as long as the train step
     itself, and a throughput figure does not depend on which random weights it starts from."""
-    import jax
-    from resnet_v2_jax import models, recipe
+    from resnet_v2_jax import recipe
 
     if config.model.scan_units:
-        return dp.put_state(setup.init_state(jax.random.PRNGKey(0)))
+        return dp.put_state(setup.init_state(0))
     scanned = config.copy_and_resolve_references()
     scanned.model.scan_units = True
-    twin = recipe.build(scanned, dp).init_state(jax.random.PRNGKey(0))
-    variables = models.scanned_to_unrolled(recipe.variables_of(twin))
-    return dp.put_state(recipe.TrainState.create(
-        apply_fn=setup.model.apply, tx=setup.tx, **variables))
+    twin = dp.put_state(recipe.build(scanned, dp).init_state(0))
+    return setup.layouts()[0].convert(twin)  # scanned -> this layout, on the devices
 
 
 def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
@@ -230,17 +238,21 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     from resnet_v2_jax import datasets, parallel, recipe
 
     config = part_config(part, smoke)
-    dp = parallel.DataParallel(config.parallelism, config.bn_group_size)
+    dp = parallel.DataParallel(config.parallelism, config.bn_group_size,
+                               num_runs=config.num_runs)
     setup = recipe.build(config, dp)
     state = initial_state(config, setup, dp)
     rng = np.random.RandomState(0)
-    size, batch = config.image_size, config.batch_size
-    data = dp.put_batch({
-        "image": rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8),
-        "label": rng.randint(0, datasets.get(config.dataset).num_classes,
-                             (batch,)).astype(np.int32),
-        "mask": np.ones((batch,), np.bool_)})
-    train_data = {k: data[k] for k in ("image", "label")}
+    size, batch, runs = config.image_size, config.batch_size, config.num_runs
+    classes = datasets.get(config.dataset).num_classes
+    data = dp.put_batch({"image": rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8),
+                         "label": rng.randint(0, classes, (batch,)).astype(np.int32),
+                         "mask": np.ones((batch,), np.bool_)})
+    per_run = (runs,) if runs > 1 else ()  # several runs: a batch of their own each
+    train_data = dp.put_batch(
+        {"image": rng.randint(0, 256, per_run + (batch, size, size, 3)).astype(np.uint8),
+         "label": rng.randint(0, classes, per_run + (batch,)).astype(np.int32)},
+        dp.train_batch_sharding)
 
     start = time.perf_counter()
     train_step = setup.train_step.lower(state, train_data).compile()
@@ -249,7 +261,7 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     eval_step = setup.eval_step.lower(recipe.variables_of(state), data).compile()
     eval_compile_s = time.perf_counter() - start
     flops = model_flops(config, dp.check_batch_size(batch))
-    params = sum(x.size for x in jax.tree.leaves(state.params))
+    params = sum(x.size for x in jax.tree.leaves(recipe.variables_of(state)["params"]))
 
     holder = {"state": state}
 
@@ -262,8 +274,8 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
         sums = [eval_step(recipe.variables_of(holder["state"]), data) for _ in range(n)]
         jax.block_until_ready(sums)
 
-    train_timing = time_steps(run_train, batch, deadline, smoke)
-    eval_timing = time_steps(run_eval, batch, deadline, smoke)
+    train_timing = time_steps(run_train, batch * runs, deadline, smoke)
+    eval_timing = time_steps(run_eval, batch * runs, deadline, smoke)
     folder = os.path.join(FLAGS.out, "traces",
                           part_key(FLAGS.part, FLAGS.variant).replace("@", "-"))
     profile = profile_steps(run_train, folder) if FLAGS.profile else None
@@ -276,10 +288,13 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
         "num_devices": jax.device_count(), "depth": config.model.depth, "batch": batch,
         "image_size": size, "layout": ("scan" if config.model.scan_units else "unrolled")
         + ("+remat" if config.model.remat_units else ""), "params": int(params),
+        "runs": runs, "runs_layout": recipe.runs_layout(config.runs_layout, device.platform)
+        if runs > 1 else None, "per_run_img_per_s": train_timing["img_per_s"] / runs,
         "compile_s": compile_s, "eval_compile_s": eval_compile_s,
         "train": train_timing, "eval": eval_timing,
         "gflop_per_step": flops / 1e9 if flops else None,
-        "mfu": mfu(flops, train_timing["ms_per_step"], peak_tflops(device.device_kind)),
+        "mfu": mfu(flops and flops * runs, train_timing["ms_per_step"],
+                   peak_tflops(device.device_kind)),
         "peak_memory_gib": peak / 2**30 if peak else None,
         "variant": FLAGS.variant, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         **({"profile": profile} if profile else {}),

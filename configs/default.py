@@ -39,6 +39,13 @@ def get_config():
     # The network (resnet_v2_jax.models.create): see cifar_model and imagenet_model below.
     config.model = cifar_model(164)
 
+    # Several independent runs of this config in one program (resnet_v2_jax.recipe): run k has
+    # seed + k. Results report each run and the median, mean and std over them.
+    config.num_runs = 1                   # runs trained together; 1 = a single run
+    config.runs_layout = "auto"           # how a device computes its runs: "vmap" (vectorised),
+                                          # "unrolled" (one copy each) or "auto" (per platform)
+    config.share_batches = False          # every run sees the same batches and augmentation
+
     # How the network runs (not part of what it computes).
     config.half_precision = False         # bf16 compute; params, BN statistics, loss stay float32
     config.float64 = False                # float64 params and compute (jax_enable_x64): for exact
@@ -51,6 +58,8 @@ def get_config():
     config.init_from = ""                 # a run's workdir or step folder, or a weights file
                                           # (export .safetensors; timm .safetensors/.npz/.pth);
                                           # "" = random init. Ignored when resuming.
+    config.init_from_run = -1             # a source of several runs (num_runs): which run;
+                                          # -1 = a source of one run
     config.train_backbone = True          # False: only the classifier head is updated
     config.train_bn_statistics = True     # False: BN uses and keeps its running averages
 

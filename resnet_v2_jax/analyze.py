@@ -124,16 +124,20 @@ def analysis_batch(config: ml_collections.ConfigDict, size: int,
 
 
 def analyze(config: ml_collections.ConfigDict, images: np.ndarray, labels: np.ndarray,
-            workdir: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
+            workdir: Optional[str] = None, seed: int = 0,
+            run: Optional[int] = None) -> Dict[str, Any]:
     """`unit_signals` of the config's network at initialisation (`seed`) or at the latest
-    checkpoint of `workdir` (`runs.read_run`), on one device, in float32."""
+    checkpoint of `workdir` (`runs.read_run`; run `run` of several), on one device, in
+    float32."""
     config = config.copy_and_resolve_references()
     config.half_precision, config.model.remat_units = False, False
     info = datasets.get(config.dataset)
     if workdir:
-        run = runs.read_run(workdir, config)
-        model, variables = run.model, run.variables
-        where = f"checkpoint of step {run.step} in {workdir}"
+        loaded = runs.one_run(runs.read_run(workdir, config, run), "--run")
+        model, variables = loaded.model, loaded.variables
+        where = f"checkpoint of step {loaded.step} in {workdir}"
+        if run is not None:
+            where += f", run {run}"
     else:
         model = recipe.create_model(config, info.num_classes)
         shape = (1, config.image_size, config.image_size, 3)
@@ -188,6 +192,8 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Folder for analysis.json and analysis.png.", required=True)
     flags.DEFINE_integer("batch", 64, "Images in the batch.")
     flags.DEFINE_integer("seed", 0, "Initialisation seed (without --workdir).")
+    flags.DEFINE_integer("run", None, "With --workdir of several runs (num_runs): the run "
+                         "analysed (0-based).")
 
 
 def main(argv) -> None:
@@ -199,7 +205,7 @@ def main(argv) -> None:
         config = load_config(spec)
         cli.prepare_process(config)
         images, labels, source = analysis_batch(config, FLAGS.batch, FLAGS.seed)
-        result = analyze(config, images, labels, FLAGS.workdir, FLAGS.seed)
+        result = analyze(config, images, labels, FLAGS.workdir, FLAGS.seed, FLAGS.run)
         result.update(config=spec, label=os.path.basename(spec), images=source)
         grads = result["grad_norm"]
         print(f"{spec}: {len(grads)} units, "

@@ -86,14 +86,17 @@ class Checkpoints:
       keep: how many checkpoints to keep.
       read_only: never write, create, clean up or set aside anything: safe on a run that is
         still training (eval-only).
+      num_runs: how many runs the state holds (`config.num_runs`); a checkpoint of another
+        number is refused.
     """
 
     def __init__(self, workdir: epath.Path, model: models.ResNetV2, keep: int = 3,
-                 read_only: bool = False):
+                 read_only: bool = False, num_runs: int = 1):
         self.directory = epath.Path(workdir) / "checkpoints"
         self.model = model
         self.signature = models.signature(model)
         self.keep = keep
+        self.num_runs = num_runs
         self._failed = False
         self.read_only = read_only
         options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
@@ -118,8 +121,8 @@ class Checkpoints:
         `extra` (JSON-able, e.g. the training metrics) is stored beside it, see `meta`.
         Raises CheckpointError, in one line, when there is no room for it on a local disk or
         when writing it (or the previous one, which finishes first) fails."""
-        meta = {"step": step, "network": self.signature, "structure": tree_structure(state),
-                **(extra or {})}
+        meta = {"step": step, "network": self.signature, "num_runs": self.num_runs,
+                "structure": tree_structure(state), **(extra or {})}
         self._check_space(step, state)
         with self._writing(step):
             self.manager.save(step, args=ocp.args.Composite(
@@ -193,6 +196,11 @@ class Checkpoints:
             raise CheckpointMismatchError(
                 f"{self.directory} holds a checkpoint of another network ({shown}); use a new "
                 "--workdir or the matching config")
+        if meta.get("num_runs", 1) != self.num_runs:
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.directory} holds {meta.get('num_runs', 1)} run(s), "
+                f"this config trains {self.num_runs} (num_runs): resume with "
+                f"--config.num_runs={meta.get('num_runs', 1)} or use a new --workdir")
         own = Layout(abstract_state, lambda state: state)
         saved = meta.get("structure")
         if saved is None or _castable(saved) == _castable(tree_structure(abstract_state)):

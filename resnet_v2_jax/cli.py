@@ -277,10 +277,22 @@ def run(main: Callable, user_errors: Tuple[Type[BaseException], ...]) -> None:
 
 def print_results(results: dict, dataset: str, split: str) -> None:
     """One line per eval crop, as `main` and `evaluate` print them, labelled with the step
-    whose weights were evaluated."""
+    whose weights were evaluated; for several runs in the paper's form, median (mean±std)."""
     step = results.get("eval_step") or results["step"]
     for crop, r in results["eval"].items():
-        print(f"step {step}: test accuracy {100 * (1 - r['top1_error']):.2f}% "
-              f"(top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
-              f"{100 * r['top5_error']:.2f}%) on {r['num_examples']} {dataset} {split} images "
-              f"at crop {crop}")
+        where = f"on {r['num_examples']} {dataset} {split} images at crop {crop}"
+        stats = r.get("stats")
+        if stats is None:
+            print(f"step {step}: test accuracy {100 * (1 - r['top1_error']):.2f}% "
+                  f"(top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
+                  f"{100 * r['top5_error']:.2f}%) {where}")
+            continue
+        top1, top5 = stats["top1_error"], stats["top5_error"]
+        if not top1["runs"]:
+            print(f"step {step}: every one of the runs diverged {where}")
+            continue
+        diverged = f", {len(r['diverged'])} diverged" if r.get("diverged") else ""
+        print(f"step {step}: test error {100 * top1['median']:.2f} ({100 * top1['mean']:.2f}"
+              f"±{100 * top1['std']:.2f}), median of {top1['runs']} runs{diverged}; top-5 error "
+              f"{100 * top5['median']:.2f} ({100 * top5['mean']:.2f}±{100 * top5['std']:.2f}) "
+              f"{where}")

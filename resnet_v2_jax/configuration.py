@@ -20,6 +20,7 @@ from etils import epath
 from resnet_v2_jax import augment, datasets, inputs, models, parallel
 
 CONFIG_FILE = "config.json"
+RUNS_LAYOUTS = ("auto", "vmap", "unrolled")
 
 # --- older releases ---------------------------------------------------------------------------
 
@@ -29,7 +30,8 @@ _MODEL_KEYS_OF_0_1 = ("arch", "depth", "block", "unit", "shortcut", "shortcut_sc
                       "stem_norm", "bn_momentum", "bn_epsilon", "scan_units", "remat_units")
 # Keys added after runs were saved, with the behaviour those runs had.
 KEYS_ADDED_LATER = {"float64": False, "antialias": True, "input_resize": 0, "init_from": "",
-                    "train_backbone": True, "train_bn_statistics": True}
+                    "train_backbone": True, "train_bn_statistics": True, "num_runs": 1,
+                    "runs_layout": "auto", "share_batches": False, "init_from_run": -1}
 # Keys that no longer exist. augment_on_device: flips and colour now always run in the train
 # step (the same operations and distributions as the host's, other random draws).
 KEYS_REMOVED = ("augment_on_device",)
@@ -121,12 +123,16 @@ RULES = {
     "color_augment": _BOOLEAN,
     "antialias": _BOOLEAN,
     "seed": (lambda v: _is_int(v) and 0 <= v < 2**31, "an integer in [0, 2^31)"),
+    "num_runs": (_positive_int, "a positive integer"),
+    "runs_layout": (lambda v: v in RUNS_LAYOUTS, f"one of {', '.join(RUNS_LAYOUTS)}"),
+    "share_batches": _BOOLEAN,
     "half_precision": _BOOLEAN,
     "float64": _BOOLEAN,
     "bn_group_size": (lambda v: _is_int(v) and v >= 0, "0 (all devices) or a positive integer"),
     "input_resize": (lambda v: _is_int(v) and v >= 0, "0 (none) or a size in pixels"),
     "init_from": (lambda v: v is None or isinstance(v, str),
                   "a path, or empty for random initialisation"),
+    "init_from_run": (lambda v: _is_int(v) and v >= -1, "-1 (a source of one run) or a run"),
     "train_backbone": _BOOLEAN,
     "train_bn_statistics": _BOOLEAN,
     "learning_rate": (lambda v: _number(v) and v > 0, "a positive finite number"),
@@ -177,6 +183,11 @@ def validate(config: ml_collections.ConfigDict) -> models.ResNetV2:
     info = datasets.get(config.dataset)
     if config.input_pipeline == "device_resident" and config.parallelism == "pmap":
         raise ValueError("input_pipeline='device_resident' needs parallelism='shard_map'")
+    if config.num_runs > 1 and config.parallelism == "pmap":
+        raise ValueError(f"num_runs={config.num_runs} needs parallelism='shard_map'")
+    if config.seed + config.num_runs > 2**31:
+        raise ValueError(f"seeds {config.seed}..{config.seed + config.num_runs - 1} of the "
+                         f"{config.num_runs} runs exceed 2^31 - 1: lower seed")
     if config.float64 and config.half_precision:
         raise ValueError("float64 and half_precision exclude each other; set one of them")
     if config.num_train_steps == -1 and not config.num_epochs > 0:

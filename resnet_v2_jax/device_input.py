@@ -15,6 +15,7 @@ TensorFlow trains CIFAR from .npz files. The eval iterator is plain numpy with t
 contract as the tfds pipeline's (`inputs.EvalBatches`).
 """
 
+import functools
 import math
 import os
 import zipfile
@@ -120,15 +121,21 @@ def _read_npz(config, split: str, *, with_images: bool):
 def create_train_iterator(config, sharding: NamedSharding, *,
                           start_step: int = 0) -> Iterator[dict]:
     """Endless global batches {"image": uint8 [B, h, w, 3], "label": int32 [B]} of stored,
-    un-augmented images with `sharding` (batch axis first), B = config.batch_size.
+    un-augmented images with `sharding`, B = config.batch_size.
 
-    The training split is trimmed to a multiple of the number of batch shards (at most
-    shards - 1 examples are left out) so that every shard holds the same number.
+    `sharding`'s spec names the batch axes (one entry), or a run axis and the batch axes (two
+    entries): then every batch holds one batch per run of config.num_runs, [N, B, ...], run k
+    in the order of seed + k, each the batches the single run of that seed gets on the
+    devices of one run group. The split is held once per run group, sharded over the batch
+    axes; it is trimmed to a multiple of the number of batch shards (at most shards - 1
+    examples are left out) so that every shard holds the same number.
     """
-    inputs.local_batch_size(config.batch_size, jax.process_count(), jax.device_count())
-    mesh, batch_axes = sharding.mesh, sharding.spec[0]
+    *run_axis, batch_axes = tuple(sharding.spec)
+    run_axis = run_axis[0] if run_axis else None
+    num_runs = config.num_runs if run_axis is not None else 1
     names = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
-    num_shards = math.prod(mesh.shape[name] for name in names)
+    num_shards = math.prod(sharding.mesh.shape[name] for name in names)
+    inputs.local_batch_size(config.batch_size, jax.process_count(), num_shards)
     shard_batch = config.batch_size // num_shards
     images, labels = load_arrays(config, config.train_split)
     shard_size = len(images) // num_shards
@@ -136,29 +143,38 @@ def create_train_iterator(config, sharding: NamedSharding, *,
         raise ValueError(f"{len(images)} training examples are too few for batches of "
                          f"{shard_batch} on each of {num_shards} shards")
     keep = shard_size * num_shards
-    data = jax.tree.map(
-        lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]),
+    data_spec = P(batch_axes)
+    data = jax.tree.map(lambda x: jax.make_array_from_callback(
+        x.shape, NamedSharding(sharding.mesh, data_spec), lambda index: x[index]),
         {"image": images[:keep], "label": labels[:keep]})
-    perm_key = jax.random.split(jax.random.key(config.seed))[0]
-    spec = P(batch_axes)
+    # Run k's order is that of the single run with seed + k.
+    perm_keys = jnp.stack([jax.random.split(jax.random.key(config.seed + k))[0]
+                           for k in range(num_runs)])
+    perm_keys = jax.device_put(perm_keys, NamedSharding(sharding.mesh, P(run_axis)))
+    order_spec = P(run_axis, batch_axes)
 
     @jax.jit
-    @jax.shard_map(mesh=mesh, in_specs=P(), out_specs=spec)
-    def permutations(epoch):
-        """Each shard's order of its own examples in `epoch`."""
-        key = jax.random.fold_in(jax.random.fold_in(perm_key, epoch),
-                                 jax.lax.axis_index(batch_axes))
-        return jax.random.permutation(key, shard_size)
+    @functools.partial(jax.shard_map, mesh=sharding.mesh, in_specs=(P(run_axis), P()),
+                       out_specs=order_spec)
+    def permutations(keys, epoch):
+        """Each shard's order of its own examples in `epoch`, for each run: [runs, size]."""
+        shard = jax.lax.axis_index(batch_axes)
+        return jax.vmap(lambda key: jax.random.permutation(
+            jax.random.fold_in(jax.random.fold_in(key, epoch), shard), shard_size))(keys)
 
     @jax.jit
-    @jax.shard_map(mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec)
+    @functools.partial(jax.shard_map, mesh=sharding.mesh,
+                       in_specs=(data_spec, order_spec, order_spec, P()),
+                       out_specs=sharding.spec)
     def batch_at(data, order, next_order, offset):
         """Rows offset .. offset + shard_batch of this shard's stream (running into the next
-        epoch's order past the end)."""
+        epoch's order past the end), for each run: [runs, shard_batch, ...] (no run axis for a
+        single run)."""
         position = offset + jnp.arange(shard_batch)
-        index = jnp.where(position < shard_size, order[position % shard_size],
-                          next_order[position % shard_size])
-        return jax.tree.map(lambda x: x[index], data)
+        index = jnp.where(position < shard_size, order[:, position % shard_size],
+                          next_order[:, position % shard_size])
+        batch = jax.tree.map(lambda x: x[index], data)
+        return batch if run_axis is not None else jax.tree.map(lambda x: x[0], batch)
 
     def batches():
         epoch, orders = None, None
@@ -166,8 +182,8 @@ def create_train_iterator(config, sharding: NamedSharding, *,
             current, offset = divmod(step * shard_batch, shard_size)
             if current != epoch:
                 follows = orders is not None and current == epoch + 1
-                orders = (orders[1] if follows else permutations(current),
-                          permutations(current + 1))
+                orders = (orders[1] if follows else permutations(perm_keys, current),
+                          permutations(perm_keys, current + 1))
                 epoch = current
             yield batch_at(data, *orders, offset)
 

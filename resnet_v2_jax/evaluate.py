@@ -50,24 +50,32 @@ def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = Non
 
 
 def evaluate(path: str, config: Optional[ml_collections.ConfigDict] = None,
-             **overrides) -> Dict[str, Any]:
+             run: Optional[int] = None, **overrides) -> Dict[str, Any]:
     """Evaluates the run at `path` (its workdir: the latest readable checkpoint; or a step
     folder <workdir>/checkpoints/<step>) as `config` says (default: the run's config.json),
-    with `eval_config`'s `overrides` (split, crops, data_dir, eval_batch_size).
+    with `eval_config`'s `overrides` (split, crops, data_dir, array_dir, eval_batch_size). A
+    workdir of several runs is evaluated run by run, with their statistics, unless `run`
+    picks one.
 
     Returns {"step", "checkpoint", "dataset", "split", "eval": {crop: {"top1_error",
-    "top5_error", "loss", "num_examples"}}, "devices", "wall_time_s"}.
+    "top5_error", "loss", "num_examples"}}, "devices", "wall_time_s"} (the eval entries of
+    several runs as `train.Evaluator` gives them).
     """
     t_start = time.time()
     workdir, _ = runs.split_run_path(path)
     config = eval_config(config if config is not None else configuration.read(str(workdir)),
                          **overrides)
-    run = runs.read_run(path, config)
-    dp = parallel.DataParallel(config.parallelism)  # BN groups do not matter in evaluation
+    loaded = runs.read_run(path, config, run)
+    if run is not None:  # one run of several is evaluated as a single run
+        config.num_runs = 1
+    dp = parallel.DataParallel(config.parallelism, num_runs=config.num_runs)
     setup = recipe.build(config, dp)  # the schedule is irrelevant: only the eval step is used
-    results = train.Evaluator(config, dp, setup.eval_step)(dp.put_state(run.variables))
-    return {"step": run.step, "checkpoint": run.checkpoint, "dataset": config.dataset,
-            "split": config.eval_split, "eval": results, "devices": dp.describe(),
+    diverged = loaded.diverged if run is None else ()
+    results = train.Evaluator(config, dp, setup.eval_step)(dp.put_state(loaded.variables),
+                                                           diverged)
+    return {"step": loaded.step, "checkpoint": loaded.checkpoint, "dataset": config.dataset,
+            "split": config.eval_split, "run": run, "num_runs": loaded.num_runs,
+            "eval": results, "devices": dp.describe(),
             "wall_time_s": round(time.time() - t_start, 1)}
 
 
@@ -87,7 +95,7 @@ def run(argv) -> None:
     if jax.process_index() == 0:
         rundir.check_output_file(output, "--output")
     cli.prepare_process(config)
-    results = evaluate(path, config, split=FLAGS.split, crops=FLAGS.crops,
+    results = evaluate(path, config, FLAGS.run, split=FLAGS.split, crops=FLAGS.crops,
                        data_dir=FLAGS.data_dir, array_dir=FLAGS.array_dir,
                        eval_batch_size=FLAGS.eval_batch_size)
     if jax.process_index() != 0:
@@ -108,6 +116,8 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "checkpoint", None, "A step folder, <workdir>/checkpoints/<step>; default: the latest "
         "readable checkpoint of --workdir.")
+    flags.DEFINE_integer("run", None, "Of a workdir of several runs (num_runs), evaluate this "
+                         "one (0-based); default: every run, with their statistics.")
     flags.DEFINE_string("split", None, "tfds split; default: the config's eval_split.")
     flags.DEFINE_list("crops", None, "Crop sizes, e.g. 224,320; default: the config's "
                       "eval_crop_sizes.")

@@ -14,6 +14,8 @@ or start a fine-tuning run from it (`--config.init_from=/tmp/resnet14.safetensor
 readable checkpoint of --workdir is exported, or the step folder it names.
 """
 
+from typing import Optional
+
 from absl import flags
 
 from resnet_v2_jax import cli, configuration, models, rundir, runs
@@ -29,16 +31,21 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "The .safetensors file to write.")
     flags.DEFINE_bool("unrolled", False, "Write a scanned network (scan_units=True) in the "
                       "unrolled layout, one entry per unit.")
+    flags.DEFINE_integer("run", None, "Of a workdir of several runs (num_runs), the run to "
+                         "export (0-based).")
     flags.mark_flags_as_required(["workdir", "out"])
 
 
-def export(workdir: str, out: str, unrolled: bool = False) -> str:
-    """Writes `workdir`'s checkpoint to `out`; returns which checkpoint it was."""
+def export(workdir: str, out: str, unrolled: bool = False, run: Optional[int] = None) -> str:
+    """Writes `workdir`'s checkpoint (of run `run`, of several) to `out`; returns which
+    checkpoint it was."""
     if not out.endswith(".safetensors"):
         raise ValueError(f"--out={out} must end in .safetensors")
     rundir.check_output_file(rundir.resolve(out), "--out")
-    run = runs.read_run(workdir)
-    model, variables, where = run.model, run.variables, run.checkpoint
+    loaded = runs.one_run(runs.read_run(workdir, run=run), "--run")
+    model, variables, where = loaded.model, loaded.variables, loaded.checkpoint
+    if run is not None:
+        where = f"{where}, run {run}"
     if unrolled and model.scan_units:
         model, variables = model.clone(scan_units=False), models.scanned_to_unrolled(variables)
     models.save(out, model, variables)
@@ -49,7 +56,7 @@ def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     cli.prepare_process(configuration.read(str(runs.split_run_path(FLAGS.workdir)[0])))
-    where = export(FLAGS.workdir, FLAGS.out, FLAGS.unrolled)
+    where = export(FLAGS.workdir, FLAGS.out, FLAGS.unrolled, FLAGS.run)
     print(f"wrote {FLAGS.out} (the weights of {where})")
 
 

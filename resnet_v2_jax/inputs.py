@@ -17,6 +17,7 @@ configs that use it.
 """
 
 import dataclasses
+import functools
 import math
 import queue
 import threading
@@ -24,6 +25,7 @@ from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import jax
 import ml_collections
+import numpy as np
 
 from resnet_v2_jax import datasets
 
@@ -44,12 +46,29 @@ def check_data(config: ml_collections.ConfigDict) -> int:
 
 def train_batches(config: ml_collections.ConfigDict, dp, start_step: int) -> Iterator[dict]:
     """Device batches {"image": uint8, "label": int32} from step `start_step` on, laid out for
-    `dp` (a `parallel.DataParallel`)."""
+    `dp` (a `parallel.DataParallel`). With several runs that do not share batches, run k's
+    batches (those of the single run with seed + k) are stacked on a leading run axis: drawn
+    on the device by the device-resident pipeline, from one tf.data stream per run on the host
+    (which costs the host num_runs times the work of one run)."""
     pipeline = _pipeline(config)
     if config.input_pipeline == "device_resident":
-        return pipeline.create_train_iterator(config, dp.batch_sharding, start_step=start_step)
-    host = pipeline.create_train_iterator(config, start_step=start_step)
-    return prefetch_to_device(host, dp.put_batch, size=2)
+        return pipeline.create_train_iterator(config, dp.train_batch_sharding,
+                                              start_step=start_step)
+    if config.num_runs == 1 or config.share_batches:
+        host = pipeline.create_train_iterator(config, start_step=start_step)
+    else:
+        streams = [pipeline.create_train_iterator(_with_seed(config, config.seed + k),
+                                                  start_step=start_step)
+                   for k in range(config.num_runs)]
+        host = (jax.tree.map(lambda *xs: np.stack(xs), *batches) for batches in zip(*streams))
+    return prefetch_to_device(host, functools.partial(dp.put_batch,
+                                                      sharding=dp.train_batch_sharding), size=2)
+
+
+def _with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    config = config.copy_and_resolve_references()
+    config.seed = seed
+    return config
 
 
 def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> "EvalBatches":

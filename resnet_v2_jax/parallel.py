@@ -12,15 +12,25 @@ chooses: 1 = per device, k = groups of k consecutive devices, 0 = all devices. C
 (num_devices // k, k) with axes ("data", "bn"): BN statistics are averaged over "bn" (within a
 group) and gradients over both axes. The pmap executor has one axis, "data", and passes the
 groups as `axis_index_groups`.
+
+Several runs (`num_runs`, shard_map only). Independent runs of one config share the devices:
+where the run count and the device count have a common divisor R (on one process), the mesh
+gets a leading "runs" axis of size R and each group of devices trains its runs data parallel;
+otherwise (R = 1) every run is data parallel over all devices. The per-device step then holds
+several runs, computed vectorised or one after another (`recipe`, `runs_layout`). State and
+metrics carry a leading run axis sharded over "runs"; gradients and BN statistics are reduced
+within a run only, never across runs.
 """
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable, Optional, Sequence
 
 import flax.jax_utils
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_v2_jax import inputs
@@ -56,31 +66,42 @@ def axis_index(axis_name):
 class DataParallel:
     """Runs per-device steps over all devices, and moves state and batches to them.
 
-    State (params, optimizer and BN statistics) is replicated; batches are split on their
-    leading axis. In the shard_map executor both are global `jax.Array`s on the mesh; in the pmap
-    executor they carry a leading local-device axis, as `jax.pmap` expects.
+    State (params, optimizer and BN statistics) is replicated (per run group, with several
+    runs); batches are split on their batch axis. In the shard_map executor both are global
+    `jax.Array`s on the mesh; in the pmap executor they carry a leading local-device axis, as
+    `jax.pmap` expects.
     """
 
     def __init__(self, executor: str = "shard_map", bn_group_size: int = 0,
-                 devices: Optional[Sequence[jax.Device]] = None):
+                 devices: Optional[Sequence[jax.Device]] = None, num_runs: int = 1,
+                 share_batches: bool = False):
         if executor not in EXECUTORS:
             raise ValueError(f"unknown parallelism {executor!r}; choose one of {', '.join(EXECUTORS)}")
+        if num_runs > 1 and executor != "shard_map":
+            raise ValueError(f"num_runs={num_runs} needs parallelism='shard_map'")
         self.executor = executor
         self.devices = list(devices if devices is not None else jax.devices())
+        self.num_runs = num_runs
         n = len(self.devices)
-        group = bn_group_size or n
-        if group < 1 or n % group:
-            raise ValueError(f"bn_group_size={bn_group_size} must divide the device count {n} "
-                             "(0 = all devices, 1 = per device)")
+        self.run_groups = (math.gcd(num_runs, n) if num_runs > 1 and jax.process_count() == 1
+                           else 1)
+        per_run = n // self.run_groups
+        group = bn_group_size or per_run
+        if group < 1 or per_run % group:
+            raise ValueError(f"bn_group_size={bn_group_size} must divide the {per_run} devices "
+                             "of a run (0 = all of them, 1 = per device)")
         self.bn_group_size = group
-        self.mesh = Mesh(np.array(self.devices).reshape(n // group, group), ("data", "bn"))
+        self.devices_per_run = per_run
+        grid = np.array(self.devices).reshape(self.run_groups, per_run // group, group)
+        self.mesh = (Mesh(grid[0], ("data", "bn")) if num_runs == 1 else
+                     Mesh(grid, ("runs", "data", "bn")))
         # Collectives only where they reduce something: none on one device, no BN reduction
         # with per-device BN, and the running BN averages (identical within a group) averaged
         # over all devices only when there are several groups.
-        several_groups = 1 < n // group
+        several_groups = 1 < per_run // group
         if executor == "shard_map":
             grad = ("data", "bn")
-            self.axes = Axes(grad=grad if n > 1 else None, bn="bn" if group > 1 else None,
+            self.axes = Axes(grad=grad if per_run > 1 else None, bn="bn" if group > 1 else None,
                              bn_stats=grad if several_groups else None)
         else:
             groups = [list(range(i, i + group)) for i in range(0, n, group)]
@@ -88,8 +109,18 @@ class DataParallel:
                              bn_groups=groups if group > 1 and several_groups else None,
                              bn_stats="data" if several_groups else None)
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+        # Specs of what a step takes and gives: the state (replicated, or one slice of the run
+        # axis per run group), batches (split over the devices of a run; with several runs and
+        # batches of their own, one batch per run on the run axis) and outputs.
+        several = num_runs > 1
+        self.state_spec = P("runs") if several else P()
+        self.batch_spec = P(("data", "bn"))
+        self.train_batch_spec = (P("runs", ("data", "bn")) if several and not share_batches
+                                 else self.batch_spec)
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P(("data", "bn")))
+        self.state_sharding = NamedSharding(self.mesh, self.state_spec)
+        self.batch_sharding = NamedSharding(self.mesh, self.batch_spec)
+        self.train_batch_sharding = NamedSharding(self.mesh, self.train_batch_spec)
         # pmap layout: a leading axis over this process's devices.
         self.local_batch_sharding = NamedSharding(Mesh(np.array(self.local_devices), ("local",)),
                                                   P("local"))
@@ -98,65 +129,87 @@ class DataParallel:
     def num_devices(self) -> int:
         return len(self.devices)
 
+    @property
+    def local_runs(self) -> int:
+        """Runs a device holds (a slice of the run axis)."""
+        return self.num_runs // self.run_groups
+
     def describe(self) -> str:
+        runs = ""
+        if self.num_runs > 1:
+            runs = (f", {self.num_runs} runs: {self.run_groups} group(s) of "
+                    f"{self.devices_per_run} device(s), {self.local_runs} run(s) per device")
         return (f"{self.executor} over {self.num_devices} devices ({len(self.local_devices)} local, "
                 f"{jax.process_count()} processes), platform {self.devices[0].platform}, "
-                f"BN groups of {self.bn_group_size} device(s)")
+                f"BN groups of {self.bn_group_size} device(s){runs}")
 
     def check_batch_size(self, global_batch: int, name: str = "batch_size") -> int:
         """Returns the per-device batch, or raises if `global_batch` does not split evenly
         (the rule of `inputs.local_batch_size`, which the input pipelines apply too)."""
         per_process = inputs.local_batch_size(global_batch, jax.process_count(),
-                                              self.num_devices, name)
-        return per_process // len(self.local_devices)
+                                              self.devices_per_run, name)
+        return per_process * self.run_groups // len(self.local_devices)
 
     # --- placement -------------------------------------------------------------------------
 
     def put_state(self, state):
-        """Places a host or replicated state for the step functions."""
+        """Places a host or replicated state (with several runs: stacked on a leading run axis)
+        for the step functions. The arrays given are not kept: the train step donates the
+        state's buffers to its result, so keep a host copy (`jax.device_get`) of a state you
+        need after the first step."""
         if self.executor == "shard_map":
-            return jax.device_put(state, self.replicated)
+            return jax.device_put(state, self.state_sharding)
         return flax.jax_utils.replicate(jax.device_get(state), self.local_devices)
 
     def get_state(self, state):
-        """Returns the state as replicated global arrays on the mesh (checkpoints, export)."""
+        """Returns the state as global arrays on the mesh (checkpoints, export)."""
         if self.executor == "shard_map":
             return state
         return jax.device_put(self.to_host(state), self.replicated)
 
-    def put_batch(self, batch):
-        """Turns this process's share of a batch (numpy, leading axis) into device arrays."""
+    def put_batch(self, batch, sharding: Optional[NamedSharding] = None):
+        """Turns this process's share of a batch (numpy) into device arrays: split on its batch
+        axis (the second, after the run axis, for `train_batch_sharding` with several runs)."""
         if self.executor == "shard_map":
+            sharding = sharding or self.batch_sharding
             return jax.tree.map(
-                lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
+                lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
         n = len(self.local_devices)
         return jax.tree.map(lambda x: jax.device_put(
             np.reshape(x, (n, -1) + x.shape[1:]), self.local_batch_sharding), batch)
 
     # --- compilation -----------------------------------------------------------------------
 
-    def compile(self, per_device_step: Callable, *, returns_state: bool) -> Callable:
+    def compile(self, per_device_step: Callable, *, returns_state: bool,
+                batch_spec: Optional[P] = None) -> Callable:
         """Compiles a per-device `step(state, batch)` for all devices.
 
-        The step sees one device's share of the batch and reduces over `self.axes` whatever
-        must be global. It returns (new state, metrics) when `returns_state` (the state buffers
-        are then donated), else metrics only; both replicated.
+        The step sees its device's slice of the state (with several runs: its runs) and its
+        share of the batch (split by `batch_spec`, default `self.batch_spec`), and reduces over
+        `self.axes` whatever must be global. It returns (new state, metrics) when
+        `returns_state` (the state buffers are then donated), else metrics only; metrics are
+        replicated, or stacked on the run axis with several runs.
         """
         donate = (0,) if returns_state else ()
         if self.executor == "pmap":
             return jax.pmap(per_device_step, axis_name="data", donate_argnums=donate)
+        outputs = self.state_spec  # metrics are per run like the state
         sharded = jax.shard_map(per_device_step, mesh=self.mesh,
-                                in_specs=(P(), P(("data", "bn"))),
-                                out_specs=(P(), P()) if returns_state else P(),
+                                in_specs=(self.state_spec, batch_spec or self.batch_spec),
+                                out_specs=(self.state_spec, outputs) if returns_state else outputs,
                                 # pmap semantics: the step itself guarantees replicated outputs.
                                 check_vma=False)
         return jax.jit(sharded, donate_argnums=donate)
 
     def to_host(self, tree):
-        """Fetches one copy of replicated outputs (state or metrics) as numpy."""
-        return jax.tree.map(self._first_replica, tree)
+        """Fetches outputs (state or metrics) as numpy: one copy of replicated ones, the whole
+        run axis of several runs' (gathered from every process)."""
+        return jax.tree.map(self._fetch, tree)
 
-    def _first_replica(self, x):
+    def _fetch(self, x):
+        if self.num_runs > 1:
+            return np.asarray(x if x.is_fully_addressable else
+                              multihost_utils.process_allgather(x, tiled=True))
         first = np.asarray(x.addressable_data(0))
         return first.reshape(x.shape[1:]) if self.executor == "pmap" else first
 

@@ -8,7 +8,9 @@ axis) and test error solid and bold (right y axis, %). `--train=error` draws the
 (dashed) on the test error's axis instead, so the figure has one y axis in %. Runs are read from
 the event files in their workdirs (local or gs://): "train/loss" or "train/error", and
 "eval/top1_error_<crop>" at the smallest crop logged unless `--crop` says. A resumed run logs
-some steps twice; the later value is kept.
+some steps twice; the later value is kept. A workdir of several runs (`num_runs`) is drawn as
+its median with the band between its best and worst run (`--spread=band`), or with every run
+as a thin line (`--spread=all`), from the runs' own files in runs/<k>.
 """
 
 import dataclasses
@@ -29,10 +31,12 @@ Series = Tuple[np.ndarray, np.ndarray]  # (steps, values)
 
 @dataclasses.dataclass(frozen=True)
 class Curves:
-    """One run's curves: training loss or error, and test top-1 error (fractions)."""
+    """One workdir's curves: training loss or error, and test top-1 error (fractions); of a
+    workdir of several runs, the medians, and each run's curves in `runs`."""
     label: str
     train: Optional[Series]
     test: Optional[Series]
+    runs: Sequence["Curves"] = ()
 
 
 def read_scalars(workdir: str) -> Dict[str, Series]:
@@ -53,21 +57,39 @@ def read_scalars(workdir: str) -> Dict[str, Series]:
 
 def load_run(workdir: str, label: str, train: str = "loss",
              crop: Optional[int] = None) -> Curves:
-    """The curves of the run in `workdir`; `train` is "loss" or "error"."""
+    """The curves of the run in `workdir` (and of each of its runs in runs/<k>); `train` is
+    "loss" or "error"."""
     series = read_scalars(workdir)
     crops = sorted(int(t[len(TEST_PREFIX):]) for t in series if t.startswith(TEST_PREFIX))
     if crop is None and crops:
         crop = crops[0]
-    curves = Curves(label, series.get(f"train/{train}"), series.get(f"{TEST_PREFIX}{crop}"))
+    folder = epath.Path(workdir) / "runs"
+    runs = [load_run(str(folder / k), f"{label} run {k}", train, crop)
+            for k in sorted((p.name for p in folder.iterdir() if p.name.isdigit()), key=int)
+            ] if folder.is_dir() else []
+    curves = Curves(label, series.get(f"train/{train}"), series.get(f"{TEST_PREFIX}{crop}"),
+                    runs)
     if curves.train is None and curves.test is None:
         raise ValueError(f"no train/{train} or {TEST_PREFIX}{crop or '<crop>'} scalars in "
                          f"{workdir} (crops logged: {crops or 'none'})")
     return curves
 
 
+def _spread(runs: Sequence[Curves], which: str) -> Optional[Tuple[np.ndarray, ...]]:
+    """(steps, lowest, highest) over the runs' `which` curves, at the steps all of them have."""
+    series = [getattr(r, which) for r in runs if getattr(r, which) is not None]
+    if not series:
+        return None
+    steps = sorted(set.intersection(*(set(s[0].tolist()) for s in series)))
+    values = np.array([[dict(zip(*s))[step] for step in steps] for s in series])
+    return np.array(steps), np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+
+
 def draw(runs: Sequence[Curves], out: str, train: str = "loss",
-         title: Optional[str] = None) -> None:
-    """Writes the figure of `runs` to `out` (the format follows its suffix, e.g. .png, .pdf)."""
+         title: Optional[str] = None, spread: str = "band") -> None:
+    """Writes the figure of `runs` to `out` (the format follows its suffix, e.g. .png, .pdf).
+    Curves of several runs are drawn as their median with the band from best to worst run
+    (`spread="band"`), or with every run as a thin line (`spread="all"`)."""
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     train_ax = fig.subplots()
     test_ax = train_ax.twinx() if train == "loss" else train_ax
@@ -75,6 +97,18 @@ def draw(runs: Sequence[Curves], out: str, train: str = "loss",
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         colour = colours[i % len(colours)]
+        for ax, which, scale in ((train_ax, "train", train_scale), (test_ax, "test", 100)):
+            if spread == "all":
+                for each in run.runs:
+                    if getattr(each, which) is not None:
+                        steps, values = getattr(each, which)
+                        ax.plot(steps, scale * values, "--" if which == "train" else "-",
+                                color=colour, lw=0.6, alpha=0.5)
+            else:
+                band = _spread(run.runs, which)
+                if band is not None:
+                    ax.fill_between(band[0], scale * band[1], scale * band[2], color=colour,
+                                    alpha=0.15 if which == "test" else 0.08, lw=0)
         if run.train is not None:
             train_ax.plot(run.train[0], train_scale * run.train[1], "--", color=colour, lw=1)
         if run.test is not None:
@@ -113,6 +147,8 @@ def define_flags() -> None:
                       "figures, own axis) or error (same axis as the test error).")
     flags.DEFINE_integer("crop", None, "Test crop whose error is drawn; default: the smallest.")
     flags.DEFINE_string("title", None, "Figure title.")
+    flags.DEFINE_enum("spread", "band", ["band", "all"], "Workdirs of several runs: their "
+                      "median with a band from best to worst run, or every run drawn thin.")
     flags.mark_flag_as_required("workdir")
 
 
@@ -124,7 +160,7 @@ def main(argv: List[str]) -> None:
     if len(labels) != len(FLAGS.workdir):
         cli.fail(f"{len(labels)} --labels for {len(FLAGS.workdir)} --workdir", 2)
     runs = [load_run(w, label, FLAGS.train, FLAGS.crop) for w, label in zip(FLAGS.workdir, labels)]
-    draw(runs, FLAGS.out, FLAGS.train, FLAGS.title)
+    draw(runs, FLAGS.out, FLAGS.train, FLAGS.title, FLAGS.spread)
     print(f"wrote {FLAGS.out}")
 
 

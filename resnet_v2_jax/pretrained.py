@@ -39,18 +39,21 @@ class Source:
     where: str
 
 
-def load_source(source: str, target: Optional[models.ResNetV2] = None) -> Source:
-    """The weights of `source`: a run's workdir or step folder (`runs.read_run`), or a weights
-    file (`load_file`). With `target`, also checks that they fit it (`check_fits`), so that a
-    run refuses a wrong source before it writes anything."""
+def load_source(source: str, target: Optional[models.ResNetV2] = None,
+                run: Optional[int] = None) -> Source:
+    """The weights of `source`: a run's workdir or step folder (`runs.read_run`; of a workdir
+    of several runs, run `run`), or a weights file (`load_file`). With `target`, also checks
+    that they fit it (`check_fits`), so that a run refuses a wrong source before it writes
+    anything."""
     path = rundir.resolve(source)
     if not path.exists():
         raise FileNotFoundError(f"init_from {path} does not exist: give a run's workdir, a step "
                                 "folder <workdir>/checkpoints/<step> or a weights file")
     if path.is_dir():
         from resnet_v2_jax import runs  # the training stack: only for this source
-        run = runs.read_run(str(path))
-        loaded = Source(run.model, run.variables, run.checkpoint)
+        read = runs.one_run(runs.read_run(str(path), run=run), "--config.init_from_run")
+        where = read.checkpoint if run is None else f"{read.checkpoint} (run {run})"
+        loaded = Source(read.model, read.variables, where)
     else:
         loaded = Source(*load_file(str(path)), str(path))
     if target is not None:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import struct
 from flax.training import train_state
 
 from resnet_v2_jax import augment, checkpoint, datasets, models, parallel
@@ -115,10 +116,18 @@ def create_train_state(rng: jax.Array, model: models.ResNetV2, tx: optax.Gradien
 
 
 def abstract_train_state(model: models.ResNetV2, tx: optax.GradientTransformation,
-                         image_size: int, sharding: jax.sharding.Sharding) -> TrainState:
-    """Shapes, dtypes and `sharding` of the train state, computing nothing: a restore target."""
-    shapes = jax.eval_shape(lambda rng: create_train_state(rng, model, tx, image_size),
-                            jax.random.PRNGKey(0))
+                         image_size: int, sharding: jax.sharding.Sharding,
+                         num_runs: int = 1) -> Any:
+    """Shapes, dtypes and `sharding` of the train state (a `Runs` of `num_runs` > 1),
+    computing nothing: a restore target."""
+    def init(rng):
+        return create_train_state(rng, model, tx, image_size)
+    if num_runs == 1:
+        shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    else:
+        shapes = jax.eval_shape(lambda keys: Runs(jax.vmap(init)(keys),
+                                                  jnp.zeros((num_runs,), jnp.int32)),
+                                jnp.zeros((num_runs, 2), jnp.uint32))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         shapes)
 
@@ -132,19 +141,30 @@ def in_layout(state: TrainState, scan_units: bool) -> TrainState:
 
 
 def other_layouts(model: models.ResNetV2, tx: optax.GradientTransformation, image_size: int,
-                  sharding: jax.sharding.Sharding) -> Sequence[checkpoint.Layout]:
+                  sharding: jax.sharding.Sharding,
+                  num_runs: int = 1) -> Sequence[checkpoint.Layout]:
     """The state of the same run with the network's units in the other layout (scanned or
     unrolled), and its conversion into this one: a checkpoint written either way resumes."""
     other = abstract_train_state(model.clone(scan_units=not model.scan_units), tx, image_size,
-                                 sharding)
-    to_this_layout = jax.jit(functools.partial(in_layout, scan_units=model.scan_units),
+                                 sharding, num_runs)
+    convert = functools.partial(in_layout, scan_units=model.scan_units)
+    if num_runs == 1:
+        to_this_layout = jax.jit(convert, out_shardings=sharding)
+        return [checkpoint.Layout(
+            other, lambda state: to_this_layout(state).replace(apply_fn=model.apply, tx=tx))]
+    to_this_layout = jax.jit(lambda runs: runs.replace(state=jax.vmap(convert)(runs.state)),
                              out_shardings=sharding)
-    return [checkpoint.Layout(
-        other, lambda state: to_this_layout(state).replace(apply_fn=model.apply))]
+
+    def runs_convert(runs):
+        runs = to_this_layout(runs)
+        return runs.replace(state=runs.state.replace(apply_fn=model.apply, tx=tx))
+    return [checkpoint.Layout(other, runs_convert)]
 
 
-def variables_of(state: TrainState) -> Dict[str, Any]:
-    """The network's variables {"params", "batch_stats"} held by a train state."""
+def variables_of(state: Any) -> Dict[str, Any]:
+    """The network's variables {"params", "batch_stats"} held by a train state (stacked on a
+    leading run axis, of a `Runs`)."""
+    state = state.state if isinstance(state, Runs) else state
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -164,19 +184,22 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: TrainState, batch: Dict[str, jax.Array], *, axes: parallel.Axes,
-               normalize: Callable, augment_images: Callable, seed_key: jax.Array,
-               train_bn_statistics: bool = True):
+def train_step(state: TrainState, batch: Dict[str, jax.Array], seed_key: jax.Array, *,
+               axes: parallel.Axes, normalize: Callable, augment_images: Callable,
+               train_bn_statistics: bool = True, augment_key: Optional[jax.Array] = None):
     """One SGD step on one device's share of the batch; gradients averaged over `axes.grad`.
 
     The uint8 images are augmented here (`augment_images(images, keys)`, see `augment`), each
     example keyed by (seed, step, its index in the global batch), so any device count and any
-    resume draw the same; then `normalize` makes the network's input (`model_input`). Without
-    `train_bn_statistics` (fine-tuning) BN normalises with its running averages and leaves them
-    as they are (the network runs with train=False, so a dropout shortcut is off too)."""
+    resume draw the same (`augment_key` replaces the seed's key there: runs that share their
+    batches share their augmentation too); then `normalize` makes the network's input
+    (`model_input`). Without `train_bn_statistics` (fine-tuning) BN normalises with its running
+    averages and leaves them as they are (the network runs with train=False, so a dropout
+    shortcut is off too)."""
     device = parallel.axis_index(axes.grad)
     local = batch["image"].shape[0]
-    keys = augment.example_keys(jax.random.fold_in(seed_key, AUGMENT_STREAM), state.step,
+    augment_key = seed_key if augment_key is None else augment_key
+    keys = augment.example_keys(jax.random.fold_in(augment_key, AUGMENT_STREAM), state.step,
                                 device * local, local)
     images = normalize(augment_images(batch["image"], keys))
     labels = batch["label"]
@@ -221,31 +244,107 @@ def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model: 
     return parallel.psum(sums, axes.grad)
 
 
+# --- several runs in one program -----------------------------------------------------------------
+
+@struct.dataclass
+class Runs:
+    """Several runs of one config trained together (`config.num_runs`): their train states
+    stacked on a leading run axis, and the step at which each diverged (-1 while it trains).
+    A diverged run is frozen: its state no longer changes, the others go on."""
+    state: TrainState
+    diverged_at: jax.Array
+
+
+def runs_layout(layout: str, platform: str) -> str:
+    """The layout in which a device computes its runs: "vmap" (one vectorised program, larger
+    kernels: the bet for accelerators, whose small kernels are launch-bound) or "unrolled" (one
+    copy of the step per run in the same program). "auto" picks "unrolled" on CPUs, where XLA
+    runs vectorised convolutions as slow grouped ones (docs/benchmarks.md), "vmap" elsewhere."""
+    if layout != "auto":
+        return layout
+    return "unrolled" if platform == "cpu" else "vmap"
+
+
+def over_runs(step: Callable, layout: str, in_axes: Sequence[Optional[int]]) -> Callable:
+    """`step` over a leading run axis of the arguments whose `in_axes` entry is 0 (the others
+    are shared by every run): vectorised (`jax.vmap`) or unrolled (one call per run, stacked)."""
+    if layout == "vmap":
+        return jax.vmap(step, in_axes=tuple(in_axes))
+
+    def unrolled(*args):
+        count = next(jax.tree.leaves(a)[0].shape[0] for a, axis in zip(args, in_axes)
+                     if axis == 0)
+        outputs = [step(*[jax.tree.map(lambda x, k=k: x[k], a) if axis == 0 else a
+                          for a, axis in zip(args, in_axes)]) for k in range(count)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+    return unrolled
+
+
+def _finite_per_run(tree) -> jax.Array:
+    """[runs] whether every floating leaf of a run-stacked tree is finite, run by run."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+                              for x in leaves]), axis=0)
+
+
+def runs_train_step(runs: Runs, batch: Dict[str, jax.Array], *, step: Callable, seed: int,
+                    layout: str, runs_axis: Optional[str], shared_batch: bool):
+    """The per-device train step of a device's runs: `step` (a `train_step`) for each, run k
+    keyed by PRNGKey(seed + k), as the single run of that seed is. A run whose loss or new
+    state is not finite keeps its state and is marked diverged at this step."""
+    local = runs.diverged_at.shape[0]
+    first = parallel.axis_index(runs_axis) * local
+    keys = jax.vmap(lambda k: jax.random.PRNGKey(seed + first + k))(jnp.arange(local))
+    new, metrics = over_runs(step, layout, (0, None if shared_batch else 0, 0))(
+        runs.state, batch, keys)
+    alive = runs.diverged_at < 0
+    finite = jnp.isfinite(metrics["loss"]) & _finite_per_run(new)
+    keep = alive & finite
+    state = jax.tree.map(
+        lambda n, o: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, runs.state)
+    diverged_at = jnp.where(alive & ~finite, runs.state.step + 1, runs.diverged_at)
+    return Runs(state, diverged_at), metrics
+
+
+def runs_eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, step: Callable,
+                   layout: str):
+    """The per-device eval step of a device's runs, on the batch they share."""
+    return over_runs(step, layout, (0, None))(variables, batch)
+
+
 # --- the one build recipe ----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything a config builds before data flows: used by training, eval-only, tests and
-    benchmarks alike (`build`)."""
+    benchmarks alike (`build`). With several runs the state is a `Runs`."""
     model: models.ResNetV2
     schedule: optax.Schedule
     tx: optax.GradientTransformation
     steps_per_epoch: int
     total_steps: int
     image_size: int
-    abstract_state: TrainState        # shapes, dtypes, replicated sharding: a restore target
+    num_runs: int
+    abstract_state: Any               # shapes, dtypes and shardings of the state: a restore target
     train_step: Callable              # (state, batch) -> (state, metrics), over all devices
     eval_step: Callable               # (variables, batch) -> summed eval metrics, all devices
 
-    def init_state(self, rng: jax.Array) -> TrainState:
-        """A freshly initialised state (on the default device; `DataParallel.put_state` it)."""
-        return create_train_state(rng, self.model, self.tx, self.image_size)
+    def init_state(self, seed: int) -> Any:
+        """A freshly initialised state (on the default device; `DataParallel.put_state` it):
+        the network initialised from PRNGKey(seed), or from seed + k for run k of several."""
+        if self.num_runs == 1:
+            return create_train_state(jax.random.PRNGKey(seed), self.model, self.tx,
+                                      self.image_size)
+        keys = jnp.stack([jax.random.PRNGKey(seed + k) for k in range(self.num_runs)])
+        states = jax.jit(jax.vmap(lambda rng: create_train_state(
+            rng, self.model, self.tx, self.image_size)))(keys)
+        return Runs(states, jnp.full((self.num_runs,), -1, jnp.int32))
 
     def layouts(self) -> Sequence[checkpoint.Layout]:
         """The state in the network's other unit layout, and its conversion (`other_layouts`):
         what a checkpoint of the same run written either way is restored as."""
         sharding = jax.tree.leaves(self.abstract_state)[0].sharding
-        return other_layouts(self.model, self.tx, self.image_size, sharding)
+        return other_layouts(self.model, self.tx, self.image_size, sharding, self.num_runs)
 
 
 def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
@@ -270,21 +369,36 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
     tx = create_optimizer(config, schedule)
     normalize = functools.partial(model_input, mean=info.mean, std=info.std, dtype=model.dtype,
                                   size=config.input_resize)
-    train = dp.compile(functools.partial(
+    step = functools.partial(
         train_step, axes=dp.axes, normalize=normalize,
         augment_images=augment.for_training(config.augment, config.image_size,
                                             config.color_augment),
-        seed_key=jax.random.PRNGKey(config.seed),
-        train_bn_statistics=config.train_bn_statistics), returns_state=True)
-    evaluate = dp.compile(functools.partial(eval_step, model=model, axes=dp.axes,
-                                            normalize=normalize), returns_state=False)
+        train_bn_statistics=config.train_bn_statistics)
+    evaluate = functools.partial(eval_step, model=model, axes=dp.axes, normalize=normalize)
+    abstract = abstract_train_state(model, tx, config.image_size, dp.state_sharding,
+                                    config.num_runs)
+    if config.num_runs == 1:
+        step = functools.partial(step, seed_key=jax.random.PRNGKey(config.seed))
+    else:
+        if config.share_batches:
+            step = functools.partial(step, augment_key=jax.random.PRNGKey(config.seed))
+        layout = runs_layout(config.runs_layout, dp.devices[0].platform)
+        step = functools.partial(runs_train_step, step=step, seed=config.seed, layout=layout,
+                                 runs_axis="runs" if dp.run_groups > 1 else None,
+                                 shared_batch=config.share_batches)
+        evaluate = functools.partial(runs_eval_step, step=evaluate, layout=layout)
     return Setup(model=model, schedule=schedule, tx=tx, steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps, image_size=config.image_size,
-                 abstract_state=abstract_train_state(model, tx, config.image_size, dp.replicated),
-                 train_step=train, eval_step=evaluate)
+                 num_runs=config.num_runs, abstract_state=abstract,
+                 train_step=dp.compile(step, returns_state=True,
+                                       batch_spec=dp.train_batch_spec),
+                 eval_step=dp.compile(evaluate, returns_state=False))
 
 
 @jax.jit
-def all_finite(tree) -> jax.Array:
-    """Whether every leaf of `tree` is finite (one boolean on the device)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def all_finite(state) -> jax.Array:
+    """Whether every leaf of a train state is finite (one boolean on the device); of a `Runs`,
+    of every run that has not diverged."""
+    if isinstance(state, Runs):
+        return jnp.all(_finite_per_run(state.state) | (state.diverged_at >= 0))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)]))

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from etils import epath
 
@@ -21,13 +22,17 @@ from resnet_v2_jax import checkpoint, configuration, datasets, recipe, rundir
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A run read back: its config (migrated), the network as that config builds it (one
-    device, no BN reduction axes), the variables {"params", "batch_stats"} of one checkpoint,
-    and which checkpoint that was."""
+    device, no BN reduction axes), the variables {"params", "batch_stats"} of one checkpoint
+    (of run `run` of several; of all of them, stacked on a leading axis, where `run` is None
+    and `num_runs` > 1), which checkpoint that was, and the runs that had diverged there."""
     config: ml_collections.ConfigDict
     model: Any
     variables: Dict[str, Any]
     step: int
     checkpoint: str
+    num_runs: int = 1
+    run: Optional[int] = None
+    diverged: Tuple[int, ...] = ()
 
 
 def split_run_path(path: str) -> Tuple[epath.Path, Optional[int]]:
@@ -45,22 +50,44 @@ def split_run_path(path: str) -> Tuple[epath.Path, Optional[int]]:
                      "<workdir>/checkpoints/<step>")
 
 
-def read_run(path: str, config: Optional[ml_collections.ConfigDict] = None) -> Run:
+def read_run(path: str, config: Optional[ml_collections.ConfigDict] = None,
+             run: Optional[int] = None) -> Run:
     """The run at `path` (a workdir or a step folder): `config` (default: the run's own
     config.json) says what it trained; its checkpoint is restored read-only onto one device.
-    Raises one-line errors (FileNotFoundError, CheckpointError) when there is nothing to read."""
+    Of a workdir of several runs (`config.num_runs`), `run` picks one; None keeps them all.
+    Raises one-line errors (FileNotFoundError, ValueError, CheckpointError) when there is
+    nothing to read."""
     workdir, step = split_run_path(path)
     config = config if config is not None else configuration.read(str(workdir))
     configuration.validate(config)
+    num_runs = config.num_runs
+    if run is not None and not 0 <= run < num_runs:
+        raise ValueError(f"{workdir} holds {num_runs} run(s): choose a run in 0..{num_runs - 1}, "
+                         f"not {run}")
     model = recipe.create_model(config, datasets.get(config.dataset).num_classes)
     tx = recipe.create_optimizer(config, optax.constant_schedule(0.0))  # the state's structure
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = recipe.abstract_train_state(model, tx, config.image_size, one_device)
-    checkpoints = checkpoint.Checkpoints(workdir, model, read_only=True)
+    abstract = recipe.abstract_train_state(model, tx, config.image_size, one_device, num_runs)
+    checkpoints = checkpoint.Checkpoints(workdir, model, read_only=True, num_runs=num_runs)
     try:
         state, step = checkpoints.read(abstract, step, lambda: recipe.other_layouts(
-            model, tx, config.image_size, one_device))
+            model, tx, config.image_size, one_device, num_runs))
     finally:
         checkpoints.close()
-    return Run(config, model, recipe.variables_of(state), step,
-               str(workdir / "checkpoints" / str(step)))
+    variables = recipe.variables_of(state)
+    diverged = ()
+    if num_runs > 1:
+        diverged = tuple(int(k) for k in np.flatnonzero(np.asarray(state.diverged_at) >= 0))
+        if run is not None:
+            variables = jax.tree.map(lambda x: x[run], variables)
+    return Run(config, model, variables, step, str(workdir / "checkpoints" / str(step)),
+               num_runs, run, diverged)
+
+
+def one_run(run: Run, flag: str) -> Run:
+    """`run` itself where it holds one run; raises a one-line ValueError asking for `flag` where
+    it holds several and none was chosen."""
+    if run.num_runs > 1 and run.run is None:
+        raise ValueError(f"{run.checkpoint} holds {run.num_runs} runs: choose one with "
+                         f"{flag}=k (0..{run.num_runs - 1})")
+    return run

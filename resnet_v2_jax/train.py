@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -102,23 +102,35 @@ class _StopSignals:
 
 class _MetricsWriter:
     """TensorBoard event files (tensorboardX: standard event files without TensorFlow, local or
-    gs://), written by process 0 only."""
+    gs://), written by process 0 only: in the workdir, and with several runs each run's own in
+    runs/<k> (TensorBoard shows them as runs; `plot` draws their spread)."""
 
-    def __init__(self, workdir: epath.Path):
-        self.writer = None
+    def __init__(self, workdir: epath.Path, num_runs: int = 1):
+        self.writers = []
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(logdir=str(workdir), flush_secs=30)
+            folders = [workdir] + ([workdir / "runs" / str(k) for k in range(num_runs)]
+                                   if num_runs > 1 else [])
+            self.writers = [SummaryWriter(logdir=str(f), flush_secs=30) for f in folders]
 
-    def scalars(self, step: int, values: Dict[str, float]):
-        if self.writer:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+    def scalars(self, step: int, values: Dict[str, Any]):
+        """Writes `values` (floats; or, with several runs, per-run sequences, whose median goes
+        to the workdir's file and each run's value to its own)."""
+        for name, value in values.items():
+            if np.ndim(value) == 0:
+                for writer in self.writers[:1]:
+                    writer.add_scalar(name, float(value), step)
+                continue
+            value = np.asarray(value, np.float64)
+            for writer in self.writers[:1]:
+                writer.add_scalar(name, float(np.nanmedian(value)), step)
+            for writer, run_value in zip(self.writers[1:], value):
+                writer.add_scalar(name, float(run_value), step)
 
     def close(self):
-        if self.writer:
-            self.writer.flush()
-            self.writer.close()
+        for writer in self.writers:
+            writer.flush()
+            writer.close()
 
 
 class _StepMetrics:
@@ -131,19 +143,35 @@ class _StepMetrics:
     def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
         self.pending.append((step, metrics))
 
-    def fetch(self) -> Tuple[Dict[str, float], Optional[Tuple[int, float]]]:
-        """(means of the pending steps' metrics, (step, loss) of the first non-finite loss)."""
+    def fetch(self) -> Tuple[Dict[str, Any], Optional[Tuple[int, float]]]:
+        """(means of the pending steps' metrics, per run with several runs; (step, loss) of the
+        first non-finite loss of a single run)."""
         values = [(step, self.dp.to_host(m)) for step, m in self.pending]
         self.pending = []
         bad = next(((step, float(m["loss"])) for step, m in values
-                    if not np.isfinite(m["loss"])), None)
-        means = {k: float(np.mean([m[k] for _, m in values])) for k in values[0][1]} \
-            if values else {}
+                    if np.ndim(m["loss"]) == 0 and not np.isfinite(m["loss"])), None)
+        means = {}
+        for key in (values[0][1] if values else {}):
+            mean = np.mean([m[key] for _, m in values], axis=0)
+            means[key] = float(mean) if np.ndim(mean) == 0 else [float(v) for v in mean]
         return means, bad
 
 
+def summarize(values: Sequence[float], diverged: Sequence[int] = ()) -> Dict[str, Any]:
+    """Statistics of a metric over runs, leaving out `diverged` ones: median (what the paper
+    reports), mean, sample standard deviation (0 for one run), best (lowest) and the runs
+    counted. None for each where every run diverged."""
+    counted = [v for k, v in enumerate(values) if k not in set(diverged)]
+    if not counted:
+        return {"median": None, "mean": None, "std": None, "best": None, "runs": 0}
+    return {"median": float(np.median(counted)), "mean": float(np.mean(counted)),
+            "std": float(np.std(counted, ddof=1)) if len(counted) > 1 else 0.0,
+            "best": float(np.min(counted)), "runs": len(counted)}
+
+
 class Evaluator:
-    """Top-1/top-5 error over a whole eval split at each crop size (pad and mask)."""
+    """Top-1/top-5 error over a whole eval split at each crop size (pad and mask); of every
+    run, with several runs."""
 
     def __init__(self, config: ml_collections.ConfigDict, dp: parallel.DataParallel,
                  eval_step: Callable):
@@ -151,11 +179,13 @@ class Evaluator:
         # Built once; every evaluation iterates them afresh (no reloading of the split).
         self.batches = {crop: inputs.eval_batches(config, crop) for crop in config.eval_crop_sizes}
 
-    def __call__(self, variables: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    def __call__(self, variables: Dict[str, Any],
+                 diverged: Sequence[int] = ()) -> Dict[str, Dict[str, Any]]:
         """Evaluates the network's `variables` {"params", "batch_stats"}, placed for the steps
         (`DataParallel.put_state`). Batches are put onto the devices two ahead of the step (as
         in training) and the sums stay on the devices until the pass is over: one fetch per
-        crop size."""
+        crop size. With several runs each metric is the median over the runs not `diverged`,
+        and "runs" / "stats" give every run's value and the statistics (`summarize`)."""
         results = {}
         limit = None if self.config.steps_per_eval < 0 else self.config.steps_per_eval
         for crop, batches in self.batches.items():
@@ -166,22 +196,36 @@ class Evaluator:
                 sums = self.step(variables, batch)
                 totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             totals = self.dp.to_host(totals)
-            count = float(totals["count"])
-            results[str(crop)] = {"top1_error": float(totals["top1_wrong"]) / count,
-                                  "top5_error": float(totals["top5_wrong"]) / count,
-                                  "loss": float(totals["loss"]) / count,
-                                  "num_examples": int(count)}
+            count = np.asarray(totals["count"], np.float64)
+            metrics = {"top1_error": totals["top1_wrong"] / count,
+                       "top5_error": totals["top5_wrong"] / count, "loss": totals["loss"] / count}
+            if np.ndim(count) == 0:
+                results[str(crop)] = {**{k: float(v) for k, v in metrics.items()},
+                                      "num_examples": int(count)}
+                continue
+            stats = {k: summarize(v, diverged) for k, v in metrics.items()}
+            results[str(crop)] = {**{k: stats[k]["median"] for k in metrics},
+                                  "num_examples": int(count[0]),
+                                  "runs": {k: [float(x) for x in v] for k, v in metrics.items()},
+                                  "stats": stats, "diverged": sorted(diverged)}
         return results
 
 
-def _log_eval(writer: _MetricsWriter, step: int, results: Dict[str, Dict[str, float]]) -> None:
+def _log_eval(writer: _MetricsWriter, step: int, results: Dict[str, Dict[str, Any]]) -> None:
     for crop, r in results.items():
-        logging.info("eval at step %d, crop %s: top-1 error %.2f%%, top-5 error %.2f%% on %d "
-                     "examples", step, crop, 100 * r["top1_error"], 100 * r["top5_error"],
-                     r["num_examples"])
-        writer.scalars(step, {f"eval/top1_error_{crop}": r["top1_error"],
-                              f"eval/top5_error_{crop}": r["top5_error"],
-                              f"eval/loss_{crop}": r["loss"]})
+        runs = r.get("runs", {})
+        if "stats" in r and r["stats"]["top1_error"]["runs"]:
+            top1 = r["stats"]["top1_error"]
+            logging.info("eval at step %d, crop %s: top-1 error %.2f%% (%.2f±%.2f), median of %d "
+                         "runs; top-5 error %.2f%% on %d examples", step, crop,
+                         100 * top1["median"], 100 * top1["mean"], 100 * top1["std"],
+                         top1["runs"], 100 * r["top5_error"], r["num_examples"])
+        elif "stats" not in r:
+            logging.info("eval at step %d, crop %s: top-1 error %.2f%%, top-5 error %.2f%% on %d "
+                         "examples", step, crop, 100 * r["top1_error"], 100 * r["top5_error"],
+                         r["num_examples"])
+        writer.scalars(step, {f"eval/{k}_{crop}": runs.get(k, r[k])
+                              for k in ("top1_error", "top5_error", "loss")})
 
 
 def _diverged(checkpoints: checkpoint.Checkpoints, what: str, step: int) -> NonFiniteLossError:
@@ -231,9 +275,12 @@ def _finished_run(workdir: epath.Path, step: int, total_steps: int, meta: dict, 
         pass
     logging.warning("nothing to train: %s; results.json is missing or stale, so the checkpoint "
                     "is evaluated and results.json written", found)
+    diverged = ([k for k, at in enumerate(np.asarray(state.diverged_at)) if at >= 0]
+                if isinstance(state, recipe.Runs) else [])
     results = {"step": step, "total_steps": total_steps, "preempted": False,
                "train": meta.get("train", {}),
-               "eval": evaluator(dp.put_state(recipe.variables_of(state))), "eval_step": step,
+               "eval": evaluator(dp.put_state(recipe.variables_of(state)), diverged),
+               "eval_step": step,
                "wall_time_s": None, "steps_this_run": 0, "devices": dp.describe()}
     if jax.process_index() == 0:
         rundir.write_json(path, results)
@@ -255,7 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     with _StopSignals() as signals:
         workdir = rundir.resolve(workdir)
         configuration.validate(config)
-        dp = parallel.DataParallel(config.parallelism, config.bn_group_size)
+        dp = parallel.DataParallel(config.parallelism, config.bn_group_size,
+                                   num_runs=config.num_runs, share_batches=config.share_batches)
         num_train_examples = inputs.check_data(config)
         setup = recipe.build(config, dp, num_train_examples)
         evaluator = Evaluator(config, dp, setup.eval_step)
@@ -266,11 +314,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                      setup.total_steps / setup.steps_per_epoch, num_train_examples)
         source = None
         if config.init_from and not checkpoint.has_checkpoints(workdir):
-            source = pretrained.load_source(config.init_from, setup.model)
+            source = pretrained.load_source(
+                config.init_from, setup.model,
+                None if config.init_from_run < 0 else config.init_from_run)
         signals.check("before the workdir was touched")
         rundir.make(workdir)
         with rundir.RunLock(workdir):
-            checkpoints = checkpoint.Checkpoints(workdir, setup.model, config.keep_checkpoints)
+            checkpoints = checkpoint.Checkpoints(workdir, setup.model, config.keep_checkpoints,
+                                                 num_runs=config.num_runs)
             try:
                 state, start_step, meta = _restore(checkpoints, setup, workdir, config)
                 checkpoints.prune()  # keep_checkpoints holds whatever an earlier run left
@@ -293,11 +344,9 @@ def _start(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
            state: Optional[recipe.TrainState], start_step: int, meta: dict) -> Dict[str, Any]:
     """Initialises the state (or takes the restored one), records the config, trains."""
     if state is None:
-        state = setup.init_state(jax.random.PRNGKey(config.seed))
+        state = setup.init_state(config.seed)
         if source is not None:  # a resumed run continues from its own checkpoint
-            variables = pretrained.transfer_from(source, recipe.variables_of(state),
-                                                 setup.model)
-            state = state.replace(**variables)
+            state = _start_from(source, state, setup.model)
     else:
         logging.info("resuming from step %d", start_step)
     signals.check("before training started")
@@ -305,6 +354,17 @@ def _start(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
         _record_config(workdir, config, start_step)
     return _train(config, setup, dp, dp.put_state(state), start_step, workdir, checkpoints,
                   evaluator, meta.get("train", {}), signals)
+
+
+def _start_from(source: pretrained.Source, state, model):
+    """`state` (fresh) with `source`'s backbone; each of several runs gets it."""
+    if not isinstance(state, recipe.Runs):
+        return state.replace(**pretrained.transfer_from(source, recipe.variables_of(state), model))
+    variables = recipe.variables_of(state)
+    runs = [pretrained.transfer_from(source, jax.tree.map(lambda x, k=k: x[k], variables), model)
+            for k in range(len(state.diverged_at))]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *runs)
+    return state.replace(state=state.state.replace(**stacked))
 
 
 HISTORY = "config_history"
@@ -348,10 +408,11 @@ def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
     total_steps = setup.total_steps
     eval_every = config.eval_every_steps or setup.steps_per_epoch
     batches = inputs.train_batches(config, dp, start_step)
-    writer = _MetricsWriter(workdir)
+    writer = _MetricsWriter(workdir, config.num_runs)
     metrics = _StepMetrics(dp)
-    eval_results: Dict[str, Dict[str, float]] = {}
+    eval_results: Dict[str, Dict[str, Any]] = {}
     t_log, steps_since_log, step, stopped, eval_step = time.time(), 0, start_step, None, None
+    diverged = _Divergence(config, dp, checkpoints)
 
     def save(step, state):
         if not bool(dp.to_host(recipe.all_finite(state))):  # never checkpoint a diverged state
@@ -375,18 +436,21 @@ def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
                 means, bad = metrics.fetch()
                 if bad:
                     raise _diverged(checkpoints, f"loss is {bad[1]}", bad[0])
+                diverged.update(state)
                 if means:
-                    train_metrics = means
+                    train_metrics = diverged.exclude(means)
             if stopped is not None or is_time(step, config.log_every_steps, total_steps):
                 now = time.time()
                 _log_train(writer, step, total_steps, train_metrics,
                            float(setup.schedule(step - 1)), config.batch_size,
-                           (now - t_log) / steps_since_log if steps_since_log else None)
+                           (now - t_log) / steps_since_log if steps_since_log else None,
+                           config.num_runs)
                 t_log, steps_since_log = now, 0
             if saving:
                 save(step, state)
             if (stopped is None or step == total_steps) and is_time(step, eval_every, total_steps):
-                eval_results, eval_step = evaluator(recipe.variables_of(state)), step
+                eval_results = evaluator(recipe.variables_of(state), diverged.runs)
+                eval_step = step
                 _log_eval(writer, step, eval_results)
                 t_log = time.time()  # keep eval time out of the training throughput
                 stopped = signals.reached(step, checkpoints)  # a signal during evaluation
@@ -400,23 +464,70 @@ def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
         logging.warning("%s (%s): checkpoint of step %d written; rerun the same command to "
                         "resume", "interrupted" if stopped == "SIGINT" else "preempted", stopped,
                         step)
-    return {"step": step, "total_steps": total_steps, "preempted": step < total_steps,
-            "stop_signal": stopped if step < total_steps else None,
-            "train": train_metrics, "eval": eval_results, "eval_step": eval_step,
-            "steps_this_run": step - start_step}
+    results = {"step": step, "total_steps": total_steps, "preempted": step < total_steps,
+               "stop_signal": stopped if step < total_steps else None,
+               "train": train_metrics, "eval": eval_results, "eval_step": eval_step,
+               "steps_this_run": step - start_step}
+    if config.num_runs > 1:
+        results.update(num_runs=config.num_runs, diverged=diverged.report())
+    return results
 
 
-def _log_train(writer: _MetricsWriter, step: int, total_steps: int, metrics: Dict[str, float],
-               lr: float, batch_size: int, seconds_per_step: Optional[float]) -> None:
+class _Divergence:
+    """Which of several runs diverged, and when (from the state's `diverged_at`): a run that
+    diverges is frozen and reported, the others go on; when every run has diverged the run
+    stops as a single run does. A single run stops at its first non-finite loss."""
+
+    def __init__(self, config: ml_collections.ConfigDict, dp: parallel.DataParallel,
+                 checkpoints: checkpoint.Checkpoints):
+        self.seed, self.num_runs, self.dp, self.checkpoints = (config.seed, config.num_runs, dp,
+                                                               checkpoints)
+        self.steps: Dict[int, int] = {}
+
+    @property
+    def runs(self) -> List[int]:
+        return sorted(self.steps)
+
+    def update(self, state) -> None:
+        if not isinstance(state, recipe.Runs):
+            return
+        for run, step in enumerate(self.dp.to_host(state.diverged_at)):
+            if step >= 0 and run not in self.steps:
+                self.steps[run] = int(step)
+                logging.warning("run %d (seed %d) diverged at step %d: it is frozen and left "
+                                "out of the statistics; the other runs go on", run,
+                                self.seed + run, step)
+        if len(self.steps) == self.num_runs:
+            raise _diverged(self.checkpoints, f"every one of the {self.num_runs} runs diverged "
+                            f"(at steps {', '.join(map(str, self.steps.values()))})",
+                            max(self.steps.values()))
+
+    def exclude(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        """Per-run training metrics with the diverged runs' values set to NaN."""
+        return {k: [float("nan") if run in self.steps else x for run, x in enumerate(v)]
+                if isinstance(v, list) else v for k, v in metrics.items()}
+
+    def report(self) -> List[Dict[str, int]]:
+        return [{"run": run, "seed": self.seed + run, "step": step}
+                for run, step in sorted(self.steps.items())]
+
+
+def _log_train(writer: _MetricsWriter, step: int, total_steps: int, metrics: Dict[str, Any],
+               lr: float, batch_size: int, seconds_per_step: Optional[float],
+               num_runs: int = 1) -> None:
     scalars = {"train/loss": metrics["loss"], "train/error": metrics["error"],
                "train/learning_rate": lr}
-    speed = ""
+    speed, runs = "", ""
     if seconds_per_step:  # not right after compilation
-        scalars["train/images_per_second"] = batch_size / seconds_per_step
-        speed = (f"  {batch_size / seconds_per_step:.0f} img/s  ETA "
-                 f"{_hms((total_steps - step) * seconds_per_step)}")
-    logging.info("step %d/%d  loss %.4f  error %.2f%%  lr %.4g%s", step, total_steps,
-                 metrics["loss"], 100 * metrics["error"], lr, speed)
+        images = batch_size * num_runs / seconds_per_step
+        scalars["train/images_per_second"] = images
+        speed = f"  {images:.0f} img/s  ETA {_hms((total_steps - step) * seconds_per_step)}"
+    loss, error = metrics["loss"], metrics["error"]
+    if num_runs > 1:
+        loss, error = np.nanmedian(loss), np.nanmedian(error)
+        runs = f" (medians of {np.sum(np.isfinite(metrics['loss']))} runs)"
+    logging.info("step %d/%d  loss %.4f  error %.2f%%%s  lr %.4g%s", step, total_steps, loss,
+                 100 * error, runs, lr, speed)
     writer.scalars(step, scalars)
 
 

@@ -21,8 +21,8 @@ def test_accelerator_smoke_runs_every_part_without_tensorflow(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "accelerator.json").read_text())["results"]
     assert list(results) == ["cifar110_b128", "cifar164_b128", "cifar164_b1024",
-                             "cifar1001_b128", "imagenet50_b256", "imagenet200_b128",
-                             "timm_resnetv2_50"]
+                             "cifar1001_b128", "cifar164_b128_x8_vmap", "imagenet50_b256",
+                             "imagenet200_b128", "timm_resnetv2_50"]
     for name, result in results.items():
         if name.startswith("timm"):  # no torch/timm/CUDA here: skipped with its reason
             assert "train" in result or "no PyTorch peer" in result["skipped"]
@@ -33,6 +33,10 @@ def test_accelerator_smoke_runs_every_part_without_tensorflow(tmp_path):
     # FLOPs are the unrolled network's even where the part runs scanned (ResNet-20 bottleneck,
     # 9n+2 with n=2, vs ResNet-11, n=1: about twice the units, so well over the 1.3x of the
     # scanned count, which XLA counts once per loop body).
+    runs, single = results["cifar164_b128_x8_vmap"], results["cifar164_b128"]
+    assert (runs["runs"], runs["runs_layout"]) == (8, "vmap")
+    assert runs["gflop_per_step"] == single["gflop_per_step"]  # per run
+    assert runs["per_run_img_per_s"] == runs["train"]["img_per_s"] / 8
     scanned, smaller = results["cifar1001_b128"], results["cifar164_b128"]
     assert scanned["layout"] == "scan+remat" and smaller["layout"] == "unrolled"
     assert scanned["gflop_per_step"] > 1.5 * smaller["gflop_per_step"]
@@ -121,11 +125,11 @@ def test_unrolled_parts_start_from_the_scanned_twins_weights():
     dp = parallel.DataParallel(config.parallelism, config.bn_group_size, jax.devices()[:1])
     setup = recipe.build(config, dp)
     state = dp.to_host(accelerator.initial_state(config, setup, dp))
-    reference = jax.eval_shape(setup.init_state, jax.random.PRNGKey(0))
+    reference = jax.eval_shape(lambda: setup.init_state(0))
     assert jax.tree.structure(state) == jax.tree.structure(reference)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(state)] == \
         [(x.shape, x.dtype) for x in jax.tree.leaves(reference)]
     config.model.scan_units = True
-    twin = recipe.build(config, dp).init_state(jax.random.PRNGKey(0))
+    twin = recipe.build(config, dp).init_state(0)
     converted = models.scanned_to_unrolled({"params": twin.params})["params"]
     jax.tree.map(np.testing.assert_array_equal, state.params, converted)

@@ -45,7 +45,7 @@ def setup_and_batch(config):
 def one_step(config):
     """Builds the config's model and takes one step on 2 random 32x32 images, one device."""
     setup, dp, batch = setup_and_batch(config)
-    state = setup.init_state(jax.random.PRNGKey(0))
+    state = setup.init_state(0)
     state, metrics = setup.train_step(dp.put_state(state), dp.put_batch(batch))
     return setup.model, dp.to_host(state), dp.to_host(metrics)
 

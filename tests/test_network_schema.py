@@ -98,7 +98,7 @@ def test_the_unit_layout_converts_on_restore_momentum_included(tmp_path):
     config = default.cifar("cifar10", 20, batch_size=8, eval_batch_size=8)
     dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
     unrolled = recipe.build(config, dp)
-    state = unrolled.init_state(jax.random.PRNGKey(0))
+    state = unrolled.init_state(0)
     state = state.replace(opt_state=jax.tree.map(  # momentum that is not all zeros
         lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, state.opt_state))
     checkpoints = checkpoint.Checkpoints(tmp_path, unrolled.model)

@@ -22,7 +22,7 @@ def batch(n=16, seed=0):
 def run_steps(config, dp, steps=2):
     """`steps` training steps on fixed batches; returns (host state, per-step metrics)."""
     setup = recipe.build(config, dp)
-    state = setup.init_state(jax.random.PRNGKey(0))
+    state = setup.init_state(0)
     step = setup.train_step
     state = dp.put_state(state)
     metrics = []
@@ -88,7 +88,7 @@ def test_bn_groups_change_the_result(single_device_run):
 def all_reduces(config, dp):
     """The all-reduce ops in the compiled train step's HLO."""
     setup = recipe.build(config, dp)
-    state = dp.put_state(setup.init_state(jax.random.PRNGKey(0)))
+    state = dp.put_state(setup.init_state(0))
     hlo = setup.train_step.lower(state, dp.put_batch(batch())).compile().as_text()
     return hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
 

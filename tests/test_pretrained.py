@@ -23,7 +23,7 @@ def small_run(workdir, seed=1, **overrides):
                             "seed": seed, **overrides})
     setup = recipe.build(config, parallel.DataParallel("shard_map"))
     checkpoints = checkpoint.Checkpoints(workdir, setup.model)
-    state = setup.init_state(jax.random.PRNGKey(seed))
+    state = setup.init_state(seed)
     checkpoints.save(1, state)
     checkpoints.close()
     (workdir / "config.json").write_text(config.to_json_best_effort())
@@ -42,7 +42,7 @@ def fresh(**overrides):
     config = config_with(**{"depth": 8, "block": "basic", "batch_size": 8, "eval_batch_size": 8,
                             **overrides})
     setup = recipe.build(config, parallel.DataParallel("shard_map"))
-    return setup.model, recipe.variables_of(setup.init_state(jax.random.PRNGKey(0)))
+    return setup.model, recipe.variables_of(setup.init_state(0))
 
 
 def assert_equal(a, b):
@@ -128,7 +128,7 @@ def test_frozen_backbone_and_bn_statistics_change_only_the_head():
                          train_backbone=False, train_bn_statistics=False, input_resize=48)
     dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
     setup = recipe.build(config, dp)
-    state = jax.tree.map(np.array, setup.init_state(jax.random.PRNGKey(0)))  # the step donates
+    state = jax.tree.map(np.array, setup.init_state(0))  # the step donates
     rng = np.random.RandomState(0)
     batch = {"image": rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
              "label": rng.randint(0, 10, (8,)).astype(np.int32)}

@@ -118,7 +118,7 @@ def test_evaluator_prefetches_onto_the_devices_and_fetches_once(array_dir, monke
                            eval_batch_size=40)
     dp = parallel.DataParallel("shard_map", 0)
     setup = recipe.build(config, dp)
-    state = dp.put_state(setup.init_state(jax.random.PRNGKey(0)))
+    state = dp.put_state(setup.init_state(0))
     put_by, fetches = [], []
     put_batch, to_host = dp.put_batch, dp.to_host
     monkeypatch.setattr(dp, "put_batch", lambda b: put_by.append(
@@ -170,7 +170,7 @@ def small_checkpoint(tmp_path_factory):
     setup = recipe.build(config, dp)
     workdir = tmp_path_factory.mktemp("checkpoint")
     checkpoints = checkpoint.Checkpoints(workdir, setup.model)
-    checkpoints.save(1, dp.put_state(setup.init_state(jax.random.PRNGKey(0))))
+    checkpoints.save(1, dp.put_state(setup.init_state(0)))
     checkpoints.close()
     return workdir, config
 
