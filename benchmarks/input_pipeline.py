@@ -136,6 +136,11 @@ flags.DEFINE_bool("cifar", True, "Include the CIFAR-10 rows (needs cifar10 in --
 
 def main(argv):
     del argv
+    photos = sorted(pathlib.Path(FLAGS.samples).glob("*.JPEG"))
+    if not photos:
+        raise app.UsageError(f"no *.JPEG photos in --samples={FLAGS.samples}: point it at a "
+                             "folder of JPEG photos (or set RESNET_V2_JAX_DATA to a folder "
+                             "holding imagenet_samples/)")
     table = []
     if FLAGS.cifar:
         cifar = default.get_config()
@@ -150,7 +155,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as data_dir:
         imagenet = default.imagenet(50)
         imagenet.dataset = jpeg_datasets.store_jpeg_dataset(
-            "imagenet_samples", sorted(pathlib.Path(FLAGS.samples).glob("*.JPEG")), data_dir).name
+            "imagenet_samples", photos, data_dir).name
         imagenet.data_dir = data_dir
         builder = tfds.builder(imagenet.dataset, data_dir=data_dir)
 
