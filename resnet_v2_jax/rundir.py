@@ -55,15 +55,19 @@ def make(path: epath.Path) -> None:
     if path.exists() and not path.is_dir():
         raise WorkdirError(f"cannot use --workdir={path}: it is a file, not a folder; choose "
                            "another path")
+    _make_writable(path, f"cannot use --workdir={path}", "choose a folder you can write to")
+
+
+def _make_writable(folder: epath.Path, what: str, advice: str) -> None:
+    """Creates `folder` (and parents) and writes a probe file there, or raises WorkdirError
+    "<what>: <reason>; <advice>"."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{uuid.uuid4().hex}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{uuid.uuid4().hex}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise WorkdirError(f"cannot use --workdir={path}: {reason}; choose a folder you can "
-                           "write to") from e
+        raise WorkdirError(f"{what}: {e.strerror or type(e).__name__}; {advice}") from e
 
 
 def check_output_file(path: epath.Path, flag: str) -> None:
@@ -76,15 +80,7 @@ def check_output_file(path: epath.Path, flag: str) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise WorkdirError(f"cannot write {flag}={path}: {folder} is a file, not a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".write_test.{uuid.uuid4().hex}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise WorkdirError(f"cannot write {flag}={path}: {reason}; choose a path you can write "
-                           "to") from e
+    _make_writable(path.parent, f"cannot write {flag}={path}", "choose a path you can write to")
 
 
 def write_json(path: epath.Path, value: Any) -> None:
