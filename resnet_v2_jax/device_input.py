@@ -148,9 +148,12 @@ def create_train_iterator(config, sharding: NamedSharding, *,
         x.shape, NamedSharding(sharding.mesh, data_spec), lambda index: x[index]),
         {"image": images[:keep], "label": labels[:keep]})
     # Run k's order is that of the single run with seed + k.
-    perm_keys = jnp.stack([jax.random.split(jax.random.key(config.seed + k))[0]
-                           for k in range(num_runs)])
-    perm_keys = jax.device_put(perm_keys, NamedSharding(sharding.mesh, P(run_axis)))
+    # The keys travel as raw uint32 data: every process builds the same array and places its
+    # own devices' rows (a multi-process mesh takes no device_put of a whole array).
+    perm_keys = np.stack([jax.random.key_data(jax.random.split(jax.random.key(seed))[0])
+                          for seed in range(config.seed, config.seed + num_runs)])
+    perm_keys = jax.make_array_from_callback(
+        perm_keys.shape, NamedSharding(sharding.mesh, P(run_axis)), lambda index: perm_keys[index])
     order_spec = P(run_axis, batch_axes)
 
     @jax.jit
@@ -160,7 +163,8 @@ def create_train_iterator(config, sharding: NamedSharding, *,
         """Each shard's order of its own examples in `epoch`, for each run: [runs, size]."""
         shard = jax.lax.axis_index(batch_axes)
         return jax.vmap(lambda key: jax.random.permutation(
-            jax.random.fold_in(jax.random.fold_in(key, epoch), shard), shard_size))(keys)
+            jax.random.fold_in(jax.random.fold_in(key, epoch), shard), shard_size))(
+                jax.random.wrap_key_data(keys))
 
     @jax.jit
     @functools.partial(jax.shard_map, mesh=sharding.mesh,

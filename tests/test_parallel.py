@@ -129,7 +129,7 @@ def test_state_round_trips_between_executors():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(executor="threads"), "unknown parallelism"),
-    (dict(bn_group_size=3), "must divide the device count 8"),
+    (dict(bn_group_size=3), "bn_group_size=3 must divide the 8 devices of a run"),
 ])
 def test_bad_parallel_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -287,9 +287,9 @@ def test_a_signal_during_evaluation_stops_there_and_labels_the_results(tmp_path,
                        eval_every_steps=N, log_every_steps=1))
     evaluate = train.Evaluator.__call__
 
-    def signalled(self, variables):
+    def signalled(self, variables, *rest):
         os.kill(os.getpid(), signal.SIGTERM)  # handled by the run: stop after this evaluation
-        return evaluate(self, variables)
+        return evaluate(self, variables, *rest)
     monkeypatch.setattr(train.Evaluator, "__call__", signalled)
     results = train.train_and_evaluate(config, str(tmp_path))
     assert (results["step"], results["eval_step"], results["stop_signal"]) == (N, N, "SIGTERM")
@@ -308,7 +308,7 @@ def test_final_checkpoint_is_written_before_evaluation(tmp_path, array_dir, monk
                        batch_size=64, eval_batch_size=40, num_train_steps=2,
                        checkpoint_every_steps=1000, eval_every_steps=1000))
 
-    def broken_eval(self, state):
+    def broken_eval(self, variables, *rest):
         raise RuntimeError("evaluation failed")
     monkeypatch.setattr(train.Evaluator, "__call__", broken_eval)
     with pytest.raises(RuntimeError, match="evaluation failed"):
