@@ -4,9 +4,28 @@
 before JAX initialises its backends, hence at import time here.
 """
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Many tests compile the same programs (the small config's train step in a dozen command-line
+# runs, the single-run references of test_runs). JAX's persistent compilation cache compiles
+# each once per test session: the folder is made by the first process (pytest, or xdist's
+# controller) and reaches the xdist workers and the command lines they start through the
+# environment. It is removed when that process's session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="resnet_v2_jax_tests_")
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+else:
+    _OWN_CACHE = None
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 # --- real data (input pipeline tests; usable by any test) -------------------------------------
