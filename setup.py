@@ -1,6 +1,17 @@
 """resnet_v2_jax: pre-activation ResNets (He et al., 2016) in JAX/Flax."""
 from setuptools import find_packages, setup
 
+SHIPPED_CONFIGS = "resnet_v2_jax.shipped.configs"
+TRAIN = [
+    "tensorflow-datasets>=4.9.6",
+    # tf.data only (kept off the accelerators); the CPU build where one is published.
+    "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
+    "tensorflow>=2.16; platform_machine != 'x86_64'",
+    "tensorboardX>=2.6",   # writes event files (train)
+    "tensorboard>=2.16",   # reads them (plot), and views them
+    "matplotlib>=3.8",     # plot, analyze
+]
+
 setup(
     name="resnet_v2_jax",
     version="0.1.0",
@@ -8,9 +19,12 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["resnet_v2_jax", "resnet_v2_jax.*"]),
+    packages=find_packages(include=["resnet_v2_jax", "resnet_v2_jax.*"]) + [SHIPPED_CONFIGS],
+    # The repository's configs/ ship inside the package (resnet_v2_jax/shipped/configs), so that
+    # `--config=configs/<name>.py` works from an installed package in any directory (`cli`).
+    package_dir={SHIPPED_CONFIGS: "configs"},
     install_requires=[
-        # Exactly what resnet_v2_jax imports.
+        # What the networks, their NNX forms, weights files and the parallel code import.
         "jax>=0.7",
         "flax>=0.10.6",
         "optax>=0.2.4",
@@ -20,20 +34,16 @@ setup(
         "etils[epath]>=1.5",
         "numpy>=1.26",
         "safetensors>=0.4",    # weights files (models.save/load, export, timm's hub files)
-        "tensorflow-datasets>=4.9.6",
-        # tf.data only (kept off the accelerators); the CPU build where one is published.
-        "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
-        "tensorflow>=2.16; platform_machine != 'x86_64'",
-        "tensorboardX>=2.6",   # writes event files (train)
-        "tensorboard>=2.16",   # reads them (plot), and views them
-        "matplotlib>=3.8",     # plot
     ],
     extras_require={
+        # Training's host input, logs and figures: the command lines need these (they say so in
+        # one line when one is missing).
+        "train": TRAIN,
         # The offline CIFAR copy some machines keep beside the checkout (its prepare_tfds.py and
         # cifar_npz.py read WebP images); also needed by the tests that use it.
         "offline": ["pillow>=10", "importlib_resources>=6"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89", "pillow>=10",
-                 "importlib_resources>=6"],
+        "test": TRAIN + ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89", "pillow>=10",
+                        "importlib_resources>=6"],
         # Weight import from timm (resnet_v2_jax.timm_import); large, never required.
         "timm": ["timm>=1.0", "torch>=2.3"],
     },

@@ -161,7 +161,7 @@ cmd_setup() {
     on_workers all "set -e; $fetch; cd $REMOTE_DIR
 python3 -m pip install --quiet --user uv
 [ -x .venv/bin/python ] || ~/.local/bin/uv venv --quiet --python $(quote "$PYTHON_VERSION") .venv
-~/.local/bin/uv pip install --quiet --python .venv/bin/python -e . 'jax[tpu]'
+~/.local/bin/uv pip install --quiet --python .venv/bin/python -e '.[train]' 'jax[tpu]'
 .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_devices())'"
 }
 

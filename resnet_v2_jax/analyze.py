@@ -35,7 +35,6 @@ import ml_collections
 import numpy as np
 from absl import flags
 from etils import epath
-from matplotlib.figure import Figure  # no pyplot: files only
 
 from resnet_v2_jax import cli, datasets, models, recipe, rundir, runs
 
@@ -156,6 +155,7 @@ def relative_to_last(values: Sequence[float]) -> np.ndarray:
 
 def plot(results: Sequence[Dict[str, Any]], path: str) -> None:
     """Two panels in the paper's style: ||dE/dx_l|| and RMS(x_l) relative to the last unit."""
+    from matplotlib.figure import Figure  # the [train] extra; no pyplot: files only
     figure = Figure(figsize=(11, 4.2))
     for axis, key, title in zip(figure.subplots(1, 2), ("grad_norm", "forward_rms"),
                                 ("backward: ||dE/dx_l|| / ||dE/dx_L||",

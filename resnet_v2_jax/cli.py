@@ -27,6 +27,8 @@ import ml_collections
 from absl import app, flags, logging
 
 TRACEBACK_VARIABLE = "RESNET_V2_JAX_TRACEBACK"
+# What `pip install 'resnet_v2_jax[train]'` adds to the core install (setup.py's TRAIN).
+TRAIN_EXTRA = ("tensorflow", "tensorflow_datasets", "tensorboardX", "tensorboard", "matplotlib")
 
 # (logger name prefix, message pattern) of library lines dropped from every command's log.
 LIBRARY_NOISE = (
@@ -123,6 +125,23 @@ def import_tensorflow_quietly() -> None:
     tensorflow_datasets.disable_progress_bar()
 
 
+def _not_installed(module: str) -> str:
+    return (f"{module} is not installed: training's input, logs and figures come with the "
+            "[train] extra: pip install 'resnet_v2_jax[train]'")
+
+
+def check_train_extra(config: ml_collections.ConfigDict) -> None:
+    """Ends a training command in one line, before it writes anything, when a module of the
+    [train] extra that `config` needs is not installed (TensorBoard's writer always, TensorFlow
+    and tfds for configs that read tfds)."""
+    needed = ["tensorboardX"]
+    if config.get("input_pipeline") == "tfds" or config.get("array_dir") is None:
+        needed += ["tensorflow", "tensorflow_datasets"]
+    for module in needed:
+        if importlib.util.find_spec(module) is None:
+            fail(_not_installed(module), 1)
+
+
 def prepare_process(config: ml_collections.ConfigDict) -> None:
     """What a command's process needs for `config`: 64-bit JAX for `float64` configs (JAX's
     precision is process-wide), and TensorFlow imported quietly for configs that read tfds."""
@@ -148,16 +167,48 @@ def fail(message: str, code: int = 1, error: BaseException = None) -> None:
     sys.exit(code)
 
 
-def _config_paths(argv: Sequence[str]):
-    """The .py files named by --config=... (ignoring `:args` suffixes and overrides)."""
+def shipped_configs() -> str:
+    """The folder of the configs that come with resnet_v2_jax: the copy an installed package
+    ships (resnet_v2_jax/shipped/configs), or the repository's configs/ beside the package in a
+    checkout."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    shipped = os.path.join(package, "shipped", "configs")
+    return shipped if os.path.isdir(shipped) else os.path.join(os.path.dirname(package), "configs")
+
+
+def _resolve_config(path: str) -> str:
+    """`path` itself where it exists; otherwise, for configs/<name>.py, the shipped config of
+    that name; otherwise a one-line error that lists the shipped configs."""
+    if os.path.isfile(path):
+        return path
+    folder, name = os.path.split(os.path.normpath(path))
+    shipped = os.path.join(shipped_configs(), name)
+    if os.path.basename(folder) == "configs" and os.path.isfile(shipped):
+        return shipped
+    folder = shipped_configs()
+    files = os.listdir(folder) if os.path.isdir(folder) else []
+    names = sorted(n[:-3] for n in files if n.endswith(".py") and n not in ("__init__.py",
+                                                                             "default.py"))
+    fail(f"config file {path} not found (working directory {os.getcwd()}); the configs that "
+         f"come with resnet_v2_jax are configs/<name>.py for <name> in: {', '.join(names)}", 2)
+
+
+def _resolve_config_flags(argv: Sequence[str]) -> Tuple[list, list]:
+    """(argv with each --config file resolved by `_resolve_config`, the resolved .py files),
+    `:args` suffixes and --config.key=value overrides kept as they are."""
+    argv, paths = list(argv), []
     for i, arg in enumerate(argv):
-        value = None
         if arg.startswith("--config="):
-            value = arg[len("--config="):]
+            index, prefix, value = i, "--config=", arg[len("--config="):]
         elif arg == "--config" and i + 1 < len(argv):
-            value = argv[i + 1]
-        if value:
-            yield value.split(":", 1)[0]
+            index, prefix, value = i + 1, "", argv[i + 1]
+        else:
+            continue
+        path, colon, rest = value.partition(":")
+        if path:
+            paths.append(_resolve_config(path))
+            argv[index] = prefix + paths[-1] + colon + rest
+    return argv, paths
 
 
 def _importable_configs(path: str) -> None:
@@ -213,13 +264,12 @@ def parse_flags(argv: Sequence[str]):
 
     Config files import their base as `from configs import default`; the folder that holds a
     given file's `configs/` package is put on sys.path, so `--config=/path/to/configs/x.py`
-    works wherever the command runs.
+    works wherever the command runs. `--config=configs/<name>.py` where no such file exists
+    takes the config of that name that comes with the package (`shipped_configs`).
     """
     argv = ["--help" if arg == "-h" else arg for arg in argv]  # absl knows only --help
-    paths = list(_config_paths(argv))
+    argv, paths = _resolve_config_flags(argv)
     for path in paths:
-        if not os.path.isfile(path):
-            fail(f"config file {path} not found (working directory {os.getcwd()})", 2)
         _importable_configs(path)
     try:
         rest = flags.FLAGS(list(argv))
@@ -270,6 +320,10 @@ def run(main: Callable, user_errors: Tuple[Type[BaseException], ...]) -> None:
                  "from the last checkpoint", 143, e)
         except user_errors as e:
             fail(str(e), 1, e)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
+                raise
+            fail(_not_installed(e.name), 1, e)
 
     quiet_libraries()
     app.run(guarded, flags_parser=parse_flags)

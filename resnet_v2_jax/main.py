@@ -57,6 +57,7 @@ def main(argv):
         return
     if not FLAGS.workdir:
         cli.fail("--workdir is required to train (--print_config lists the config's keys)", 2)
+    cli.check_train_extra(FLAGS.config)
     cli.prepare_process(FLAGS.config)
     parallel.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                     FLAGS.num_processes, FLAGS.process_id)

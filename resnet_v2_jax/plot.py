@@ -16,12 +16,9 @@ as a thin line (`--spread=all`), from the runs' own files in runs/<k>.
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import matplotlib
 import numpy as np
 from absl import flags
 from etils import epath
-from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
-from matplotlib.lines import Line2D
 
 from resnet_v2_jax import cli
 
@@ -90,6 +87,9 @@ def draw(runs: Sequence[Curves], out: str, train: str = "loss",
     """Writes the figure of `runs` to `out` (the format follows its suffix, e.g. .png, .pdf).
     Curves of several runs are drawn as their median with the band from best to worst run
     (`spread="band"`), or with every run as a thin line (`spread="all"`)."""
+    import matplotlib  # the [train] extra
+    from matplotlib.figure import Figure  # no pyplot: files only, no display or global state
+    from matplotlib.lines import Line2D
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     train_ax = fig.subplots()
     test_ax = train_ax.twinx() if train == "loss" else train_ax

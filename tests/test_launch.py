@@ -120,7 +120,7 @@ def test_tpu_pod_setup_installs_on_every_worker():
     assert_valid_bash(remote)
     assert "tar -xzf resnet_v2_jax.tar.gz" in remote
     install = next(shlex.split(line) for line in remote.splitlines() if "jax[tpu]" in line)
-    assert install[install.index("-e") + 1] == "."
+    assert install[install.index("-e") + 1] == ".[train]"
 
 
 def test_tpu_setup_from_a_git_repository():
