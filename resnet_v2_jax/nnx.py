@@ -18,6 +18,11 @@
 
     model.train()   # BN normalises with batch statistics and updates its running averages
     model.eval()    # BN normalises with the running averages; the dropout shortcut is off
+    evaluation = nnx.view(model, use_running_average=True, deterministic=True)  # a view, likewise
+
+    probe = nnx.view(model, use_running_average=True, deterministic=True, intermediates=True)
+    probe(images)
+    features = nnx.pop(probe, nnx.Intermediate)  # {"stem": ..., "stage1": ..., ...}: NHWC maps
 
 Each NNX network holds its variables as NNX `Param`s and `BatchStat`s and runs the linen
 `models.ResNetV2` on them (a bridge in the manner of `flax.nnx.bridge.ToNNX`, but updating the
@@ -61,6 +66,15 @@ class ResNetV2(nnx.Module):
         batch_stats: BN running averages, `nnx.BatchStat`s, updated in place in training mode.
         use_running_average: False in training mode (the default, as for Flax's NNX BatchNorm),
             True after `.eval()`.
+        deterministic: the dropout shortcut's switch (False in training mode, as for NNX's
+            Dropout). The linen network runs BN and dropout in one mode (`train`), so a
+            dropout-shortcut network refuses a call where the two disagree.
+        intermediates: when True, a call sows the stem's and each stage's output as
+            `nnx.Intermediate`s (`stem`, `stage1`, ...), as linen sows them into its
+            "intermediates" collection; read them with `nnx.pop(model, nnx.Intermediate)`.
+
+    `.train()`, `.eval()` and `nnx.view(model, use_running_average=..., deterministic=...,
+    intermediates=...)` set these (`set_view`).
     """
 
     def __init__(self, network: models.ResNetV2, *, rngs: nnx.Rngs,
@@ -73,17 +87,36 @@ class ResNetV2(nnx.Module):
         self.batch_stats = nnx.data(jax.tree.map(nnx.BatchStat, variables["batch_stats"]))
         self.rngs = rngs.fork() if network.shortcut == "dropout" else None
         self.use_running_average = False
+        self.deterministic = False
+        self.intermediates = False
+
+    def set_view(self, use_running_average: Optional[bool] = None,
+                 deterministic: Optional[bool] = None,
+                 intermediates: Optional[bool] = None) -> None:
+        """What `nnx.view` sets (the attributes of the same names; None leaves one as it is)."""
+        for name, value in (("use_running_average", use_running_average),
+                            ("deterministic", deterministic), ("intermediates", intermediates)):
+            if value is not None:
+                setattr(self, name, value)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Logits (or pooled features, for num_classes=None) of images [B, H, W, 3]."""
+        train = not self.use_running_average
+        if self.rngs is not None and self.deterministic == train:
+            raise ValueError(f"use_running_average={self.use_running_average} with "
+                             f"deterministic={self.deterministic}: the dropout shortcut runs in "
+                             "BN's mode; set both (.train(), .eval() or nnx.view with both)")
         variables = {"params": _values(self.params), "batch_stats": _values(self.batch_stats)}
-        if self.use_running_average:
-            return self.network.apply(variables, images, train=False)
-        rngs = {"dropout": self.rngs.dropout()} if self.rngs is not None else None
-        logits, updates = self.network.apply(variables, images, train=True, rngs=rngs,
-                                             mutable=["batch_stats"])
-        jax.tree.map(lambda var, new: var.set_value(new), self.batch_stats,
-                     updates["batch_stats"], is_leaf=_is_variable)
+        mutable = (["batch_stats"] if train else []) + (
+            ["intermediates"] if self.intermediates else [])
+        rngs = {"dropout": self.rngs.dropout()} if train and self.rngs is not None else None
+        logits, updates = self.network.apply(variables, images, train=train, rngs=rngs,
+                                             mutable=mutable)
+        if train:
+            jax.tree.map(lambda var, new: var.set_value(new), self.batch_stats,
+                         updates["batch_stats"], is_leaf=_is_variable)
+        for name, (value,) in updates.get("intermediates", {}).items():
+            self.sow(nnx.Intermediate, name, value)
         return logits
 
 
@@ -107,11 +140,20 @@ def to_linen(model: ResNetV2) -> Tuple[models.ResNetV2, Dict[str, Any]]:
 
 
 def from_linen(network: models.ResNetV2, variables: Dict[str, Any], *,
-               rngs: Optional[nnx.Rngs] = None) -> ResNetV2:
+               rngs: Optional[nnx.Rngs] = None, drop_head: bool = False) -> ResNetV2:
     """The NNX form of `network` holding `variables` (linen layout, e.g. from `models.load`,
     `timm_import.load` or a checkpoint). Every variable must be there, with the network's
-    shapes; anything else is refused with a one-line ValueError naming the difference."""
+    shapes; anything else is refused with a one-line ValueError naming the difference.
+    `drop_head=True` lets a headless `network` (num_classes=None) take a classifier's
+    variables, leaving out its head (as linen's `apply` ignores it)."""
     expected = jax.eval_shape(_init(network, (1, 32, 32, 3)), jax.random.key(0))
+    params = variables.get("params", {})
+    if models.HEAD in params and network.num_classes is None:
+        if not drop_head:
+            raise ValueError(f"these params hold a classifier ({models.HEAD!r}) and the network "
+                             "is headless (num_classes=None): pass drop_head=True to leave it out")
+        variables = {**variables, "params": {k: v for k, v in params.items()
+                                             if k != models.HEAD}}
     for collection in ("params", "batch_stats"):
         _check_same_layout(collection, expected[collection], variables.get(collection, {}))
     variables = jax.tree.map(lambda want, have: jnp.asarray(have, want.dtype),

@@ -87,3 +87,51 @@ def test_variables_of_another_network_are_refused_in_one_line():
         resnet_nnx.from_linen(models.cifar_resnet(14, 10, block="basic"), variables)
     with pytest.raises(ValueError, match=r"head/kernel is \(64, 10\), the network has \(64, 100\)"):
         resnet_nnx.from_linen(models.cifar_resnet(8, 100, block="basic"), variables)
+
+
+def test_nnx_view_sets_the_modes_as_the_flax_docs_do():
+    """`nnx.view(model, use_running_average=..., deterministic=...)` (the current NNX idiom)
+    gives a model sharing the weights: the evaluation view leaves the BN statistics alone, the
+    training view updates them in place, in the shared variables."""
+    model = resnet_nnx.cifar_resnet(8, 10, block="basic", rngs=nnx.Rngs(0))
+    network, variables = resnet_nnx.to_linen(model)
+    evaluation = nnx.view(model, use_running_average=True, deterministic=True)
+    np.testing.assert_array_equal(evaluation(IMAGES),
+                                  network.apply(variables, IMAGES, train=False))
+    jax.tree.map(np.testing.assert_array_equal, resnet_nnx.to_linen(model)[1], variables)
+    training = nnx.view(model, use_running_average=False, deterministic=False)
+    _, updates = network.apply(variables, IMAGES, train=True, mutable=["batch_stats"])
+    training(IMAGES)
+    jax.tree.map(np.testing.assert_array_equal, resnet_nnx.to_linen(model)[1]["batch_stats"],
+                 updates["batch_stats"])
+    dropout = resnet_nnx.cifar_resnet(8, 10, block="basic", shortcut="dropout",
+                                      rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="the dropout shortcut runs in BN's mode"):
+        nnx.view(dropout, use_running_average=True, deterministic=False)(IMAGES)
+
+
+def test_intermediates_are_sown_as_nnx_intermediates_equal_to_linens():
+    model = resnet_nnx.cifar_resnet(8, 10, block="basic", rngs=nnx.Rngs(0))
+    network, variables = resnet_nnx.to_linen(model)
+    probe = nnx.view(model, use_running_average=True, deterministic=True, intermediates=True)
+    probe(IMAGES)
+    sown = nnx.pop(probe, nnx.Intermediate)
+    _, linen = network.apply(variables, IMAGES, train=False, mutable=["intermediates"])
+    assert set(sown) == set(linen["intermediates"]) == {"stem", "stage1", "stage2", "stage3"}
+    for name, (value,) in linen["intermediates"].items():
+        np.testing.assert_array_equal(sown[name].get_value()[0], value)
+    model.eval()
+    model(IMAGES)
+    assert not nnx.state(model, nnx.Intermediate)  # off unless asked for
+
+
+def test_a_headless_trunk_takes_a_classifiers_variables_with_drop_head():
+    network, variables = resnet_nnx.to_linen(
+        resnet_nnx.cifar_resnet(8, 10, block="basic", rngs=nnx.Rngs(0)))
+    trunk = models.cifar_resnet(8, None, block="basic")
+    with pytest.raises(ValueError, match="pass drop_head=True"):
+        resnet_nnx.from_linen(trunk, variables)
+    model = resnet_nnx.from_linen(trunk, variables, drop_head=True)
+    model.eval()
+    np.testing.assert_array_equal(model(IMAGES), trunk.apply(variables, IMAGES, train=False))
+    assert models.HEAD not in resnet_nnx.to_linen(model)[1]["params"]
