@@ -99,8 +99,11 @@ def _unit_options(model, unit: str):
     model.residual_scale = 1.0            # "scaling" only: lambda on F
     model.gate_bias_init = 0.0            # gating only: b_g
     model.shortcut_dropout_rate = 0.5     # "dropout" only
-    model.bn_momentum = 0.9               # Torch's BN momentum 0.1
-    model.bn_epsilon = 1e-5               # BN epsilon (Torch's default)
+    model.norm = "batch"                  # "batch" (the paper) | "group" (BiT) | "layer"
+    model.norm_groups = 32                # norm="group" only: GroupNorm's groups
+    model.conv = "plain"                  # "plain" | "weight_standardized" (BiT)
+    model.bn_momentum = 0.9               # norm="batch" only: Torch's BN momentum 0.1
+    model.bn_epsilon = 1e-5               # the norm layers' epsilon (Torch's BN default)
 
 
 def cifar_model(depth: int, unit: str = "full_preact", **options):
@@ -125,6 +128,8 @@ def imagenet_model(depth: int, unit: str = "full_preact", **options):
     model.arch = "imagenet"
     model.depth = depth
     model.stem_norm = "before_pool"       # ImageNet only: "before_pool" (paper) | "after_pool" (timm)
+    model.stem_pool_pad = "-inf"          # ImageNet only: the stem max-pool's padding, "-inf"
+                                          # (paper, timm) | "zero" (BiT)
     model.stride_on = "3x3"
     _unit_options(model, unit)
     model.scan_units = False

@@ -74,7 +74,7 @@ def unit_signals(model: models.ResNetV2, variables: Dict[str, Any], images: jax.
                  labels: jax.Array) -> Dict[str, List]:
     """{"units": names, "forward_rms": RMS of x_l, "grad_norm": ||dE/dx_l||} over the units of
     `model` on one batch, BN in training mode (batch statistics), float64 norms."""
-    base = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    base = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
     def perturbation_shapes():
         with nn.intercept_methods(_unit_outputs):

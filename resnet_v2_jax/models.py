@@ -80,11 +80,27 @@ SHORTCUTS = (
     "dropout",         # (f) dropout(x) + F
 )
 
-# The options only some shortcuts use; a network with another shortcut ignores them (and
-# `signature` leaves them out).
-SHORTCUT_OPTIONS = {"shortcut_scale": ("scaling",), "residual_scale": ("scaling",),
-                    "gate_bias_init": ("exclusive_gate", "shortcut_gate"),
-                    "shortcut_dropout_rate": ("dropout",)}
+# The options only some settings use: option -> (the attribute that decides, the values that
+# use it). A network with another value ignores the option (and `signature` leaves it out).
+DEPENDENT_OPTIONS = {"shortcut_scale": ("shortcut", ("scaling",)),
+                     "residual_scale": ("shortcut", ("scaling",)),
+                     "gate_bias_init": ("shortcut", ("exclusive_gate", "shortcut_gate")),
+                     "shortcut_dropout_rate": ("shortcut", ("dropout",)),
+                     "bn_momentum": ("norm", ("batch",)),
+                     "norm_groups": ("norm", ("group",))}
+
+# The normalisation layers by name. BatchNorm is the paper's; GroupNorm with weight-standardised
+# convs is BiT's (big_vision, timm's resnetv2_50x1_bit); LayerNorm normalises each position over
+# its channels. A callable with the constructor interface of these (module attributes, `name`)
+# may be given instead of a name.
+NORMS = ("batch", "group", "layer")
+# Convolutions by name: "plain", or "weight_standardized" (BiT: each output channel's kernel
+# centred and scaled to unit variance before use, `StandardizedConv`). A callable with `_conv`'s
+# interface may be given instead.
+CONVS = ("plain", "weight_standardized")
+# How the ImageNet stem's 3x3/2 max-pool pads: "-inf" (padding never wins: preresnet.lua, timm's
+# resnetv2_50) or "zero" (zeros, which win over negative values: BiT's stem).
+STEM_POOL_PADS = ("-inf", "zero")
 
 # Where the first unit of a stage takes its pre-activation from.
 PREACT_MODES = (
@@ -111,12 +127,29 @@ def runtime(default):
     return dataclasses.field(default=default, metadata={"runtime": True})
 
 
-def _conv(features: int, kernel: int, strides: int = 1, use_bias: bool = False,
-          **kwargs) -> nn.Conv:
+class StandardizedConv(nn.Conv):
+    """A convolution whose kernel is weight-standardised before use (BiT, after Qiao et al.,
+    "Weight Standardization"): per output channel, minus its mean over (height, width, input
+    channels), divided by its standard deviation (`epsilon` added to the variance). The stored
+    parameter is the raw kernel."""
+    epsilon: float = 1e-8
+
+    def param(self, name, *args, **kwargs):
+        value = super().param(name, *args, **kwargs)
+        if name != "kernel":
+            return value
+        mean = jnp.mean(value, axis=(0, 1, 2), keepdims=True)
+        variance = jnp.var(value, axis=(0, 1, 2), keepdims=True)
+        return (value - mean) * jax.lax.rsqrt(variance + self.epsilon)
+
+
+def _conv(features: int, kernel: int, strides: int = 1, use_bias: bool = False, *,
+          conv_class=nn.Conv, **kwargs) -> nn.Conv:
     """Conv with Torch's symmetric padding (k-1)/2, He fan-out init and (by default) no bias."""
     pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), (strides, strides), padding=((pad, pad), (pad, pad)),
-                   use_bias=use_bias, kernel_init=he_fan_out, **kwargs)
+    return conv_class(features, (kernel, kernel), (strides, strides),
+                      padding=((pad, pad), (pad, pad)), use_bias=use_bias, kernel_init=he_fan_out,
+                      **kwargs)
 
 
 class ResidualUnit(nn.Module):
@@ -124,8 +157,9 @@ class ResidualUnit(nn.Module):
 
     Attributes:
         features: output channels. A bottleneck unit's inner width is features // 4.
-        norm: BatchNorm constructor with `use_running_average` already bound.
-        conv: Conv constructor with dtype bound (see `_conv` for its defaults).
+        norm: normalisation constructor with its options (for BatchNorm `use_running_average`)
+            already bound; called with `name=` only.
+        conv: Conv constructor with dtype bound (see `_conv` for its interface and defaults).
         bottleneck: 1x1-3x3-1x1 layers (True) or 3x3-3x3 (False).
         strides: spatial stride of the unit.
         stride_on: "1x1" puts the stride on the first 1x1 conv (authors' CIFAR code), "3x3" on the
@@ -246,9 +280,14 @@ class ResNetV2(nn.Module):
             unit has no pre-activation). "after_pool" is timm's ResNetV2 (conv-pool, then the first
             unit pre-activates and shares it with its projection); needs a pre-activation unit.
         stem_width: channels of the stem conv.
+        stem_pool_pad: ImageNet only: how the stem's max-pool pads, one of `STEM_POOL_PADS`.
         bottleneck, stride_on, unit, shortcut, shortcut_scale, residual_scale, gate_bias_init,
             shortcut_dropout_rate: passed to every `ResidualUnit` (`UNIT_OPTIONS`).
-        bn_momentum, bn_epsilon: BatchNorm running-average momentum (Torch's 0.1 is 0.9 here) and eps.
+        norm: the normalisation layer, one of `NORMS` or a constructor (see `NORMS`).
+        norm_groups: GroupNorm's number of groups (norm="group"; BiT's 32).
+        conv: the convolution, one of `CONVS` or a constructor (see `CONVS`).
+        bn_momentum: BatchNorm running-average momentum (Torch's 0.1 is 0.9 here).
+        bn_epsilon: the normalisation layers' epsilon.
         dtype: compute dtype (e.g. jnp.bfloat16); params and BN statistics stay `param_dtype`,
             logits are returned as float32 (as `param_dtype` when that is float64).
         param_dtype: dtype of parameters and BN statistics: float32, or float64 for exact
@@ -268,6 +307,7 @@ class ResNetV2(nn.Module):
     stem: str = "imagenet"
     stem_norm: str = "before_pool"
     stem_width: int = 64
+    stem_pool_pad: str = "-inf"
     bottleneck: bool = True
     stride_on: str = "3x3"
     unit: str = "full_preact"
@@ -276,6 +316,9 @@ class ResNetV2(nn.Module):
     residual_scale: float = 1.0
     gate_bias_init: float = 0.0
     shortcut_dropout_rate: float = 0.5
+    norm: Any = "batch"
+    norm_groups: int = 32
+    conv: Any = "plain"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = runtime(jnp.float32)
@@ -289,6 +332,18 @@ class ResNetV2(nn.Module):
         _check_unit_options(self)
         _check_choice("stem", self.stem, ("cifar", "imagenet"))
         _check_choice("stem_norm", self.stem_norm, ("before_pool", "after_pool"))
+        _check_choice("stem_pool_pad", self.stem_pool_pad, STEM_POOL_PADS)
+        if not callable(self.norm):
+            _check_choice("norm", self.norm, NORMS)
+        if not callable(self.conv):
+            _check_choice("conv", self.conv, CONVS)
+        if self.norm == "group":
+            inner = [w // 4 for w in self.widths] if self.bottleneck else []
+            channels = sorted({self.stem_width, *self.widths, *inner})
+            if (not isinstance(self.norm_groups, (int, np.integer)) or self.norm_groups < 1
+                    or any(c % self.norm_groups for c in channels)):
+                raise ValueError(f"norm_groups={self.norm_groups} must divide every normalised "
+                                 f"channel count {tuple(channels)}")
         if len(self.stage_sizes) != len(self.widths) or min(self.stage_sizes, default=0) < 1:
             raise ValueError(
                 f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
@@ -300,9 +355,10 @@ class ResNetV2(nn.Module):
                              "be positive")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be positive (or None), got {self.num_classes}")
-        if self.stem == "cifar" and self.stem_norm != "before_pool":
-            raise ValueError("stem_norm applies to the imagenet stem only; the cifar stem has "
-                             "no pool")
+        if self.stem == "cifar" and (self.stem_norm, self.stem_pool_pad) != ("before_pool",
+                                                                               "-inf"):
+            raise ValueError("stem_norm and stem_pool_pad apply to the imagenet stem only; the "
+                             "cifar stem has no pool")
         if self.stem_norm == "after_pool" and not UNIT_PLACEMENTS[self.unit]["before_conv"]:
             raise ValueError(
                 f"stem_norm='after_pool' needs a pre-activation unit, not {self.unit!r}")
@@ -310,18 +366,30 @@ class ResNetV2(nn.Module):
         _check_number("bn_epsilon", self.bn_epsilon, 0.0, None, open_low=True)
         super().__post_init__()
 
+    def _norm(self, train: bool) -> Callable[..., nn.Module]:
+        """The normalisation constructor the units call with `name=` only."""
+        common = dict(epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+        if callable(self.norm):
+            return self.norm
+        if self.norm == "group":
+            return functools.partial(nn.GroupNorm, num_groups=self.norm_groups, **common)
+        if self.norm == "layer":
+            return functools.partial(nn.LayerNorm, **common)
+        return functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=self.bn_momentum, axis_name=self.bn_axis_name,
+                                 axis_index_groups=self.bn_axis_index_groups, **common)
+
     @nn.compact
     def __call__(self, x: Array, train: bool = True) -> Array:
         """Logits (or pooled features) of images x [B, H, W, 3]. `train` selects batch statistics
         (updating "batch_stats" when it is mutable) over the running averages, and enables the
         dropout shortcut. It defaults to True, the Flax examples' convention: init and training
         pass nothing, evaluation passes train=False."""
-        conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                                 dtype=self.dtype, param_dtype=self.param_dtype,
-                                 axis_name=self.bn_axis_name,
-                                 axis_index_groups=self.bn_axis_index_groups)
+        conv = functools.partial(
+            self.conv if callable(self.conv) else _conv, dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            **({"conv_class": StandardizedConv} if self.conv == "weight_standardized" else {}))
+        norm = self._norm(train)
         unit_class = (nn.remat(ResidualUnit, prevent_cse=not self.scan_units)
                       if self.remat_units else ResidualUnit)
         unit = functools.partial(unit_class, norm=norm, conv=conv, deterministic=not train,
@@ -341,7 +409,10 @@ class ResNetV2(nn.Module):
             x = conv(self.stem_width, 7, 2, name="stem_conv")(x)
             if self.stem_norm == "before_pool":
                 x = nn.relu(norm(name="stem_bn")(x))
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            if self.stem_pool_pad == "zero":
+                x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            x = nn.max_pool(x, (3, 3), (2, 2),
+                            padding=((1, 1), (1, 1)) if self.stem_pool_pad == "-inf" else "VALID")
             first_preact = "shared" if self.stem_norm == "after_pool" else "none"
         self.sow("intermediates", "stem", x)
 
@@ -383,7 +454,7 @@ class ResNetV2(nn.Module):
 # The attributes a network hands to each of its units: those the two declare alike.
 UNIT_OPTIONS = tuple(f.name for f in dataclasses.fields(ResidualUnit)
                      if f.name in {g.name for g in dataclasses.fields(ResNetV2)}
-                     and f.name not in ("parent", "name"))
+                     and f.name not in ("parent", "name", "norm", "conv"))  # built by ResNetV2
 
 
 def _check_choice(name: str, value, choices):
@@ -539,6 +610,8 @@ _CALLER_OPTIONS = ("parent", "name", "bn_axis_name", "bn_axis_index_groups")
 def _json_value(name: str, value):
     if name in ("dtype", "param_dtype"):
         return jnp.dtype(value).name
+    if callable(value):  # a user's norm or conv constructor: named, but not rebuildable
+        return f"callable {getattr(value, '__qualname__', None) or repr(value)}"
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
@@ -551,13 +624,18 @@ def options(model: ResNetV2) -> dict:
 
 def signature(model: ResNetV2) -> dict:
     """What the network computes from its weights: every attribute not declared `runtime`, as
-    JSON values, but the shortcut options its shortcut ignores (`SHORTCUT_OPTIONS`). Two
+    JSON values, but the options its settings ignore (`DEPENDENT_OPTIONS`). Two
     networks with equal signatures are the same function of the same weights (converted
     between scan layouts and dtypes)."""
     return {f.name: _json_value(f.name, getattr(model, f.name))
             for f in dataclasses.fields(model)
             if f.name not in _CALLER_OPTIONS and not f.metadata.get("runtime")
-            and model.shortcut in SHORTCUT_OPTIONS.get(f.name, (model.shortcut,))}
+            and _used(model, f.name)}
+
+
+def _used(model: ResNetV2, name: str) -> bool:
+    decider, values = DEPENDENT_OPTIONS.get(name, (None, None))
+    return decider is None or getattr(model, decider) in values
 
 
 def signature_differences(saved: dict, current: dict) -> list:
@@ -571,11 +649,17 @@ def signature_differences(saved: dict, current: dict) -> list:
 
 
 def save(path: str, model: ResNetV2, variables) -> None:
-    """Writes `variables` ({"params", "batch_stats"}) as a safetensors file, one tensor per
+    """Writes `variables` ({"params", "batch_stats"}; no "batch_stats" without BatchNorm) as a
+    safetensors file, one tensor per
     variable named "params/stage1_unit1/conv1/kernel", with `options(model)` in its metadata:
     `load(path)` rebuilds the network without a config or Orbax. timm's and Hugging Face's
     tools read the file too."""
     from safetensors.numpy import save_file
+    for name in ("norm", "conv"):
+        if callable(getattr(model, name)):
+            raise ValueError(f"the network's {name} is a constructor, which load() cannot "
+                             f"rebuild from a file; save networks whose {name} is one of "
+                             f"{NORMS if name == 'norm' else CONVS}")
     tensors = {name: np.asarray(value)
                for name, value in traverse_util.flatten_dict(variables, sep="/").items()}
     save_file(tensors, str(path), metadata={"format": FILE_FORMAT,

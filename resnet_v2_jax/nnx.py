@@ -84,7 +84,8 @@ class ResNetV2(nnx.Module):
             variables = _init(network, input_shape)(rngs.params())
         self.network = network  # a frozen dataclass: static in NNX's graph
         self.params = nnx.data(jax.tree.map(nnx.Param, variables["params"]))
-        self.batch_stats = nnx.data(jax.tree.map(nnx.BatchStat, variables["batch_stats"]))
+        self.batch_stats = nnx.data(jax.tree.map(nnx.BatchStat,
+                                                 variables.get("batch_stats", {})))
         self.rngs = rngs.fork() if network.shortcut == "dropout" else None
         self.use_running_average = False
         self.deterministic = False
@@ -114,7 +115,7 @@ class ResNetV2(nnx.Module):
                                              mutable=mutable)
         if train:
             jax.tree.map(lambda var, new: var.set_value(new), self.batch_stats,
-                         updates["batch_stats"], is_leaf=_is_variable)
+                         updates.get("batch_stats", {}), is_leaf=_is_variable)
         for name, (value,) in updates.get("intermediates", {}).items():
             self.sow(nnx.Intermediate, name, value)
         return logits
@@ -154,11 +155,13 @@ def from_linen(network: models.ResNetV2, variables: Dict[str, Any], *,
                              "is headless (num_classes=None): pass drop_head=True to leave it out")
         variables = {**variables, "params": {k: v for k, v in params.items()
                                              if k != models.HEAD}}
-    for collection in ("params", "batch_stats"):
-        _check_same_layout(collection, expected[collection], variables.get(collection, {}))
+    collections = ("params", "batch_stats")  # no "batch_stats" without BatchNorm
+    for collection in collections:
+        _check_same_layout(collection, expected.get(collection, {}),
+                           variables.get(collection, {}))
     variables = jax.tree.map(lambda want, have: jnp.asarray(have, want.dtype),
-                             {c: expected[c] for c in ("params", "batch_stats")},
-                             {c: variables[c] for c in ("params", "batch_stats")})
+                             {c: expected.get(c, {}) for c in collections},
+                             {c: variables.get(c, {}) for c in collections})
     return ResNetV2(network, rngs=rngs or nnx.Rngs(0), variables=variables)
 
 

@@ -111,7 +111,7 @@ def create_train_state(rng: jax.Array, model: models.ResNetV2, tx: optax.Gradien
     def init(rng):
         variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
         return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                 batch_stats=variables["batch_stats"])
+                                 batch_stats=variables.get("batch_stats", {}))
     return init(rng)
 
 
@@ -216,7 +216,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], seed_key: jax.Arr
     grads = parallel.pmean(grads, axes.grad)
     # BN statistics are normalised within a group; with several groups the running averages
     # are kept identical on every device by averaging them over all devices.
-    batch_stats = (parallel.pmean(updates["batch_stats"], axes.bn_stats)
+    batch_stats = (parallel.pmean(updates.get("batch_stats", {}), axes.bn_stats)
                    if train_bn_statistics else state.batch_stats)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {"loss": loss, "error": jnp.mean(jnp.argmax(logits, -1) != labels)}

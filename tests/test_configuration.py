@@ -71,6 +71,9 @@ BAD = {
     "model.residual_scale": [NAN, -INF],
     "model.gate_bias_init": [NAN, INF],
     "model.shortcut_dropout_rate": [-0.1, 1.0, 2.0, NAN],
+    "model.norm": ["instance", None],
+    "model.norm_groups": [0, 3, 32, 2.5],
+    "model.conv": ["ws"],
     "model.bn_momentum": [-0.1, 1.5, NAN],
     "model.bn_epsilon": [0.0, -1e-5, NAN, INF],
 }
@@ -78,11 +81,13 @@ BAD = {
 # the data checks stand: listed so that the table covers every key.
 NOT_IN_TABLE = {"model.scan_units", "model.remat_units"}
 # Values valid alone that a bad value of one key needs (a model key refused only for its
-# shortcut: the scales for "scaling", the gate for gating, the dropout rate for "dropout").
+# shortcut: the scales for "scaling", the gate for gating, the dropout rate for "dropout"; the
+# groups for GroupNorm).
 CONTEXT = {"model.shortcut_scale": {"model.shortcut": "scaling"},
            "model.residual_scale": {"model.shortcut": "scaling"},
            "model.gate_bias_init": {"model.shortcut": "exclusive_gate"},
            "model.shortcut_dropout_rate": {"model.shortcut": "dropout"},
+           "model.norm_groups": {"model.norm": "group", "model.norm_groups": 16},
            "num_epochs": {"num_train_steps": -1}}
 
 

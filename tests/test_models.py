@@ -293,7 +293,14 @@ BAD_OPTIONS = {
     "bn_momentum": (lambda: models.cifar_resnet(20, block="basic", bn_momentum=1.5),
                     "bn_momentum must be <= 1.0"),
     "cifar_stem_norm": (lambda: models.cifar_resnet(20, block="basic", stem_norm="after_pool"),
-                        "stem_norm applies to the imagenet stem only"),
+                        "stem_norm and stem_pool_pad apply to the imagenet stem only"),
+    "stem_pool_pad": (lambda: models.imagenet_resnet(18, stem_pool_pad="one"),
+                      "unknown stem_pool_pad 'one'"),
+    "norm": (lambda: models.cifar_resnet(20, block="basic", norm="instance"),
+             "unknown norm 'instance'; choose one of batch, group, layer"),
+    "conv": (lambda: models.cifar_resnet(20, block="basic", conv="ws"), "unknown conv 'ws'"),
+    "norm_groups": (lambda: models.cifar_resnet(20, block="basic", norm="group"),
+                    r"norm_groups=32 must divide every normalised channel count \(16, 32, 64\)"),
     "num_classes": (lambda: models.cifar_resnet(20, 0, block="basic"), "num_classes must be"),
     "arch": (lambda: models.create("tiny", 20, 10), "unknown arch 'tiny'"),
     "arch_option": (lambda: models.create("imagenet", 50, 10, block="basic"),
@@ -786,3 +793,89 @@ def test_flax_example_calling_convention_under_pmap_and_jit():
             moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
                                  variables[collection], new[collection])
             assert max(jax.tree.leaves(moved)) > 0, collection
+
+
+# ----------------------------------------------------------------------------------------------
+# Pluggable normalisation, convolution and stem (BiT: GroupNorm, weight-standardised convs and a
+# zero-padded stem pool).
+
+BIT = dict(norm="group", conv="weight_standardized", stem_norm="after_pool", stem_pool_pad="zero")
+
+
+def test_bit_network_has_the_batchnorm_networks_parameters_and_no_statistics():
+    """GroupNorm has BN's scale and bias per channel and no running statistics: ResNet-50x1 of
+    BiT has exactly the parameters of the BN ResNet-50 with the same stem (25,549,352 with 1000
+    classes, timm's resnetv2_50x1_bit)."""
+    def variables(**options):
+        model = models.imagenet_resnet(50, 1000, **options)
+        return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                                 train=False))
+    bit, bn = variables(**BIT), variables(stem_norm="after_pool")
+    count = lambda tree: sum(np.size(x) for x in jax.tree.leaves(tree))
+    assert count(bit["params"]) == count(bn["params"]) == 25_549_352
+    assert set(bit) == {"params"} and count(bn["batch_stats"]) > 0
+
+
+def test_weight_standardised_conv_standardises_each_output_channel():
+    x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+    layer = models.StandardizedConv(4, (3, 3), use_bias=False)
+    params = layer.init(jax.random.key(0), x)
+    kernel = params["params"]["kernel"]
+    standard = (kernel - kernel.mean((0, 1, 2))) / jnp.sqrt(kernel.var((0, 1, 2)) + 1e-8)
+    expected = nn.Conv(4, (3, 3), use_bias=False).apply({"params": {"kernel": standard}}, x)
+    np.testing.assert_allclose(layer.apply(params, x), expected, atol=1e-5)
+    # What standardisation buys: a kernel's scale and offset per output channel do not matter.
+    shifted = {"params": {"kernel": 3.0 * kernel + jnp.arange(4.0)}}
+    np.testing.assert_allclose(layer.apply(shifted, x), expected, atol=1e-4)
+
+
+def test_zero_padding_of_the_stem_pool_matters_only_without_a_relu_before_it():
+    """A zero border never beats a ReLU's outputs (>= 0), so with the paper's conv-BN-ReLU stem
+    the two paddings agree; BiT's stem pools the raw conv output, where they differ."""
+    x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+
+    def logits(**options):
+        model = models.imagenet_resnet(18, 5, **options)
+        variables = model.init(jax.random.key(0), x, train=False)
+        return model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(logits(stem_pool_pad="zero"), logits(stem_pool_pad="-inf"))
+    assert not np.allclose(logits(stem_norm="after_pool", stem_pool_pad="zero"),
+                           logits(stem_norm="after_pool", stem_pool_pad="-inf"))
+
+
+@pytest.mark.parametrize("norm", ["group", "layer", functools.partial(nn.GroupNorm, num_groups=2)],
+                         ids=["group", "layer", "constructor"])
+def test_other_norms_run_scanned_rematerialised_and_on_nnx(norm):
+    from flax import nnx
+
+    from resnet_v2_jax import nnx as resnet_nnx
+    model = models.ResNetV2(**{**TINY, "norm": norm, "norm_groups": 2,
+                               "conv": "weight_standardized"})
+    x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert set(variables) == {"params"}
+    expected = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(model.apply(variables, x, train=True), expected)  # no BN
+    scanned = model.clone(scan_units=True, remat_units=True)
+    np.testing.assert_allclose(scanned.apply(models.unrolled_to_scanned(variables), x),
+                               expected, atol=1e-5)
+    twin = resnet_nnx.from_linen(model, variables, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(twin(x), expected)
+    assert models.signature(model)["norm"] == (
+        norm if isinstance(norm, str) else f"callable {norm!r}")
+
+
+def test_save_refuses_what_load_cannot_rebuild_and_round_trips_the_rest(tmp_path):
+    x = jnp.ones((1, 16, 16, 3))
+    bit = models.ResNetV2(**{**TINY, "norm": "group", "norm_groups": 2,
+                             "conv": "weight_standardized"})
+    variables = bit.init(jax.random.key(0), x, train=False)
+    models.save(tmp_path / "bit.safetensors", bit, variables)
+    loaded, same = models.load(tmp_path / "bit.safetensors")
+    assert models.signature(loaded) == models.signature(bit)
+    np.testing.assert_array_equal(loaded.apply(same, x, train=False),
+                                  bit.apply(variables, x, train=False))
+    custom = bit.clone(norm=functools.partial(nn.GroupNorm, num_groups=2))
+    with pytest.raises(ValueError, match="the network's norm is a constructor, which load"):
+        models.save(tmp_path / "custom.safetensors", custom, variables)
+    assert not (tmp_path / "custom.safetensors").exists()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli_runs import N, assert_one_error_line, run, snapshot
+from cli_runs import N, assert_one_error_line, run, saved_state, snapshot
 from resnet_v2_jax import checkpoint, models, pretrained, recipe
 
 TINY = dict(stage_sizes=(1, 2), widths=(8, 16), stem="cifar", stem_width=8, num_classes=5,
@@ -31,6 +31,10 @@ CHANGES = {
     "residual_scale": ({"shortcut": "scaling"}, 0.5),
     "gate_bias_init": ({"shortcut": "exclusive_gate"}, -6.0),
     "shortcut_dropout_rate": ({"shortcut": "dropout"}, 0.2),
+    "stem_pool_pad": ({"stem": "imagenet"}, "zero"),
+    "norm": ({}, "layer"),
+    "norm_groups": ({"norm": "group", "norm_groups": 8}, 4),
+    "conv": ({}, "weight_standardized"),
     "bn_momentum": ({}, 0.99),
     "bn_epsilon": ({}, 0.1),
 }
@@ -133,3 +137,20 @@ def test_the_issues_example_a_shortcut_scale_changed_on_resume_is_refused(tmp_pa
                           "config 0.9)")
     assert snapshot(workdir) == before
     print(result.stderr.strip().splitlines()[-1])  # the line the closing note quotes
+
+
+def test_a_bit_network_trains_and_resumes_exactly_through_the_command_line(tmp_path, array_dir):
+    """GroupNorm + weight-standardised convs (no BN statistics) from `config.model`: trained
+    N steps, resumed to 2N, equal to 2N straight; another norm is refused on resume."""
+    bit = ["--config.model.norm=group", "--config.model.norm_groups=8",
+           "--config.model.conv=weight_standardized"]
+    halfway, straight = str(tmp_path / "halfway"), str(tmp_path / "straight")
+    run(halfway, array_dir, *bit, f"--config.num_train_steps={N}")
+    resumed = run(halfway, array_dir, *bit)
+    assert f"resuming from step {N}" in resumed.stderr
+    run(straight, array_dir, *bit)
+    ours, theirs = saved_state(halfway)[0], saved_state(straight)[0]
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+    assert not jax.tree.leaves(ours["batch_stats"])
+    other = run(halfway, array_dir, "--config.model.norm=layer", check=False)
+    assert_one_error_line(other, "norm: checkpoint 'group' vs config 'layer'")
