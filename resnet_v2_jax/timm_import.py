@@ -1,4 +1,5 @@
-"""Weight import from timm's BatchNorm pre-activation ResNetV2 (`resnetv2_50`, `resnetv2_101`).
+"""Weight import from timm's pre-activation ResNetV2: the BatchNorm ones (`resnetv2_50`,
+`resnetv2_101`) and BiT's (`resnetv2_50x1_bit` and kin).
 
 timm's ResNetV2 with `PreActBottleneck` (or `PreActBasic`) units, `BatchNormAct2d` and plain
 convolutions is the paper's full pre-activation network except for the stem. The paper
@@ -23,12 +24,18 @@ convention, which is `bn_momentum=0.9` here. Training differs in one detail: Tor
 `running_var` with the unbiased batch variance, Flax with the biased one; the batch statistics
 used for normalisation are the same.
 
-Not supported, and refused where the state dict shows it: the BiT models (`resnetv2_50x1_bit`
-and kin: GroupNorm and weight-standardised `StdConv2d`), deep stems (`resnetv2_50d`),
+BiT's networks (`resnetv2_50x1_bit`, `..._101x3_bit`, ...) are the same layout with GroupNorm
+(32 groups, eps 1e-5), weight-standardised convs (`StdConv2d`, eps 1e-8, as `StandardizedConv`)
+and the "fixed" stem, which pads with zeros before its max-pool: `BIT_OPTIONS` of
+`models.ResNetV2`. `load` recognises them by their norm layers, which keep no running
+statistics; a state dict cannot show the number of groups, so pass `norm_groups=` for a BiT
+network built with other than 32.
+
+Not supported, and refused where the state dict shows it: deep stems (`resnetv2_50d`),
 post-activation `Bottleneck` units (`preact=False`). A state dict cannot show timm's
-`stem_type` "fixed"/"same" pooling, `avg_down`, `output_stride` < 32, or StdConv2d combined with
+`stem_type` "same" pooling, `avg_down`, `output_stride` < 32, or StdConv2d combined with
 BatchNorm; those must be left at timm's defaults, as in `resnetv2_50` / `resnetv2_101` (and
-the basic-unit `resnetv2_18` / `resnetv2_34`, which match as well).
+the basic-unit `resnetv2_18` / `resnetv2_34`, which match as well) and the BiT family.
 """
 
 import re
@@ -46,15 +53,19 @@ _MODULES = {"stem_conv": "stem.conv", "final_bn": "norm", "head": "head.fc",
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
            "var": "running_var"}
 _UNIT = re.compile(r"stage(\d+)_unit(\d+)")
+# What timm's BiT networks are in `models.ResNetV2`'s options (beside stem_norm="after_pool").
+BIT_OPTIONS = dict(norm="group", norm_groups=32, conv="weight_standardized", stem_pool_pad="zero")
 _BLOCK = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.")
 
 
 def convert_state_dict(state_dict, model: models.ResNetV2):
-    """Converts a timm ResNetV2 state dict to `model`'s variables {"params", "batch_stats"}.
+    """Converts a timm ResNetV2 state dict to `model`'s variables {"params", "batch_stats"}
+    (no "batch_stats" for BiT).
 
     `model` must be a `models.ResNetV2` in timm's configuration: ImageNet stem with
     `stem_norm="after_pool"`, full pre-activation units, identity shortcuts, stride on the 3x3,
-    BN eps 1e-5. Conv kernels go from OIHW to HWIO, the head's 1x1 conv (or Linear) from
+    norm eps 1e-5; BatchNorm, plain convs and the -inf-padded pool, or for a BiT state dict
+    `BIT_OPTIONS`. Conv kernels go from OIHW to HWIO, the head's 1x1 conv (or Linear) from
     (out, in) to (in, out). `num_batches_tracked` buffers are dropped. Works for scanned
     (`scan_units=True`) models too.
 
@@ -62,10 +73,10 @@ def convert_state_dict(state_dict, model: models.ResNetV2):
         ValueError: the model is not in timm's configuration, the state dict is not a BatchNorm
             pre-activation ResNetV2, or keys are missing, unexpected or of the wrong shape.
     """
-    _check_model(model)
     state_dict = {k: np.asarray(v) for k, v in state_dict.items()
                   if not k.endswith("num_batches_tracked")}
     _check_supported(state_dict)
+    _check_model(model, _is_bit(state_dict))
     channels = state_dict["stem.conv.weight"].shape[1] if "stem.conv.weight" in state_dict else 3
     expected = jax.eval_shape(lambda: model.clone(scan_units=False).init(
         jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False))
@@ -99,7 +110,8 @@ def convert_state_dict(state_dict, model: models.ResNetV2):
 def model_from_state_dict(state_dict, **options) -> models.ResNetV2:
     """The `models.ResNetV2` of a timm ResNetV2 state dict: stage sizes, widths, stem width,
     basic or bottleneck units, and `num_classes` (None where the dict has no head) are read
-    from it. `options` are further `ResNetV2` attributes (e.g. dtype, scan_units).
+    from it; a BiT state dict gives `BIT_OPTIONS`. `options` are further `ResNetV2` attributes
+    (e.g. dtype, scan_units, or norm_groups for a BiT network with other than 32 groups).
     """
     state_dict = dict(state_dict)
     _check_supported(state_dict)
@@ -120,7 +132,7 @@ def model_from_state_dict(state_dict, **options) -> models.ResNetV2:
         stage_sizes=[sizes[s] for s in stages], widths=widths,
         num_classes=None if head is None else np.shape(head)[0], stem="imagenet",
         stem_norm="after_pool", stem_width=np.shape(state_dict["stem.conv.weight"])[0],
-        bottleneck=bottleneck, **options)
+        bottleneck=bottleneck, **{**(BIT_OPTIONS if _is_bit(state_dict) else {}), **options})
 
 
 def load(state_dict, **options):
@@ -144,8 +156,15 @@ def _timm_key(path) -> str:
     return ".".join(parts + [_LEAVES.get(leaf, leaf)])
 
 
-def _check_model(model):
-    """Refuses models whose layout or BN eps differs from timm's ResNetV2."""
+def _is_bit(state_dict) -> bool:
+    """BiT's GroupNorm layers have a weight and no running statistics."""
+    return any(re.search(r"(^|\.)norm\d*\.weight$", k)
+               and k.replace(".weight", ".running_mean") not in state_dict for k in state_dict)
+
+
+def _check_model(model, bit: bool):
+    """Refuses models whose layout, norm, conv or eps differs from the timm ResNetV2 of the
+    state dict (BiT or not)."""
     fits = (isinstance(model, models.ResNetV2) and model.stem == "imagenet"
             and model.stem_norm == "after_pool" and model.unit == "full_preact"
             and model.shortcut == "identity" and model.stride_on == "3x3"
@@ -155,6 +174,14 @@ def _check_model(model):
                          "stem_norm='after_pool', unit='full_preact', shortcut='identity', "
                          "stride_on='3x3', bn_epsilon=1e-5), e.g. "
                          "models.imagenet_resnet(50, stem_norm='after_pool')")
+    wanted = ({k: v for k, v in BIT_OPTIONS.items() if k != "norm_groups"} if bit else
+              dict(norm="batch", conv="plain", stem_pool_pad="-inf"))
+    differs = {k: getattr(model, k) for k, v in wanted.items() if getattr(model, k) != v}
+    if differs:
+        kind = "a BiT network (GroupNorm, StdConv2d)" if bit else "a BatchNorm network"
+        raise ValueError(f"the timm state dict is {kind}: the model needs "
+                         f"{', '.join(f'{k}={v!r}' for k, v in wanted.items())}, it has "
+                         f"{', '.join(f'{k}={v!r}' for k, v in differs.items())}")
 
 
 def _check_supported(state_dict):
@@ -165,12 +192,11 @@ def _check_supported(state_dict):
     if "stem.norm.weight" in state_dict:
         raise ValueError("timm state dict has a BN after the stem conv: a post-activation ResNetV2 "
                          "(preact=False), which is not supported; only pre-activation ones are")
-    for layer in (k[:-len(".weight")] for k in state_dict if k.endswith(".weight")):
-        if re.search(r"(^|\.)norm\d*$", layer) and f"{layer}.running_mean" not in state_dict:
-            raise ValueError(f"timm norm layer {layer} has no running statistics: this looks "
-                             "like a BiT ResNetV2 (GroupNorm + weight-standardised StdConv2d, e.g. "
-                             "resnetv2_50x1_bit), which is not supported; only BatchNorm "
-                             "pre-activation ResNetV2s such as resnetv2_50 / resnetv2_101 are")
+    norms = [k for k in state_dict if re.search(r"(^|\.)norm\d*\.weight$", k)]
+    with_statistics = [k for k in norms if k.replace(".weight", ".running_mean") in state_dict]
+    if 0 < len(with_statistics) < len(norms):
+        raise ValueError("timm state dict mixes norm layers with running statistics "
+                         "(BatchNorm) and without (GroupNorm): not a ResNetV2 this supports")
 
 
 def _some(keys, shown=3) -> str:

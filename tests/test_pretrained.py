@@ -11,7 +11,7 @@ import pytest
 
 from cli_runs import ROOT, environment, run
 from resnet_v2_jax import checkpoint, export, models, parallel, pretrained, recipe, timm_import
-from tests.test_timm_import import _fixture
+from tests.test_timm_import import BIT_FIXTURE, _fixture
 from tests.test_recipe import config_with
 
 IMAGES = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
@@ -163,3 +163,22 @@ def test_fine_tuning_run_through_the_cli_its_resume_and_export(source, tmp_path,
     model, variables = fresh()
     with pytest.raises(FileNotFoundError, match=f"^init_from {gone} does not exist: give a run"):
         pretrained.initialize_from(gone, variables, model)
+
+
+def test_init_from_bit_weights_copies_the_backbone_without_statistics():
+    """A BiT state dict (GroupNorm, no statistics) starts a BiT network of other classes: the
+    backbone copied, the head new, nothing but params; a BN network is refused by name."""
+    data = np.load(BIT_FIXTURE)
+    state_dict = {k.split("/", 1)[1]: data[k] for k in data.files if "/" in k}
+    source, source_variables = timm_import.load(state_dict, norm_groups=int(data["num_groups"]))
+    target = source.clone(num_classes=7)
+    own = jax.jit(lambda rng: target.init(rng, IMAGES[:1], train=False))(jax.random.key(0))
+    variables, summary = pretrained.transfer(source, source_variables, target, own, "bit")
+    assert summary.endswith("classifier head re-initialised (5 classes there, 7 here)")
+    assert set(variables) == {"params"}
+    params = dict(variables["params"])
+    assert_equal(params.pop("head"), own["params"]["head"])
+    assert_equal(params, {k: v for k, v in source_variables["params"].items() if k != "head"})
+    with pytest.raises(ValueError, match=r"another network \(.*norm 'group' there vs 'batch' "
+                                         r"here"):
+        pretrained.transfer(source, source_variables, target.clone(norm="batch"), own, "bit")

@@ -16,6 +16,7 @@ import pytest
 from resnet_v2_jax import models, timm_import
 
 FIXTURE = Path(__file__).parent / "fixtures" / "timm_tiny_resnetv2.npz"
+BIT_FIXTURE = Path(__file__).parent / "fixtures" / "timm_tiny_resnetv2_bit.npz"
 
 
 def _fixture():
@@ -84,9 +85,9 @@ def test_wrong_shape_is_named():
         timm_import.convert_state_dict(state_dict, model)
 
 
-def _bit(state_dict):
-    """BiT's GroupNorm layers have weight and bias but no running statistics."""
-    return {k: v for k, v in state_dict.items() if "running" not in k}
+def _mixed_norms(state_dict):
+    """One norm layer without running statistics among BatchNorms."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("norm.running")}
 
 
 def _deep_stem(state_dict):
@@ -100,7 +101,8 @@ def _post_activation(state_dict):
 
 
 @pytest.mark.parametrize("variant, message", [
-    (_bit, "BiT ResNetV2"), (_deep_stem, "deep 3x3 stem"), (_post_activation, "post-activation")])
+    (_mixed_norms, "mixes norm layers"), (_deep_stem, "deep 3x3 stem"),
+    (_post_activation, "post-activation")])
 def test_unsupported_timm_variants_are_refused(variant, message):
     state_dict = variant(_fixture()["state_dict"])
     for convert in (timm_import.model_from_state_dict,
@@ -133,3 +135,47 @@ def test_full_size_matches_timm(name):
     # Deep batch variances carry float32 rounding of ~4e-5 (relative) on each side, measured
     # against a float64 timm run; hence the looser bound on them.
     assert eval_diff < 1e-4 and train_diff < 1e-4 and stats_diff < 2e-4
+
+
+# --- BiT: GroupNorm, weight-standardised convs, the zero-padded stem pool ------------------------
+
+def _bit_parity(ref, **options):
+    """Max abs difference of the eval logits to timm's, and between train and eval mode."""
+    with jax.default_matmul_precision("float32"):
+        model, variables = timm_import.load(ref["state_dict"], **options)
+        eval_logits = model.apply(variables, ref["images"], train=False)
+        train_logits = model.apply(variables, ref["images"], train=True)
+    assert set(variables) == {"params"}  # GroupNorm keeps no statistics
+    return _max_diff(eval_logits, ref["eval_logits"]), _max_diff(train_logits, eval_logits)
+
+
+@pytest.mark.parametrize("scan_units", [False, True])
+def test_tiny_bit_fixture_matches_timm(scan_units):
+    data = np.load(BIT_FIXTURE)
+    ref = {"state_dict": {k.split("/", 1)[1]: data[k] for k in data.files if "/" in k},
+           "images": data["images"], "eval_logits": data["eval_logits"]}
+    model = timm_import.model_from_state_dict(ref["state_dict"],
+                                              norm_groups=int(data["num_groups"]))
+    assert (model.norm, model.conv, model.stem_pool_pad) == ("group", "weight_standardized",
+                                                             "zero")
+    eval_diff, train_diff = _bit_parity(ref, norm_groups=int(data["num_groups"]),
+                                        scan_units=scan_units)
+    assert eval_diff < 1e-4 and train_diff == 0.0
+    with pytest.raises(ValueError, match="the timm state dict is a BiT network"):
+        timm_import.convert_state_dict(ref["state_dict"],
+                                       models.imagenet_resnet(50, stem_norm="after_pool"))
+
+
+@pytest.mark.parametrize("name", ["resnetv2_50x1_bit"])
+def test_full_size_bit_matches_timm(name):
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    from tests.fixtures.make_timm_fixture import bit_outputs, randomise_bit
+
+    model = timm.create_model(name, pretrained=False)
+    randomise_bit(model)
+    ref = bit_outputs(model, torch.randn((2, 3, 128, 128),
+                                         generator=torch.Generator().manual_seed(1)))
+    eval_diff, train_diff = _bit_parity(ref)
+    print(f"{name}: max abs diff of eval logits to timm {eval_diff:.2e}")
+    assert eval_diff < 1e-4 and train_diff == 0.0
