@@ -246,8 +246,10 @@ BAD_INPUTS = [
     # CIFAR is tested in-process in test_input_pipeline.py (here it would download with internet).
     ("unprepared", ["--config.input_pipeline=tfds", "--config.dataset=imagenet2012",
                     "--config.data_dir={tmp}/tfds"], "needs a manual download"),
-    # These runs cannot import TensorFlow (cli_runs): the tfds pipeline says what to do.
-    ("no_tensorflow", ["--config.input_pipeline=tfds"], "needs TensorFlow and tensorflow-datasets"),
+    # These runs cannot import TensorFlow (cli_runs): the command names the extra to install.
+    ("no_tensorflow", ["--config.input_pipeline=tfds"],
+     "tensorflow is not installed: training's input, logs and figures come with the [train] "
+     "extra: pip install 'resnet_v2_jax[train]'"),
     ("nan", ["--config.learning_rate=1e12", "--config.checkpoint_every_steps=1"],
      "training diverged at step"),
 ]

@@ -33,7 +33,7 @@ CHANGES = {
     "shortcut_dropout_rate": ({"shortcut": "dropout"}, 0.2),
     "stem_pool_pad": ({"stem": "imagenet"}, "zero"),
     "norm": ({}, "layer"),
-    "norm_groups": ({"norm": "group", "norm_groups": 8}, 4),
+    "norm_groups": ({"norm": "group", "norm_groups": 2}, 1),
     "conv": ({}, "weight_standardized"),
     "bn_momentum": ({}, 0.99),
     "bn_epsilon": ({}, 0.1),
