@@ -102,6 +102,7 @@ def _unit_options(model, unit: str):
     model.norm = "batch"                  # "batch" (the paper) | "group" (BiT) | "layer"
     model.norm_groups = 32                # norm="group" only: GroupNorm's groups
     model.conv = "plain"                  # "plain" | "weight_standardized" (BiT)
+    model.conv_epsilon = 1e-8             # weight_standardized only: timm's 1e-8, BiT's 1e-10
     model.bn_momentum = 0.9               # norm="batch" only: Torch's BN momentum 0.1
     model.bn_epsilon = 1e-5               # the norm layers' epsilon (Torch's BN default)
 

@@ -87,7 +87,8 @@ DEPENDENT_OPTIONS = {"shortcut_scale": ("shortcut", ("scaling",)),
                      "gate_bias_init": ("shortcut", ("exclusive_gate", "shortcut_gate")),
                      "shortcut_dropout_rate": ("shortcut", ("dropout",)),
                      "bn_momentum": ("norm", ("batch",)),
-                     "norm_groups": ("norm", ("group",))}
+                     "norm_groups": ("norm", ("group",)),
+                     "conv_epsilon": ("conv", ("weight_standardized",))}
 
 # The normalisation layers by name. BatchNorm is the paper's; GroupNorm with weight-standardised
 # convs is BiT's (big_vision, timm's resnetv2_50x1_bit); LayerNorm normalises each position over
@@ -95,8 +96,8 @@ DEPENDENT_OPTIONS = {"shortcut_scale": ("shortcut", ("scaling",)),
 # may be given instead of a name.
 NORMS = ("batch", "group", "layer")
 # Convolutions by name: "plain", or "weight_standardized" (BiT: each output channel's kernel
-# centred and scaled to unit variance before use, `StandardizedConv`). A callable with `_conv`'s
-# interface may be given instead.
+# centred and scaled to unit variance before use, `StandardizedConv`, with `conv_epsilon` added
+# to the variance). A callable with `_conv`'s interface may be given instead.
 CONVS = ("plain", "weight_standardized")
 # How the ImageNet stem's 3x3/2 max-pool pads: "-inf" (padding never wins: preresnet.lua, timm's
 # resnetv2_50) or "zero" (zeros, which win over negative values: BiT's stem).
@@ -286,6 +287,8 @@ class ResNetV2(nn.Module):
         norm: the normalisation layer, one of `NORMS` or a constructor (see `NORMS`).
         norm_groups: GroupNorm's number of groups (norm="group"; BiT's 32).
         conv: the convolution, one of `CONVS` or a constructor (see `CONVS`).
+        conv_epsilon: weight standardisation's epsilon (conv="weight_standardized"): timm's
+            `StdConv2d` uses 1e-8, the original BiT and big_vision 1e-10.
         bn_momentum: BatchNorm running-average momentum (Torch's 0.1 is 0.9 here).
         bn_epsilon: the normalisation layers' epsilon.
         dtype: compute dtype (e.g. jnp.bfloat16); params and BN statistics stay `param_dtype`,
@@ -319,6 +322,7 @@ class ResNetV2(nn.Module):
     norm: Any = "batch"
     norm_groups: int = 32
     conv: Any = "plain"
+    conv_epsilon: float = 1e-8
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = runtime(jnp.float32)
@@ -364,6 +368,7 @@ class ResNetV2(nn.Module):
                 f"stem_norm='after_pool' needs a pre-activation unit, not {self.unit!r}")
         _check_number("bn_momentum", self.bn_momentum, 0.0, 1.0)
         _check_number("bn_epsilon", self.bn_epsilon, 0.0, None, open_low=True)
+        _check_number("conv_epsilon", self.conv_epsilon, 0.0, None, open_low=True)
         super().__post_init__()
 
     def _norm(self, train: bool) -> Callable[..., nn.Module]:
@@ -388,7 +393,8 @@ class ResNetV2(nn.Module):
         conv = functools.partial(
             self.conv if callable(self.conv) else _conv, dtype=self.dtype,
             param_dtype=self.param_dtype,
-            **({"conv_class": StandardizedConv} if self.conv == "weight_standardized" else {}))
+            **({"conv_class": functools.partial(StandardizedConv, epsilon=self.conv_epsilon)}
+               if self.conv == "weight_standardized" else {}))
         norm = self._norm(train)
         unit_class = (nn.remat(ResidualUnit, prevent_cse=not self.scan_units)
                       if self.remat_units else ResidualUnit)

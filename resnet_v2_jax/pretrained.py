@@ -6,9 +6,11 @@ Sources (`initialize_from` takes any of them; `load_file` reads files, `runs.rea
 
 * a file written by `python -m resnet_v2_jax.export` (`models.save`): safetensors holding the
   network's options;
-* a timm ResNetV2 state dict (`resnetv2_50`, `resnetv2_101`, ...; see `timm_import`):
-  `.safetensors` (what the Hugging Face hub serves as `model.safetensors`), `.npz`, or `.pth`
-  where torch is installed.
+* a timm ResNetV2 state dict (`resnetv2_50`, `resnetv2_101`, `resnetv2_50x1_bit`, ...; see
+  `timm_import`): `.safetensors` (what the Hugging Face hub serves as `model.safetensors`),
+  `.npz`, or `.pth` where torch is installed;
+* a BiT checkpoint `.npz`, of the original release (`BiT-M-R50x1.npz`) or of big_vision's
+  `bit_paper` models (see `big_vision_import`).
 
 `transfer` copies the backbone, every variable outside the classifier, into a freshly
 initialised network of the same architecture: the usual fine-tuning start (docs/paper.md,
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from resnet_v2_jax import models, rundir, timm_import
+from resnet_v2_jax import big_vision_import, models, rundir, timm_import
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -78,19 +80,22 @@ def initialize_from(source: str, variables: Dict[str, Any],
 
 
 def load_file(path: str) -> Tuple[models.ResNetV2, Dict[str, Any]]:
-    """(model, variables) of a weights file: this project's export, or a timm state dict.
-    Raises a one-line ValueError naming the file when it is neither."""
+    """(model, variables) of a weights file: this project's export, a timm state dict or a BiT
+    checkpoint. Raises a one-line ValueError naming the file when it is none of them."""
     state_dict = _read_state_dict(path)
     if state_dict is None:
         return models.load(path)
     try:
+        if big_vision_import.is_big_vision(state_dict):
+            return big_vision_import.load(state_dict)
         return timm_import.load(state_dict)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
 
 def _read_state_dict(path: str) -> Optional[Dict[str, Any]]:
-    """The arrays of a timm state dict file; None for this project's own safetensors files."""
+    """The arrays of a timm state dict or BiT checkpoint file; None for this project's own
+    safetensors files."""
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.numpy import load_file as read_tensors
@@ -107,7 +112,7 @@ def _read_state_dict(path: str) -> Optional[Dict[str, Any]]:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path} is not a readable state dict of arrays "
                              f"({str(e).splitlines()[0][:120]}); give timm weights saved with "
-                             "numpy.savez, .safetensors or .pth") from e
+                             "numpy.savez, .safetensors or .pth, or a BiT .npz") from e
     if path.endswith(TORCH_SUFFIXES):
         try:
             import torch
@@ -118,7 +123,8 @@ def _read_state_dict(path: str) -> Optional[Dict[str, Any]]:
         state_dict = state_dict.get("state_dict", state_dict)
         return {k: v.numpy() for k, v in state_dict.items()}
     raise ValueError(f"{path}: weights files are .safetensors (resnet_v2_jax.export, or timm), "
-                     f".npz or {'/'.join(TORCH_SUFFIXES)} (timm state dicts)")
+                     f".npz (timm state dicts, BiT checkpoints) or {'/'.join(TORCH_SUFFIXES)} "
+                     "(timm state dicts)")
 
 
 def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: models.ResNetV2,

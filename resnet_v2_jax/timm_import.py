@@ -102,8 +102,8 @@ def convert_state_dict(state_dict, model: models.ResNetV2):
     variables = jax.tree_util.tree_map_with_path(convert, expected)
     unexpected = sorted(set(state_dict) - used)
     if missing or unexpected:
-        raise ValueError(f"timm state dict does not fit the model: missing {_some(missing)}; "
-                         f"unexpected {_some(unexpected)}")
+        raise ValueError(f"timm state dict does not fit the model: missing {some_keys(missing)}; "
+                         f"unexpected {some_keys(unexpected)}")
     return models.unrolled_to_scanned(variables) if model.scan_units else variables
 
 
@@ -199,7 +199,7 @@ def _check_supported(state_dict):
                          "(BatchNorm) and without (GroupNorm): not a ResNetV2 this supports")
 
 
-def _some(keys, shown=3) -> str:
+def some_keys(keys, shown=3) -> str:
     """The first `shown` keys, and how many more, for a one-line message."""
     if not keys:
         return "none"

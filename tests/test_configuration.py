@@ -74,6 +74,7 @@ BAD = {
     "model.norm": ["instance", None],
     "model.norm_groups": [0, 3, 32, 2.5],
     "model.conv": ["ws"],
+    "model.conv_epsilon": [0.0, -1e-8, NAN, INF],
     "model.bn_momentum": [-0.1, 1.5, NAN],
     "model.bn_epsilon": [0.0, -1e-5, NAN, INF],
 }

@@ -829,6 +829,15 @@ def test_weight_standardised_conv_standardises_each_output_channel():
     np.testing.assert_allclose(layer.apply(shifted, x), expected, atol=1e-4)
 
 
+def test_the_networks_conv_epsilon_reaches_its_standardised_convs():
+    x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+    model = models.ResNetV2(**{**TINY, "conv": "weight_standardized"})
+    variables = model.init(jax.random.key(0), x, train=False)
+    default = model.apply(variables, x, train=False)
+    assert np.abs(model.clone(conv_epsilon=10.0).apply(variables, x, train=False)
+                  - default).max() > 1e-2
+
+
 def test_zero_padding_of_the_stem_pool_matters_only_without_a_relu_before_it():
     """A zero border never beats a ReLU's outputs (>= 0), so with the paper's conv-BN-ReLU stem
     the two paddings agree; BiT's stem pools the raw conv output, where they differ."""

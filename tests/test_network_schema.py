@@ -35,6 +35,7 @@ CHANGES = {
     "norm": ({}, "layer"),
     "norm_groups": ({"norm": "group", "norm_groups": 2}, 1),
     "conv": ({}, "weight_standardized"),
+    "conv_epsilon": ({"conv": "weight_standardized"}, 1e-10),
     "bn_momentum": ({}, 0.99),
     "bn_epsilon": ({}, 0.1),
 }
