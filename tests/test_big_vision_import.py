@@ -116,3 +116,17 @@ def test_an_npz_file_loads_and_starts_a_fine_tuning(form, tmp_path):
     assert started["params"]["head"]["kernel"].shape == (256, 7)
     np.testing.assert_array_equal(started["params"]["stage2_unit1"]["conv2"]["kernel"],
                                   variables["params"]["stage2_unit1"]["conv2"]["kernel"])
+
+
+@pytest.mark.parametrize("depth", [50])
+def test_full_size_matches_big_vision(depth):
+    """BiT-R50x1 against big_vision's own network, where big_vision is on the path (it is no
+    package; see make_big_vision_fixture.py): random weights, two 128 px images, both formats."""
+    pytest.importorskip("big_vision.models.bit_paper")
+    from tests.fixtures.make_big_vision_fixture import big_vision_outputs, release_name
+    images = np.random.RandomState(1).uniform(-1.0, 1.0, (2, 128, 128, 3)).astype(np.float32)
+    flat, logits = big_vision_outputs(images, num_classes=1000, width=1, depth=depth)
+    for arrays in (flat, dict(release_name(n, v) for n, v in flat.items())):
+        model, variables = big_vision_import.load(arrays)
+        ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+        np.testing.assert_allclose(ours, logits, atol=5e-5 * np.abs(logits).max(), rtol=0)
