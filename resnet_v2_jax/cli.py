@@ -23,8 +23,11 @@ import sys
 import types
 from typing import Callable, Sequence, Tuple, Type
 
+import jax
 import ml_collections
 from absl import app, flags, logging
+
+from resnet_v2_jax import inputs
 
 TRACEBACK_VARIABLE = "RESNET_V2_JAX_TRACEBACK"
 # What `pip install 'resnet_v2_jax[train]'` adds to the core install (setup.py's TRAIN).
@@ -135,7 +138,7 @@ def check_train_extra(config: ml_collections.ConfigDict) -> None:
     [train] extra that `config` needs is not installed (TensorBoard's writer always, TensorFlow
     and tfds for configs that read tfds)."""
     needed = ["tensorboardX"]
-    if config.get("input_pipeline") == "tfds" or config.get("array_dir") is None:
+    if inputs.reads_tfds(config):
         needed += ["tensorflow", "tensorflow_datasets"]
     for module in needed:
         if importlib.util.find_spec(module) is None:
@@ -146,9 +149,8 @@ def prepare_process(config: ml_collections.ConfigDict) -> None:
     """What a command's process needs for `config`: 64-bit JAX for `float64` configs (JAX's
     precision is process-wide), and TensorFlow imported quietly for configs that read tfds."""
     if config.get("float64"):
-        import jax
         jax.config.update("jax_enable_x64", True)
-    if config.get("input_pipeline") == "tfds" or config.get("array_dir") is None:
+    if inputs.reads_tfds(config):
         import_tensorflow_quietly()
 
 
@@ -181,12 +183,11 @@ def _resolve_config(path: str) -> str:
     that name; otherwise a one-line error that lists the shipped configs."""
     if os.path.isfile(path):
         return path
-    folder, name = os.path.split(os.path.normpath(path))
-    shipped = os.path.join(shipped_configs(), name)
-    if os.path.basename(folder) == "configs" and os.path.isfile(shipped):
-        return shipped
-    folder = shipped_configs()
-    files = os.listdir(folder) if os.path.isdir(folder) else []
+    given_folder, name = os.path.split(os.path.normpath(path))
+    shipped = shipped_configs()
+    if os.path.basename(given_folder) == "configs" and os.path.isfile(os.path.join(shipped, name)):
+        return os.path.join(shipped, name)
+    files = os.listdir(shipped) if os.path.isdir(shipped) else []
     names = sorted(n[:-3] for n in files if n.endswith(".py") and n not in ("__init__.py",
                                                                              "default.py"))
     fail(f"config file {path} not found (working directory {os.getcwd()}); the configs that "

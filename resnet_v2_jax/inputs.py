@@ -76,6 +76,12 @@ def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> "EvalBatc
     return _pipeline(config).create_eval_iterator(config, crop_size)
 
 
+def reads_tfds(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config`'s data comes through tfds (so TensorFlow): the tfds pipeline, and the
+    device-resident one when it has no `array_dir` of .npz arrays to read instead."""
+    return config.get("input_pipeline") == "tfds" or config.get("array_dir") is None
+
+
 def _pipeline(config: ml_collections.ConfigDict):
     if config.input_pipeline == "device_resident":
         from resnet_v2_jax import device_input

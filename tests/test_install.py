@@ -5,18 +5,23 @@ The environment's dependencies are this test environment's own packages, seen th
 of links (no downloads): the core install's (every package but the [train] extra's), plus the
 [train] extra's where a test trains.
 """
+import importlib.metadata
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import zipfile
 import sysconfig
 
 import pytest
 
+from resnet_v2_jax import cli
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The [train] extra's distributions and what they bring (setup.py's TRAIN).
-TRAIN_EXTRA = ("tensorflow", "tensorboard", "matplotlib", "mpl_toolkits")
+# The [train] extra's distributions and what they bring (setup.py's TRAIN), as the names of
+# their site-packages entries begin; checked against the wheel's metadata below.
+TRAIN_EXTRA = ("tensorflow", "tensorboard", "matplotlib", "mpl_toolkits", "pylab")
 NOT_LINKED = ("resnet_v2_jax", "__editable__", "sitecustomize")
 
 
@@ -93,6 +98,30 @@ def test_the_wheel_ships_the_configs_and_the_core_install_has_no_tensorflow(inst
     names = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], text=True,
                            capture_output=True, check=True).stdout
     assert {n for n in shipped if f"resnet_v2_jax/shipped/configs/{n}" in names} == shipped
+
+
+def test_the_train_extra_is_the_same_in_setup_the_cli_and_these_tests(installed):
+    """setup.py's [train] distributions (read from the wheel) provide every module the CLI
+    names as the extra's (`cli.TRAIN_EXTRA`), each of them provides one, and the core install
+    above leaves all their modules out."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    with zipfile.ZipFile(installed[3]) as wheel:
+        meta = wheel.read(next(n for n in wheel.namelist()
+                               if n.endswith(".dist-info/METADATA"))).decode()
+    required = [Requirement(line.split(":", 1)[1].strip()) for line in meta.splitlines()
+                if line.startswith("Requires-Dist:")]
+    train = {canonicalize_name(r.name) for r in required
+             if r.marker is not None and r.marker.evaluate({"extra": "train"})}
+    modules_of = {}
+    for module, distributions in importlib.metadata.packages_distributions().items():
+        for distribution in distributions:
+            modules_of.setdefault(canonicalize_name(distribution), set()).add(module)
+    assert train and all(modules_of.get(d, set()) & set(cli.TRAIN_EXTRA) for d in train), train
+    modules = set().union(*(modules_of[d] for d in train))
+    assert set(cli.TRAIN_EXTRA) <= modules
+    assert all(m.lower().startswith(TRAIN_EXTRA) for m in modules), modules
 
 
 def test_the_cards_command_runs_from_any_directory(installed, array_dir):
