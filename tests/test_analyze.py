@@ -66,13 +66,13 @@ def test_a_vanishing_shortcut_term_changes_propagation_by_orders_of_magnitude(id
     assert abs(np.log10(ratio(unit="full_preact", **overrides) / identity)) > 3
 
 
-@pytest.mark.parametrize("depth, batch", [(164, 4), (1001, 2)])
+@pytest.mark.parametrize("depth, batch", [(164, 4)])
 def test_bottleneck_networks_original_units_amplify_more_than_full_preactivation(depth, batch):
-    """ResNet-164 and ResNet-1001 (scanned), both placements with identity shortcuts: eq. 5's
-    "1" holds (ratio >= 1), and the original unit's ReLU after the addition and BN at the end
-    of each branch make the deep gradient grow more towards the input than full
-    pre-activation does. Measured on 8 / 4 such images: 1.1e3 vs 1.1e4 (ResNet-164),
-    3.9e5 vs 4.4e7 (ResNet-1001); asserted as the order, the magnitudes are in
+    """ResNet-164 (scanned), both placements with identity shortcuts: eq. 5's "1" holds
+    (ratio >= 1), and the original unit's ReLU after the addition and BN at the end of each
+    branch make the deep gradient grow more towards the input than full pre-activation does.
+    Measured on 8 / 4 such images: 1.1e3 vs 1.1e4 (ResNet-164), 3.9e5 vs 4.4e7 (ResNet-1001,
+    `(1001, 2)` here: 70 s more of the suite); asserted as the order, the magnitudes are in
     docs/reproduction.md. The paper's claim for ResNet-1001 (Fig. 1) is about optimisation,
     which this cannot show."""
     preact = ratio(depth, "full_preact", batch)

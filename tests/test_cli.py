@@ -208,19 +208,6 @@ def test_two_processes_equal_one_process_with_eight_devices_in_float64(tmp_path,
     assert r_two["eval"]["32"]["top1_error"] == r_one["eval"]["32"]["top1_error"]
 
 
-def test_two_processes_float32_smoke(tmp_path, array_dir):
-    """The same run in float32 (how people train): it completes and every step's loss agrees.
-    Parameters are not compared: float32 rounding in another summation order, amplified by ReLU
-    derivatives flipping near zero, moves them by a few percent of a step (see the float64 test
-    for the exact check)."""
-    (one, one_log), (two, two_log) = two_process_runs(tmp_path, array_dir, steps=N)
-    assert len(step_losses(one_log)) == N
-    assert step_losses(two_log) == pytest.approx(step_losses(one_log), rel=1e-5)
-    r_one = json.load(open(os.path.join(one, "results.json")))
-    r_two = json.load(open(os.path.join(two, "results.json")))
-    assert r_two["eval"]["32"]["num_examples"] == r_one["eval"]["32"]["num_examples"] == 100
-
-
 def step_losses(stderr):
     return [float(m.group(1)) for m in re.finditer(r"step \d+/\d+  loss ([0-9.]+)", stderr)]
 

@@ -20,7 +20,7 @@ ABLATIONS = ["", "shortcut=exclusive_gate,gate_bias_init=-6", "shortcut=dropout"
 
 # One config per kind of train step; the others differ from one of these only in depth, number
 # of classes, schedule or host augmentation, and are traced (shapes checked) without compiling.
-TRAINED = {"cifar10_quick", "cifar10_cpu_ablation", "cifar100_resnet164",
+TRAINED = {"cifar10_quick", "cifar100_resnet164",
            "cifar10_resnet164_original", "cifar10_resnet1001", "imagenet_50",
            "imagenet_200_original", "finetune_cifar10"}
 

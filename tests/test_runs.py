@@ -38,10 +38,11 @@ def train(config, devices, steps=3):
     return dp.to_host(state), np.array(losses)
 
 
-@pytest.mark.parametrize("layout, devices, runs", [("unrolled", 1, RUNS), ("vmap", 1, RUNS),
-                                                   ("unrolled", 8, RUNS), ("vmap", 8, 4)],
-                         ids=["unrolled_1dev", "vmap_1dev", "unrolled_8dev_all_devices",
-                              "vmap_8dev_run_groups"])
+# Each layout once and each device count once (the unrolled step is the same program on one
+# device as on eight; the suite's time is CI's budget).
+@pytest.mark.parametrize("layout, devices, runs", [("vmap", 1, RUNS), ("unrolled", 8, RUNS),
+                                                   ("vmap", 8, 4)],
+                         ids=["vmap_1dev", "unrolled_8dev_all_devices", "vmap_8dev_run_groups"])
 def test_run_k_is_the_single_run_of_seed_plus_k(array_dir, layout, devices, runs):
     """3 steps of real training (augmentation, BN, dropout keys, data order). Unrolled:
     parameters bitwise equal, BN statistics to 1e-7 (XLA fuses their running-average update
