@@ -65,7 +65,7 @@ def is_big_vision(arrays) -> bool:
 
 
 def to_big_vision_names(arrays) -> dict:
-    """The arrays of a BiT checkpoint in either format under big_vision's flat names (no
+    """The weights of a BiT checkpoint in either format under big_vision's flat names (no
     `params/` prefix), TensorFlow layouts kept."""
     if any(k.startswith("resnet/") for k in arrays):
         renamed = {}
@@ -84,9 +84,11 @@ def to_big_vision_names(arrays) -> dict:
                     name = f"{unit[1]}/{leaf}"
             renamed[name] = value
         arrays = renamed
-    prefix = next((p for p in ("params/", "opt/target/") if all(k.startswith(p) for k in arrays)),
+    # A big_vision training checkpoint holds the optimiser's state beside the weights: only
+    # the weights are read ("params/", or "opt/target/" in its older checkpoints).
+    prefix = next((p for p in ("params/", "opt/target/") if any(k.startswith(p) for k in arrays)),
                   "")
-    return {k[len(prefix):]: np.asarray(v) for k, v in arrays.items()}
+    return {k[len(prefix):]: np.asarray(v) for k, v in arrays.items() if k.startswith(prefix)}
 
 
 def model_from_arrays(arrays, **options) -> models.ResNetV2:

@@ -104,7 +104,10 @@ def test_an_npz_file_loads_and_starts_a_fine_tuning(form, tmp_path):
     """What `--config.init_from=BiT-M-R50x1.npz` does: the file is recognised, its network
     built, and its backbone copied into a network of other classes."""
     path = tmp_path / "bit.npz"
-    np.savez(path, **FORMATS[form]())
+    arrays = FORMATS[form]()
+    if form == "big_vision":  # a training checkpoint: the optimiser's state is not read
+        arrays["opt/state/block1/unit01/conv1/kernel"] = np.zeros((1, 1, 32, 32), np.float16)
+    np.savez(path, **arrays)
     data = _fixture()
     model, variables = pretrained.load_file(str(path))
     np.testing.assert_allclose(model.apply(variables, jnp.asarray(data["images"]), train=False),
