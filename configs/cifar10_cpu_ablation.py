@@ -2,11 +2,11 @@
 
 ResNet-20 on CIFAR-10, 700 steps at batch 128 (under 2 epochs), the same schedule for every
 unit (cosine from lr 0.1 after 100 linear warm-up steps), evaluated on the whole test set every
-175 steps. About 8 minutes per run on a 2-core CPU; docs/reproduction.md has the four runs,
-their curves and what they show:
+175 steps. About 8 minutes per run on a 2-core CPU, about 19 for three in one program;
+docs/reproduction.md has four rows of three runs each, their curves and what they show:
 
     python -m resnet_v2_jax.main --config=configs/cifar10_cpu_ablation.py:unit=original \
-        --workdir=/tmp/cpu_ablation/original
+        --config.num_runs=3 --workdir=/tmp/cpu_ablation/original
 
 Any key of configs/ablation.py may be given the same way (e.g. `:depth=32`, or
 `:unit=original,shortcut=scaling,shortcut_scale=0.5,residual_scale=0.5`).
