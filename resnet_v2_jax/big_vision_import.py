@@ -28,11 +28,9 @@ show its number of groups: pass `norm_groups=` for a network built with other th
 
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from resnet_v2_jax import models, timm_import
+from resnet_v2_jax import models
 
 # What big_vision's bit_paper networks are in `models.ResNetV2`'s options.
 BIG_VISION_OPTIONS = dict(stem="imagenet", stem_norm="after_pool", bottleneck=True,
@@ -133,34 +131,18 @@ def convert(arrays, model: models.ResNetV2):
         raise ValueError("BiT checkpoints need models.ResNetV2 with "
                          f"{', '.join(f'{k}={v!r}' for k, v in wanted.items())}; the model has "
                          f"{', '.join(f'{k}={v!r}' for k, v in differs.items())}")
-    arrays = to_big_vision_names(arrays)
-    expected = jax.eval_shape(lambda: model.clone(scan_units=False).init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-    missing, used = [], set()
+    return models.variables_by_name(model, to_big_vision_names(arrays), _big_vision_name,
+                                    _layout, "BiT", "checkpoint")
 
-    def take(path, spec):
-        name = _big_vision_name([p.key for p in path])
-        if name not in arrays:
-            missing.append(name)
-            return None
-        used.add(name)
-        value = arrays[name].astype(np.float32)
-        if name.startswith("head/kernel") and value.ndim == 4:  # the release's 1x1-conv head
-            value = value[0, 0]
-        if spec.ndim == 1:  # big_vision's GroupNorm keeps (1, 1, 1, C)
-            value = value.reshape(value.shape[-1:]) if value.size == spec.shape[0] else value
-        if value.shape != spec.shape:
-            raise ValueError(f"BiT {name} of shape {arrays[name].shape} does not fit the model's "
-                             f"{'/'.join(p.key for p in path)} of shape {spec.shape}")
-        return jnp.asarray(value)
 
-    variables = jax.tree_util.tree_map_with_path(take, expected)
-    unexpected = sorted(set(arrays) - used)
-    if missing or unexpected:
-        raise ValueError("BiT checkpoint does not fit the model: missing "
-                         f"{timm_import.some_keys(missing)}; unexpected "
-                         f"{timm_import.some_keys(unexpected)}")
-    return models.unrolled_to_scanned(variables) if model.scan_units else variables
+def _layout(name: str, value: np.ndarray, shape: tuple) -> np.ndarray:
+    """A BiT array in the network's layout: the release's 1x1-conv head as a Dense kernel,
+    big_vision's GroupNorm scales and shifts of shape (1, 1, 1, C) as (C,)."""
+    if name.startswith("head/kernel") and value.ndim == 4:
+        return value[0, 0]
+    if len(shape) == 1 and value.size == shape[0]:
+        return value.reshape(shape)
+    return value
 
 
 def load(arrays, **options):

@@ -606,6 +606,52 @@ def _to_unrolled(tree):
 
 
 
+def variables_by_name(model: "ResNetV2", arrays, name_of: Callable[[list], str],
+                      layout: Callable[[str, np.ndarray, tuple], np.ndarray], source: str,
+                      kind: str, channels: int = 3):
+    """`model`'s variables taken from another library's named arrays (the weight importers').
+
+    Every variable of the unrolled network is `arrays[name_of(path)]`, `path` its keys from the
+    collection on, as float32 put into the variable's shape by `layout(name, value, shape)`;
+    returned scanned where `model.scan_units`. `source` and `kind` name the arrays in messages
+    ("timm", "state dict"). `channels`: the input channels of the network to build.
+
+    Raises:
+        ValueError (one line): arrays are missing or left over, or one does not fit its variable.
+    """
+    expected = jax.eval_shape(lambda: model.clone(scan_units=False).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False))
+    missing, used = [], set()
+
+    def take(path, spec):
+        keys = [p.key for p in path]
+        name = name_of(keys)
+        if name not in arrays:
+            missing.append(name)
+            return None
+        used.add(name)
+        value = layout(name, np.asarray(arrays[name]).astype(np.float32), spec.shape)
+        if value.shape != spec.shape:
+            raise ValueError(f"{source} {name} of shape {np.shape(arrays[name])} does not fit "
+                             f"the model's {'/'.join(keys)} of shape {spec.shape}")
+        return jnp.asarray(value)
+
+    variables = jax.tree_util.tree_map_with_path(take, expected)
+    unexpected = sorted(set(arrays) - used)
+    if missing or unexpected:
+        raise ValueError(f"{source} {kind} does not fit the model: missing {_some(missing)}; "
+                         f"unexpected {_some(unexpected)}")
+    return unrolled_to_scanned(variables) if model.scan_units else variables
+
+
+def _some(keys, shown=3) -> str:
+    """The first `shown` keys, and how many more, for a one-line message."""
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
 # --- what defines a network, and weights files ----------------------------------------------------
 
 FILE_FORMAT = "resnet_v2_jax/1"

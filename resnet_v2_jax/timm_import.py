@@ -40,8 +40,6 @@ the basic-unit `resnetv2_18` / `resnetv2_34`, which match as well) and the BiT f
 
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from resnet_v2_jax import models
@@ -70,7 +68,7 @@ def convert_state_dict(state_dict, model: models.ResNetV2):
     (`scan_units=True`) models too.
 
     Raises:
-        ValueError: the model is not in timm's configuration, the state dict is not a BatchNorm
+        ValueError: the model is not in timm's configuration, the state dict is not a
             pre-activation ResNetV2, or keys are missing, unexpected or of the wrong shape.
     """
     state_dict = {k: np.asarray(v) for k, v in state_dict.items()
@@ -78,33 +76,18 @@ def convert_state_dict(state_dict, model: models.ResNetV2):
     _check_supported(state_dict)
     _check_model(model, _is_bit(state_dict))
     channels = state_dict["stem.conv.weight"].shape[1] if "stem.conv.weight" in state_dict else 3
-    expected = jax.eval_shape(lambda: model.clone(scan_units=False).init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False))
+    return models.variables_by_name(model, state_dict, _timm_key, _layout, "timm", "state dict",
+                                    channels)
 
-    missing, used = [], set()
 
-    def convert(path, spec):
-        key = _timm_key([p.key for p in path])
-        if key not in state_dict:
-            missing.append(key)
-            return None
-        used.add(key)
-        value = state_dict[key].astype(np.float32)
-        if spec.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)
-        elif spec.ndim == 2:
-            value = value.reshape(value.shape[0], -1).T
-        if value.shape != spec.shape:
-            raise ValueError(f"timm {key} of shape {state_dict[key].shape} does not fit the "
-                             f"model's {'/'.join(p.key for p in path)} of shape {spec.shape}")
-        return jnp.asarray(value)
-
-    variables = jax.tree_util.tree_map_with_path(convert, expected)
-    unexpected = sorted(set(state_dict) - used)
-    if missing or unexpected:
-        raise ValueError(f"timm state dict does not fit the model: missing {some_keys(missing)}; "
-                         f"unexpected {some_keys(unexpected)}")
-    return models.unrolled_to_scanned(variables) if model.scan_units else variables
+def _layout(key: str, value: np.ndarray, shape: tuple) -> np.ndarray:
+    """A timm array in Flax's layout: conv kernels OIHW -> HWIO, the head (out, in) -> (in, out)
+    (its 1x1 conv's trailing axes dropped)."""
+    if len(shape) == 4:
+        return value.transpose(2, 3, 1, 0)
+    if len(shape) == 2:
+        return value.reshape(value.shape[0], -1).T
+    return value
 
 
 def model_from_state_dict(state_dict, **options) -> models.ResNetV2:
@@ -198,10 +181,3 @@ def _check_supported(state_dict):
         raise ValueError("timm state dict mixes norm layers with running statistics "
                          "(BatchNorm) and without (GroupNorm): not a ResNetV2 this supports")
 
-
-def some_keys(keys, shown=3) -> str:
-    """The first `shown` keys, and how many more, for a one-line message."""
-    if not keys:
-        return "none"
-    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
-    return ", ".join(keys[:shown]) + more
