@@ -23,6 +23,8 @@ setup(
     # The repository's configs/ ship inside the package (resnet_v2_jax/shipped/configs), so that
     # `--config=configs/<name>.py` works from an installed package in any directory (`cli`).
     package_dir={SHIPPED_CONFIGS: "configs"},
+    # The GPU target specs `preflight` compiles for (resnet_v2_jax.targets).
+    package_data={"resnet_v2_jax": ["gpu_specs/*.txtpb"]},
     install_requires=[
         # What the networks, their NNX forms, weights files and the parallel code import.
         "jax>=0.7",
@@ -42,7 +44,12 @@ setup(
         # The offline CIFAR copy some machines keep beside the checkout (its prepare_tfds.py and
         # cifar_npz.py read WebP images); also needed by the tests that use it.
         "offline": ["pillow>=10", "importlib_resources>=6"],
-        "test": TRAIN + ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89", "pillow>=10",
+        # Compilers for hardware this machine may not have (python -m resnet_v2_jax.preflight):
+        # libtpu compiles for any Cloud TPU slice; JAX's CUDA plugin with ptxas for NVIDIA
+        # GPUs (no cuDNN, cuBLAS or NCCL needed to compile). On a TPU VM, [tpu] also runs.
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12-local]", "nvidia-cuda-nvcc-cu12>=12.6", "nvidia-cuda-runtime-cu12"],
+        "test": TRAIN + ["jax[tpu]", "pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89", "pillow>=10",
                         "importlib_resources>=6"],
         # Weight import from timm (resnet_v2_jax.timm_import); large, never required.
         "timm": ["timm>=1.0", "torch>=2.3"],

@@ -190,32 +190,6 @@ def part_config(part: Part, smoke: bool):
     return config
 
 
-def model_flops(config, per_device_batch: int) -> Optional[float]:
-    """XLA's FLOP count of one train step on one device's share of the batch (`cost_analysis`
-    of the lowered step, nothing compiled). Counted on a CPU device for the unrolled network
-    without remat: GPU backends leave cuDNN convolutions out of the count, a scanned stage's
-    loop body is counted once, and MFU counts the model's FLOPs, not remat's recomputation."""
-    import jax
-    import numpy as np
-    from resnet_v2_jax import parallel, recipe
-
-    config = config.copy_and_resolve_references()
-    config.batch_size = config.eval_batch_size = per_device_batch
-    config.model.scan_units = config.model.remat_units = False
-    config.num_runs = 1  # one run's count; several runs do it each
-    dp = parallel.DataParallel(config.parallelism, 1, devices=jax.devices("cpu")[:1])
-    setup = recipe.build(config, dp)
-    size = config.image_size
-    batch = {"image": jax.ShapeDtypeStruct((per_device_batch, size, size, 3), np.uint8,
-                                           sharding=dp.batch_sharding),
-             "label": jax.ShapeDtypeStruct((per_device_batch,), np.int32,
-                                           sharding=dp.batch_sharding)}
-    analysis = setup.train_step.lower(setup.abstract_state, batch).cost_analysis()
-    if isinstance(analysis, (list, tuple)):          # older JAX: one dict per program
-        analysis = analysis[0] if analysis else None
-    return float(analysis["flops"]) if analysis and "flops" in analysis else None
-
-
 def initial_state(config, setup, dp):
     """The part's initial train state on the devices. An unrolled network is initialised in its
     scanned twin's layout and converted (`models.scanned_to_unrolled`): the unrolled init
@@ -235,7 +209,7 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     import flax
     import jax
     import numpy as np
-    from resnet_v2_jax import datasets, parallel, recipe
+    from resnet_v2_jax import datasets, parallel, preflight, recipe
 
     config = part_config(part, smoke)
     dp = parallel.DataParallel(config.parallelism, config.bn_group_size,
@@ -260,7 +234,7 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     start = time.perf_counter()
     eval_step = setup.eval_step.lower(recipe.variables_of(state), data).compile()
     eval_compile_s = time.perf_counter() - start
-    flops = model_flops(config, dp.check_batch_size(batch))
+    flops = preflight.model_flops(config, dp.check_batch_size(batch))
     params = sum(x.size for x in jax.tree.leaves(recipe.variables_of(state)["params"]))
 
     holder = {"state": state}

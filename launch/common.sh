@@ -38,3 +38,25 @@ run() {
         "$@"
     fi
 }
+
+# `preflight PYTHON TARGET [VAR=VALUE...]`: compiles CONFIG, with the --config.* flags of
+# MAIN_FLAGS, for TARGET on this machine (python -m resnet_v2_jax.preflight, which needs the
+# [tpu] or [cuda] extra there) and stops the script unless it fits. It runs in a dry run too: it
+# only compiles, here, and prints to stderr.
+preflight() {
+    local python=$1 target=$2 overrides=() flag
+    shift 2
+    for flag in "${MAIN_FLAGS[@]}"; do
+        [[ $flag != --config.* ]] || overrides+=("$flag")
+    done
+    echo "+ preflight: $CONFIG on $target" >&2
+    local status=0
+    (cd "$REPO_ROOT" && env "$@" "$python" -m resnet_v2_jax.preflight --config="$CONFIG" \
+        --target="$target" --out="${TMPDIR:-/tmp}/resnet_v2_jax-preflight" \
+        "${overrides[@]}") >&2 || status=$?
+    case $status in
+        0) ;;
+        3) die "$CONFIG does not fit $target (see above): nothing was started" ;;
+        *) die "the preflight check of $CONFIG for $target failed (see above)" ;;
+    esac
+}

@@ -11,7 +11,10 @@ usage() {
     cat <<'EOF'
 Usage: launch/tpu_vm.sh [OPTIONS] COMMAND... [-- MAIN_FLAGS...]
 
-Commands (several run in order, e.g. `create setup train`):
+Commands (several run in order, e.g. `preflight create setup train`):
+  preflight  compile CONFIG (and the --config.* flags after --) for ACCELERATOR_TYPE on this
+           machine and stop unless it fits the slice's memory (python -m
+           resnet_v2_jax.preflight; needs pip install '.[tpu]' here, in LOCAL_PYTHON)
   create   create the TPU VM
   setup    put the project on every worker (this checkout's committed HEAD, or a clone of
            REPO_URL) and install it with jax[tpu] into ~/resnet_v2_jax/.venv
@@ -39,6 +42,7 @@ Settings: environment variable or option (the option wins).
   REPO_URL          --repo=URL           git URL the workers clone; default: copy this checkout
   GIT_REF           --ref=REF            branch, tag or commit of REPO_URL (default main)
   PYTHON_VERSION    --python=VERSION     Python of the workers' venv (default 3.12, via uv)
+  LOCAL_PYTHON      --local-python=PATH  Python that runs preflight here (default python3)
   LOG_WORKER        --log-worker=N       worker whose log `logs` follows (default 0)
   STOP_TIMEOUT      --stop-timeout=S     seconds `stop` waits before SIGKILL (default 300)
   DRY_RUN=1         --dry-run            print every command instead of running it
@@ -64,6 +68,7 @@ DATA_DIR=${DATA_DIR:-}
 REPO_URL=${REPO_URL:-}
 GIT_REF=${GIT_REF:-main}
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}
+LOCAL_PYTHON=${LOCAL_PYTHON:-python3}
 LOG_WORKER=${LOG_WORKER:-0}
 STOP_TIMEOUT=${STOP_TIMEOUT:-300}
 COMMANDS=()
@@ -85,6 +90,7 @@ while (($#)); do
         --repo=*) REPO_URL=${1#*=} ;;
         --ref=*) GIT_REF=${1#*=} ;;
         --python=*) PYTHON_VERSION=${1#*=} ;;
+        --local-python=*) LOCAL_PYTHON=${1#*=} ;;
         --log-worker=*) LOG_WORKER=${1#*=} ;;
         --stop-timeout=*) STOP_TIMEOUT=${1#*=} ;;
         --) shift; MAIN_FLAGS=("$@"); break ;;
@@ -202,12 +208,13 @@ rm -f $PID_FILE"
 }
 
 for command in "${COMMANDS[@]}"; do  # every check before anything runs
-    [[ $command =~ ^(create|setup|train|logs|stop|status|delete)$ ]] ||
+    [[ $command =~ ^(preflight|create|setup|train|logs|stop|status|delete)$ ]] ||
         die "unknown command $command (see --help)"
     [[ $command != train ]] || check_workdir
 done
 for command in "${COMMANDS[@]}"; do
     case $command in
+        preflight) preflight "$LOCAL_PYTHON" "$ACCELERATOR_TYPE" ;;
         create) cmd_create ;;
         setup) cmd_setup ;;
         train) cmd_train ;;

@@ -145,12 +145,13 @@ def check_train_extra(config: ml_collections.ConfigDict) -> None:
             fail(_not_installed(module), 1)
 
 
-def prepare_process(config: ml_collections.ConfigDict) -> None:
+def prepare_process(config: ml_collections.ConfigDict, reads_data: bool = True) -> None:
     """What a command's process needs for `config`: 64-bit JAX for `float64` configs (JAX's
-    precision is process-wide), and TensorFlow imported quietly for configs that read tfds."""
+    precision is process-wide), and TensorFlow imported quietly for configs that read tfds
+    (unless the command reads no data)."""
     if config.get("float64"):
         jax.config.update("jax_enable_x64", True)
-    if inputs.reads_tfds(config):
+    if reads_data and inputs.reads_tfds(config):
         import_tensorflow_quietly()
 
 

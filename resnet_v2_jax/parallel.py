@@ -81,9 +81,12 @@ class DataParallel:
             raise ValueError(f"num_runs={num_runs} needs parallelism='shard_map'")
         self.executor = executor
         self.devices = list(devices if devices is not None else jax.devices())
+        # The processes this program is for: JAX's own for its devices; for compile-only
+        # devices of a named target (`targets`), that target's, as if this were its process 0.
+        self.process_count = len({d.process_index for d in self.devices})
         self.num_runs = num_runs
         n = len(self.devices)
-        self.run_groups = (math.gcd(num_runs, n) if num_runs > 1 and jax.process_count() == 1
+        self.run_groups = (math.gcd(num_runs, n) if num_runs > 1 and self.process_count == 1
                            else 1)
         per_run = n // self.run_groups
         group = bn_group_size or per_run
@@ -140,13 +143,13 @@ class DataParallel:
             runs = (f", {self.num_runs} runs: {self.run_groups} group(s) of "
                     f"{self.devices_per_run} device(s), {self.local_runs} run(s) per device")
         return (f"{self.executor} over {self.num_devices} devices ({len(self.local_devices)} local, "
-                f"{jax.process_count()} processes), platform {self.devices[0].platform}, "
+                f"{self.process_count} processes), platform {self.devices[0].platform}, "
                 f"BN groups of {self.bn_group_size} device(s){runs}")
 
     def check_batch_size(self, global_batch: int, name: str = "batch_size") -> int:
         """Returns the per-device batch, or raises if `global_batch` does not split evenly
         (the rule of `inputs.local_batch_size`, which the input pipelines apply too)."""
-        per_process = inputs.local_batch_size(global_batch, jax.process_count(),
+        per_process = inputs.local_batch_size(global_batch, self.process_count,
                                               self.devices_per_run, name)
         return per_process * self.run_groups // len(self.local_devices)
 
@@ -212,6 +215,12 @@ class DataParallel:
                               multihost_utils.process_allgather(x, tiled=True))
         first = np.asarray(x.addressable_data(0))
         return first.reshape(x.shape[1:]) if self.executor == "pmap" else first
+
+
+def for_config(config, devices: Optional[Sequence[jax.Device]] = None) -> DataParallel:
+    """The `DataParallel` a training run of `config` uses, over `devices` (default: all)."""
+    return DataParallel(config.parallelism, config.bn_group_size, devices,
+                        num_runs=config.num_runs, share_batches=config.share_batches)
 
 
 # Variables by which cluster environments announce several processes.

@@ -302,14 +302,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     with _StopSignals() as signals:
         workdir = rundir.resolve(workdir)
         configuration.validate(config)
-        dp = parallel.DataParallel(config.parallelism, config.bn_group_size,
-                                   num_runs=config.num_runs, share_batches=config.share_batches)
+        dp = parallel.for_config(config)
         num_train_examples = inputs.check_data(config)
         setup = recipe.build(config, dp, num_train_examples)
         evaluator = Evaluator(config, dp, setup.eval_step)
         logging.info("devices: %s", dp.describe())
         logging.info("batch: %d global, %d per process, %d per device; %d steps (%.1f epochs of "
-                     "%d examples)", config.batch_size, config.batch_size // jax.process_count(),
+                     "%d examples)", config.batch_size, config.batch_size // dp.process_count,
                      dp.check_batch_size(config.batch_size), setup.total_steps,
                      setup.total_steps / setup.steps_per_epoch, num_train_examples)
         source = None

@@ -4,6 +4,7 @@ Nothing here calls gcloud, sbatch or pip: dry runs only print. Each printed line
 whose words shlex.split recovers exactly; remote commands (gcloud ssh --command=...) are checked
 to be valid bash with `bash -n`.
 """
+import importlib.util
 import os
 import pathlib
 import shlex
@@ -18,16 +19,17 @@ SCRIPTS = ("tpu_vm.sh", "gpu.sh", "slurm_gpu.sh")
 SETTINGS = ("TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "SPOT",
             "CONFIG", "WORKDIR", "DATA_DIR", "REPO_URL", "GIT_REF", "PYTHON_VERSION",
             "LOG_WORKER", "STOP_TIMEOUT", "DRY_RUN", "GPUS", "MEM_FRACTION", "PYTHON", "NODES", "GPUS_PER_NODE",
-            "PARTITION", "ACCOUNT", "TIME", "CPUS_PER_TASK", "JOB_NAME")
+            "PARTITION", "ACCOUNT", "TIME", "CPUS_PER_TASK", "JOB_NAME", "TARGET",
+            "LOCAL_PYTHON", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
-def launch(script, *args, check=True, tmp_path=None, **settings):
+def launch(script, *args, check=True, tmp_path=None, timeout=60, **settings):
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     if tmp_path is not None:
         env["TMPDIR"] = str(tmp_path)
     env.update(settings)
     result = subprocess.run(["bash", str(REPO / "launch" / script), *args], env=env,
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -215,7 +217,56 @@ def test_tpu_needs_a_name_and_a_known_command():
     assert result.stdout == ""
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install '.[tpu]')")
+@pytest.mark.parametrize("batch, fits", [(64, True), (65536, False)])
+def test_tpu_preflight_stops_before_creating_a_slice_the_config_does_not_fit(tmp_path, batch,
+                                                                             fits):
+    """A depth-8 network on one v5e chip: batch 64 fits, 65,536 is over its 16 GiB."""
+    result = launch("tpu_vm.sh", "--dry-run", "preflight", "create", "--",
+                    "--config.model.depth=8", "--config.input_pipeline=device_resident",
+                    f"--config.batch_size={batch}", "--config.eval_batch_size=64",
+                    "--workdir=gs://b/r", check=False, tmp_path=tmp_path, timeout=600,
+                    TPU_NAME="t", ACCELERATOR_TYPE="v5litepod-1",
+                    CONFIG="configs/cifar10_quick.py", LOCAL_PYTHON=sys.executable)
+    assert "+ preflight: configs/cifar10_quick.py on v5litepod-1" in result.stderr
+    reports = list((tmp_path / "resnet_v2_jax-preflight").glob("cifar10_quick_v5litepod-1.*"))
+    assert len(reports) == 2, "the check's JSON and markdown reports"
+    if fits:
+        assert result.returncode == 0, result.stderr
+        assert "**fits**" in result.stderr
+        [create] = commands_in(result.stdout)
+        assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+    else:
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (
+            "error: configs/cifar10_quick.py does not fit v5litepod-1 (see above): nothing "
+            "was started")
+        assert result.stdout == "", "a command was printed after a failed check"
+
+
+def commands_in(stdout):
+    return [shlex.split(line) for line in _shell_lines(stdout)]
+
+
 # --- GPUs -------------------------------------------------------------------------------------
+
+def test_gpu_preflight_stops_without_the_compiler_or_a_target(tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['jax_cuda12_plugin'] = None\n")
+    result = launch("gpu.sh", "--dry-run", "preflight", "train", "--target=h100x8", check=False,
+                    WORKDIR="/data/r", PYTHON=sys.executable, PYTHONPATH=f"{hide}:{REPO}")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "error: compiling for h100x8 needs the CUDA compiler: pip install " \
+        "'resnet_v2_jax[cuda]'" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the preflight check of configs/cifar10_resnet164.py for h100x8 failed (see "
+        "above)")
+    result = launch("gpu.sh", "--dry-run", "preflight", check=False)
+    assert result.returncode == 1 and "set TARGET or --target" in result.stderr
+
+
 
 def test_gpu_setup_and_train():
     venv, install, check, train = commands(
