@@ -64,12 +64,16 @@ class Part:
     scan: Optional[bool] = None  # None: the recipe's default (scan for ResNet-1001)
     runs: int = 1                # runs trained together (config.num_runs)
     runs_layout: str = "auto"    # how a device computes them (config.runs_layout)
+    unit: str = "full_preact"    # the residual unit (Fig. 4; "original": conv-BN-ReLU)
 
 
 PARTS = {
     "cifar110_b128": Part("cifar", 110, 128, smoke_depth=8),
     "cifar164_b128": Part("cifar", 164, 128, smoke_depth=11),
     "cifar164_b128_scan": Part("cifar", 164, 128, smoke_depth=11, scan=True),
+    # Post-activation units: BN-ReLU after each convolution, which cuDNN can fuse into the
+    # convolution's epilogue (benchmarks/gpu_programs.py compares the programs).
+    "cifar164_b128_original": Part("cifar", 164, 128, smoke_depth=11, unit="original"),
     "cifar164_b1024": Part("cifar", 164, 1024, smoke_depth=11),
     "cifar1001_b128": Part("cifar", 1001, 128, smoke_depth=20, scan=True, remat=True),
     # Several runs in one program (config.num_runs), in each layout; "_x8_vmap" is in the
@@ -176,8 +180,8 @@ def mfu(flops_per_step: Optional[float], ms_per_step: float, peak: Optional[floa
 
 def part_config(part: Part, smoke: bool):
     from configs import default
-    config = (default.cifar("cifar10", part.depth) if part.recipe == "cifar"
-              else default.imagenet(part.depth))
+    config = (default.cifar("cifar10", part.depth, part.unit) if part.recipe == "cifar"
+              else default.imagenet(part.depth, part.unit))
     config.model.depth = part.smoke_depth if smoke else part.depth  # the recipe's block kept
     config.batch_size = config.eval_batch_size = SMOKE_BATCH if smoke else part.batch
     config.half_precision = True

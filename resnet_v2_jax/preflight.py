@@ -48,6 +48,9 @@ DOES_NOT_FIT = 3
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+# Instructions that launch no work of their own (they name, bundle or reinterpret buffers).
+_NO_KERNEL = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+              "partition-id", "replica-id", "opt-barrier", "add-dependency")
 
 
 # --- the program's structure ------------------------------------------------------------------
@@ -94,8 +97,9 @@ def _group_size(rest: str, num_devices: int) -> int:
 def program_structure(hlo: str, num_devices: int) -> Dict[str, Any]:
     """Counts of an optimised HLO module: what runs as separate operations (in the entry
     computation, loop bodies and branches: fusions, copies, transposes, custom calls, loops,
-    collectives with bytes per group size) and the convolutions anywhere (inside fusions on
-    TPUs, cuDNN calls on GPUs). A loop's body counts once, not once per iteration."""
+    collectives with bytes per group size, and `kernels`, every instruction that does work of
+    its own) and the convolutions anywhere (inside fusions on TPUs, cuDNN calls on GPUs). A
+    loop's body counts once, not once per iteration."""
     computations: Dict[str, List[str]] = {}
     name = None
     for line in hlo.splitlines():
@@ -140,7 +144,9 @@ def program_structure(hlo: str, num_devices: int) -> Dict[str, Any]:
     return {"fusions": ops["fusion"], "convolutions": convolutions,
             "copies": ops["copy"] + ops["copy-start"], "transposes": ops["transpose"],
             "loops": ops["while"], "custom_calls": dict(custom_calls),
-            "collectives": collectives, "operations": sum(ops.values())}
+            "collectives": collectives,
+            "kernels": sum(n for op, n in ops.items() if op not in _NO_KERNEL
+                           and not op.endswith("-done"))}
 
 
 # --- compiling --------------------------------------------------------------------------------
@@ -410,7 +416,8 @@ def markdown(report: Dict[str, Any]) -> str:
     if s:  # none where the compiler refused the program
         lines += ["", f"Train step program: {s['fusions']} fusions, {s['convolutions']} "
                   f"convolutions, {s['copies']} copies and {s['transposes']} transposes outside "
-                  f"fusions, {s['loops']} loops (a loop body counts once)."]
+                  f"fusions, {s['kernels']} operations in all, {s['loops']} loops (a loop body "
+                  "counts once)."]
         lines += [f"- {key} devices: {entry['count']} ({entry['bytes'] / 2**20:.2f} MiB)"
                   for key, entry in sorted(s["collectives"].items())]
     if "max_batch" in report:

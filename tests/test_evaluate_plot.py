@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -32,12 +33,25 @@ def tiny_config(data_dir, unit="full_preact", **overrides):
     return config
 
 
+def _our_threads():
+    """Python threads running code of this package (the loop's own thread excepted)."""
+    return [t for t in threading.enumerate() if t is not threading.current_thread()
+            and "resnet_v2_jax" in getattr(getattr(t, "_target", None), "__module__", "")]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tfds_data_dir):
-    """(workdir, results.json) of a 20-step run, evaluated once, on the whole test set."""
+    """(workdir, results.json, our threads left) of a 20-step run, evaluated once, on the
+    whole test set."""
     workdir = tmp_path_factory.mktemp("full_preact")
     train.train_and_evaluate(tiny_config(tfds_data_dir), str(workdir))
-    return workdir, json.loads((workdir / "results.json").read_text())
+    return workdir, json.loads((workdir / "results.json").read_text()), _our_threads()
+
+
+def test_a_finished_run_leaves_no_thread_of_ours(run):
+    """A thread of ours alive at interpreter exit can abort the process (exit 134) while it
+    drops device arrays: a tfds run, its prefetching and Orbax's saves included, leaves none."""
+    assert run[2] == [] and not [t for t in threading.enumerate() if "prefetch" in t.name]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +85,7 @@ def python_module(module, *args):
 
 def test_eval_only_reproduces_the_logged_error(run):
     """The CLI, with the run's own config.json, on the latest checkpoint and whole test set."""
-    workdir, logged = run
+    workdir, logged, _ = run
     result = python_module("resnet_v2_jax.evaluate", f"--workdir={workdir}", "--verbosity=0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_quiet(result)
@@ -90,7 +104,7 @@ def test_eval_only_reproduces_the_logged_error(run):
 
 def test_eval_only_on_another_split_leaves_the_run_alone(run):
     """Latest and given checkpoint; a save in flight and a damaged newer step stay untouched."""
-    workdir, _ = run
+    workdir, _, _ = run
     in_flight = workdir / "checkpoints" / f"{2 * STEPS}.orbax-checkpoint-tmp-1"
     damaged = workdir / "checkpoints" / str(3 * STEPS)
     in_flight.mkdir()
@@ -109,7 +123,7 @@ def test_eval_only_on_another_split_leaves_the_run_alone(run):
 
 
 def test_eval_only_refuses_another_models_checkpoint(run):
-    workdir, _ = run
+    workdir, _, _ = run
     config = configuration.read(str(workdir))
     config.model.depth = 20
     another = r"another network .stage_sizes: checkpoint \[1, 1, 1\] vs config \[3, 3, 3\]"
@@ -119,7 +133,7 @@ def test_eval_only_refuses_another_models_checkpoint(run):
 
 
 def test_eval_only_errors_for_missing_checkpoints(run, tmp_path):
-    workdir, _ = run
+    workdir, _, _ = run
     with pytest.raises(FileNotFoundError, match="checkpoints/7 does not exist"):
         evaluate.evaluate(str(workdir / "checkpoints" / "7"))
     with pytest.raises(ValueError, match="is neither a run's workdir"):
@@ -135,7 +149,7 @@ def test_eval_only_errors_for_missing_checkpoints(run, tmp_path):
 # --- plots of real runs -----------------------------------------------------------------------
 
 def test_plot_reads_the_logged_curves(run):
-    workdir, logged = run
+    workdir, logged, _ = run
     curves = plot.load_run(str(workdir), "run")
     np.testing.assert_array_equal(curves.train[0], [5, 10, 15, 20])
     np.testing.assert_array_equal(curves.test[0], [STEPS])

@@ -12,12 +12,14 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -155,9 +157,18 @@ def test_prefetch_to_device_order_and_errors():
         raise RuntimeError("boom")
 
     prefetched = inputs.prefetch_to_device(failing(), lambda x: x)
-    assert next(prefetched) == 1
+    assert next(prefetched) == 1      # the error, met while reading ahead, waits its turn
     with pytest.raises(RuntimeError, match="boom"):
         next(prefetched)
+
+    # Closing a half-read prefetcher leaves no thread behind, and reads nothing more.
+    threads = set(threading.enumerate())
+    read = []
+    source = (read.append(i) or i for i in range(100))
+    half_read = inputs.prefetch_to_device(source, lambda x: x, 2)
+    assert [next(half_read) for _ in range(3)] == [0, 1, 2] and read == [0, 1, 2, 3, 4]
+    half_read.close()
+    assert set(threading.enumerate()) == threads and read == [0, 1, 2, 3, 4]
 
 
 # --- CIFAR, tf.data ----------------------------------------------------------------------------

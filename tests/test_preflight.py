@@ -170,5 +170,6 @@ def test_program_structure_counts_what_runs_and_the_groups_of_collectives():
     structure = preflight.program_structure(hlo, num_devices=4)
     assert structure["fusions"] == 1 and structure["convolutions"] == 1
     assert structure["copies"] == 1 and structure["transposes"] == 0
+    assert structure["kernels"] == 4   # the fusion, two all-reduces and the copy
     assert structure["collectives"] == {"all-reduce over 2": {"count": 1, "bytes": 32},
                                         "all-reduce over 4": {"count": 1, "bytes": 16}}

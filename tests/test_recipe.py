@@ -111,27 +111,32 @@ def test_eval_step_counts_only_masked_examples():
 
 
 def test_evaluator_prefetches_onto_the_devices_and_fetches_once(array_dir, monkeypatch):
-    """Eval batches reach the devices from the prefetch thread, ahead of the step, and the sums
-    stay on the devices until one fetch per crop size; the 100 examples are counted exactly
-    (3 batches of 40, the last padded and masked)."""
+    """Eval batches reach the devices two ahead of the step, from this thread (no thread of
+    ours outlives an evaluation), and the sums stay on the devices until one fetch per crop
+    size; the 100 examples are counted exactly (3 batches of 40, the last padded and masked)."""
     config = default.cifar("cifar10", 8, input_pipeline="device_resident", array_dir=array_dir,
                            eval_batch_size=40)
     dp = parallel.DataParallel("shard_map", 0)
     setup = recipe.build(config, dp)
     state = dp.put_state(setup.init_state(0))
-    put_by, fetches = [], []
+    events, fetches = [], []
     put_batch, to_host = dp.put_batch, dp.to_host
-    monkeypatch.setattr(dp, "put_batch", lambda b: put_by.append(
-        threading.current_thread().name) or put_batch(b))
+    monkeypatch.setattr(dp, "put_batch", lambda b: events.append(
+        ("put", threading.current_thread().name)) or put_batch(b))
     monkeypatch.setattr(dp, "to_host", lambda tree: fetches.append(tree) or to_host(tree))
+    step = lambda *args: events.append(("step", threading.current_thread().name)) or \
+        setup.eval_step(*args)
     variables = recipe.variables_of(state)
-    results = train.Evaluator(config, dp, setup.eval_step)(variables)
-    assert put_by == ["prefetch_to_device"] * 3 and len(fetches) == 1
+    threads = set(threading.enumerate())
+    results = train.Evaluator(config, dp, step)(variables)
+    main = threading.main_thread().name
+    assert events == [("put", main)] * 3 + [("step", main)] * 3 and len(fetches) == 1
+    assert set(threading.enumerate()) == threads
     assert results["32"]["num_examples"] == 100
     config.steps_per_eval = 2
-    put_by.clear()
-    assert train.Evaluator(config, dp, setup.eval_step)(variables)["32"]["num_examples"] == 80
-    assert len(put_by) == 2  # nothing read past the limit
+    events.clear()
+    assert train.Evaluator(config, dp, step)(variables)["32"]["num_examples"] == 80
+    assert [e for e, _ in events].count("put") == 2  # nothing read past the limit
 
 
 def test_epochs_count_the_split_actually_read(tfds_data_dir):
