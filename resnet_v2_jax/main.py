@@ -9,7 +9,8 @@ r"""Command line: train and evaluate a pre-activation ResNet.
 --print_config lists every config key with its value and meaning (after --config.key=value
 overrides) and exits; any key can be overridden that way. Rerunning the same command resumes
 from the newest checkpoint in --workdir; rerunning a finished run reports its results and
-changes nothing. On several processes (TPU pod slices, multi-node GPU) every process runs the
+changes nothing. A run stopped by SIGTERM (preemption) saves a checkpoint and exits with code 143,
+Ctrl-C with 130: neither is a finished run. On several processes (TPU pod slices, multi-node GPU) every process runs the
 same command; `jax.distributed.initialize()` finds its peers from the environment. User errors
 end in one line (see `resnet_v2_jax.cli`).
 """
@@ -73,9 +74,10 @@ def main(argv):
     if results.get("stop_signal") == "SIGINT":
         cli.fail(f"interrupted (Ctrl-C) at step {results['step']} of {results['total_steps']}: "
                  "its checkpoint is written; rerun the same command to resume", 130)
-    if results["preempted"] and jax.process_index() == 0:
-        print(f"stopped at step {results['step']} of {results['total_steps']} (preempted); "
-              "rerun the same command to resume")
+    if results["preempted"]:
+        # 143 (128 + SIGTERM), not 0: a scheduler reads 0 as a finished job.
+        cli.fail(f"preempted (SIGTERM) at step {results['step']} of {results['total_steps']}: "
+                 "its checkpoint is written; rerun the same command to resume", 143)
 
 
 if __name__ == "__main__":

@@ -48,19 +48,26 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(tmp_path, a
     assert_same_params(state, reference)  # bitwise: XLA on CPU is deterministic
 
 
-def test_sigterm_saves_exits_zero_and_resumes(tmp_path, array_dir, uninterrupted):
+def test_sigterm_saves_exits_143_and_resumes(tmp_path, array_dir, uninterrupted):
+    """A preempted run is not a finished one: exit code 143, which schedulers read as such."""
     workdir = str(tmp_path)
     process = start(workdir, array_dir)
     wait_for_checkpoint(workdir, N, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert N <= results["step"] <= 2 * N
     stopped_at = results["step"]
     if stopped_at < 2 * N:
-        assert results["preempted"] and "preempted" in stderr
+        assert process.returncode == 143, stderr[-3000:]
+        assert results["preempted"]
+        assert_one_error_line(subprocess.CompletedProcess(process.args, 143, "", stderr),
+                              f"preempted (SIGTERM) at step {stopped_at} of {2 * N}: its "
+                              "checkpoint is written; rerun the same command to resume",
+                              returncode=143)
         assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped_at)))
+    else:
+        assert process.returncode == 0, stderr[-3000:]
     resumed = run(workdir, array_dir)
     if stopped_at < 2 * N:
         assert f"resuming from step {stopped_at}" in resumed.stderr
@@ -119,8 +126,8 @@ def test_a_signal_during_start_up_or_compilation_ends_cleanly(tmp_path, array_di
     stderr = "".join(lines) + rest
     result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
     code = 130 if sig == signal.SIGINT else 143
-    if process.returncode == 0:  # SIGTERM after the first step: saved and stopped
-        assert sig == signal.SIGTERM and "preempted" in stderr
+    if "preempted (SIGTERM) at step" in stderr:  # SIGTERM after the first step: saved
+        assert_one_error_line(result, "preempted (SIGTERM) at step", returncode=143)
     elif "nothing was trained" in stderr:
         assert_one_error_line(result, f"interrupted ({signal.Signals(sig).name}) before",
                               returncode=code)
