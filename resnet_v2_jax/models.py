@@ -513,6 +513,7 @@ def cifar_resnet(depth: int, num_classes: Optional[int] = 10, *, block: str = "b
     code; `stride_on="3x3"` moves it. `options` are further `ResNetV2` attributes.
     """
     _check_choice("block", block, CIFAR_WIDTHS)
+    _refuse_set_by_factory("cifar_resnet", options)
     layers = 3 if block == "bottleneck" else 2
     if (not isinstance(depth, (int, np.integer)) or isinstance(depth, bool)
             or depth < 3 * layers + 2 or (depth - 2) % (3 * layers)):
@@ -533,10 +534,23 @@ def imagenet_resnet(depth: int, num_classes: Optional[int] = 1000, **options) ->
     if depth not in IMAGENET_STAGES:
         raise ValueError(
             f"ImageNet ResNet depth must be one of {sorted(IMAGENET_STAGES)}, got {depth}")
+    _refuse_set_by_factory("imagenet_resnet", options)
     bottleneck = depth >= 50
     widths = (256, 512, 1024, 2048) if bottleneck else (64, 128, 256, 512)
     return ResNetV2(stage_sizes=IMAGENET_STAGES[depth], widths=widths, num_classes=num_classes,
                     stem="imagenet", stem_width=64, bottleneck=bottleneck, **options)
+
+
+# What a factory sets from the depth and the paper's architecture; any other attribute of
+# ResNetV2 passes through its `options`.
+SET_BY_FACTORIES = ("stage_sizes", "widths", "stem", "stem_width", "bottleneck")
+
+
+def _refuse_set_by_factory(factory: str, options) -> None:
+    fixed = [name for name in SET_BY_FACTORIES if name in options]
+    if fixed:
+        raise ValueError(f"{factory} sets {', '.join(fixed)} from the depth (the paper's "
+                         f"architecture); for another, build ResNetV2({fixed[0]}=...) directly")
 
 
 ARCHITECTURES = {"cifar": cifar_resnet, "imagenet": imagenet_resnet}
@@ -707,6 +721,9 @@ def save(path: str, model: ResNetV2, variables) -> None:
     `load(path)` rebuilds the network without a config or Orbax. timm's and Hugging Face's
     tools read the file too."""
     from safetensors.numpy import save_file
+    if not isinstance(model, ResNetV2):
+        raise ValueError(f"models.save writes ResNetV2 networks (whose options load() rebuilds), "
+                         f"not {type(model).__name__}")
     for name in ("norm", "conv"):
         if callable(getattr(model, name)):
             raise ValueError(f"the network's {name} is a constructor, which load() cannot "

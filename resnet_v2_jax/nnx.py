@@ -94,7 +94,16 @@ class ResNetV2(nnx.Module):
     def set_view(self, use_running_average: Optional[bool] = None,
                  deterministic: Optional[bool] = None,
                  intermediates: Optional[bool] = None) -> None:
-        """What `nnx.view` sets (the attributes of the same names; None leaves one as it is)."""
+        """What `nnx.view` sets; None leaves an attribute as it is (`nnx.view_info` reads this).
+
+        Args:
+          use_running_average: if True, BN normalises with its running averages and leaves
+            them as they are (evaluation); if False, with the batch's statistics, and updates
+            the averages (training).
+          deterministic: if True, the dropout shortcut (Table 1) is off; it runs in BN's mode.
+          intermediates: if True, each call sows the stem's and every stage's output as
+            `nnx.Intermediate` (the linen network's "intermediates").
+        """
         for name, value in (("use_running_average", use_running_average),
                             ("deterministic", deterministic), ("intermediates", intermediates)):
             if value is not None:

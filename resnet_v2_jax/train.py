@@ -230,9 +230,11 @@ def _log_eval(writer: _MetricsWriter, step: int, results: Dict[str, Dict[str, An
 
 def _diverged(checkpoints: checkpoint.Checkpoints, what: str, step: int) -> NonFiniteLossError:
     checkpoints.wait()
-    return NonFiniteLossError(
-        f"training diverged at step {step}: {what}; the last checkpoint (step "
-        f"{checkpoints.latest_step()}) is intact: lower learning_rate or use warmup='constant'")
+    latest = checkpoints.latest_step()
+    kept = ("no checkpoint was written yet" if latest is None else
+            f"the last checkpoint (step {latest}) is intact")
+    return NonFiniteLossError(f"training diverged at step {step}: {what}; {kept}: lower "
+                              "learning_rate or use warmup='constant'")
 
 
 def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict, limit: int = 4) -> str:

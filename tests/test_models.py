@@ -884,7 +884,19 @@ def test_save_refuses_what_load_cannot_rebuild_and_round_trips_the_rest(tmp_path
     assert models.signature(loaded) == models.signature(bit)
     np.testing.assert_array_equal(loaded.apply(same, x, train=False),
                                   bit.apply(variables, x, train=False))
+    with pytest.raises(ValueError, match=r"^models.save writes ResNetV2 networks \(whose options "
+                       r"load\(\) rebuilds\), not Dense$"):
+        models.save(tmp_path / "dense.safetensors", nn.Dense(3), {})
     custom = bit.clone(norm=functools.partial(nn.GroupNorm, num_groups=2))
     with pytest.raises(ValueError, match="the network's norm is a constructor, which load"):
         models.save(tmp_path / "custom.safetensors", custom, variables)
     assert not (tmp_path / "custom.safetensors").exists()
+
+
+@pytest.mark.parametrize("factory, option", [(lambda **o: models.imagenet_resnet(18, **o), "stem"),
+                                             (lambda **o: models.cifar_resnet(20, **o), "widths")])
+def test_factories_pass_options_through_or_refuse_the_ones_they_set(factory, option):
+    assert factory(unit="original", shortcut="conv").unit == "original"
+    with pytest.raises(ValueError, match=rf"sets {option} from the depth \(the paper's "
+                       rf"architecture\); for another, build ResNetV2\({option}=...\) directly"):
+        factory(**{option: "deep" if option == "stem" else (8, 16, 32)})

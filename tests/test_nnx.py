@@ -104,6 +104,9 @@ def test_nnx_view_sets_the_modes_as_the_flax_docs_do():
     training(IMAGES)
     jax.tree.map(np.testing.assert_array_equal, resnet_nnx.to_linen(model)[1]["batch_stats"],
                  updates["batch_stats"])
+    info = nnx.view_info(model)       # what Flax reads from set_view's Args
+    assert all(f"  {name}: " in info for name in ("use_running_average", "deterministic",
+                                                  "intermediates"))
     dropout = resnet_nnx.cifar_resnet(8, 10, block="basic", shortcut="dropout",
                                       rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="the dropout shortcut runs in BN's mode"):
