@@ -33,6 +33,7 @@ This module imports neither TensorFlow nor tfds.
 import dataclasses
 import functools
 import json
+import math
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -346,8 +347,10 @@ class ResNetV2(nn.Module):
             channels = sorted({self.stem_width, *self.widths, *inner})
             if (not isinstance(self.norm_groups, (int, np.integer)) or self.norm_groups < 1
                     or any(c % self.norm_groups for c in channels)):
+                common = math.gcd(*channels)
+                fits = [g for g in range(1, common + 1) if common % g == 0]
                 raise ValueError(f"norm_groups={self.norm_groups} must divide every normalised "
-                                 f"channel count {tuple(channels)}")
+                                 f"channel count {tuple(channels)}: one of {fits}")
         if len(self.stage_sizes) != len(self.widths) or min(self.stage_sizes, default=0) < 1:
             raise ValueError(
                 f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "

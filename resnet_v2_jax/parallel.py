@@ -137,14 +137,18 @@ class DataParallel:
         """Runs a device holds (a slice of the run axis)."""
         return self.num_runs // self.run_groups
 
-    def describe(self) -> str:
+    def describe(self, norm: Any = "batch") -> str:
+        """The devices, processes, BN groups (for the network's `norm`; other norms normalise
+        each example alone) and runs, in one line."""
         runs = ""
         if self.num_runs > 1:
             runs = (f", {self.num_runs} runs: {self.run_groups} group(s) of "
                     f"{self.devices_per_run} device(s), {self.local_runs} run(s) per device")
         return (f"{self.executor} over {self.num_devices} devices ({len(self.local_devices)} local, "
                 f"{self.process_count} processes), platform {self.devices[0].platform}, "
-                f"BN groups of {self.bn_group_size} device(s){runs}")
+                + (f"BN groups of {self.bn_group_size} device(s)" if norm == "batch" else
+                   f"{norm if isinstance(norm, str) else 'custom'} norm (per example, no "
+                   "statistics across devices)") + runs)
 
     def check_batch_size(self, global_batch: int, name: str = "batch_size") -> int:
         """Returns the per-device batch, or raises if `global_batch` does not split evenly

@@ -284,7 +284,7 @@ def check(config, target: targets.Target, devices, with_eval: bool = True) -> Di
     bound_s = step_flops / target.peak_flops if step_flops else None
     report = {
         "target": target.name, "target_description": target.describe(),
-        "devices": dp.describe(), "processes": dp.process_count,
+        "devices": dp.describe(setup.model.norm), "processes": dp.process_count,
         "config": {"batch_size": config.batch_size, "per_device_batch": per_device,
                    "per_process_batch": config.batch_size // dp.process_count,
                    "num_runs": config.num_runs, "half_precision": config.half_precision,

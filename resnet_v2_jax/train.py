@@ -283,7 +283,8 @@ def _finished_run(workdir: epath.Path, step: int, total_steps: int, meta: dict, 
                "train": meta.get("train", {}),
                "eval": evaluator(dp.put_state(recipe.variables_of(state)), diverged),
                "eval_step": step,
-               "wall_time_s": None, "steps_this_run": 0, "devices": dp.describe()}
+               "wall_time_s": None, "steps_this_run": 0,
+               "devices": dp.describe(evaluator.config.model.norm)}
     if jax.process_index() == 0:
         rundir.write_json(path, results)
     return results
@@ -308,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         num_train_examples = inputs.check_data(config)
         setup = recipe.build(config, dp, num_train_examples)
         evaluator = Evaluator(config, dp, setup.eval_step)
-        logging.info("devices: %s", dp.describe())
+        logging.info("devices: %s", dp.describe(setup.model.norm))
         logging.info("batch: %d global, %d per process, %d per device; %d steps (%.1f epochs of "
                      "%d examples)", config.batch_size, config.batch_size // dp.process_count,
                      dp.check_batch_size(config.batch_size), setup.total_steps,
@@ -333,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                  signals, state, start_step, meta)
             finally:
                 checkpoints.close()
-            results.update(wall_time_s=round(time.time() - t_start, 1), devices=dp.describe())
+            results.update(wall_time_s=round(time.time() - t_start, 1), devices=dp.describe(setup.model.norm))
             if jax.process_index() == 0:
                 rundir.write_json(workdir / "results.json", results)
     return results

@@ -300,7 +300,8 @@ BAD_OPTIONS = {
              "unknown norm 'instance'; choose one of batch, group, layer"),
     "conv": (lambda: models.cifar_resnet(20, block="basic", conv="ws"), "unknown conv 'ws'"),
     "norm_groups": (lambda: models.cifar_resnet(20, block="basic", norm="group"),
-                    r"norm_groups=32 must divide every normalised channel count \(16, 32, 64\)"),
+                    r"norm_groups=32 must divide every normalised channel count \(16, 32, 64\): "
+                    r"one of \[1, 2, 4, 8, 16\]$"),
     "num_classes": (lambda: models.cifar_resnet(20, 0, block="basic"), "num_classes must be"),
     "arch": (lambda: models.create("tiny", 20, 10), "unknown arch 'tiny'"),
     "arch_option": (lambda: models.create("imagenet", 50, 10, block="basic"),

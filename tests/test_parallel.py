@@ -139,3 +139,10 @@ def test_bad_parallel_settings(kwargs, message):
 def test_batch_not_divisible_by_devices():
     with pytest.raises(ValueError, match="multiple of the device count 8"):
         parallel.DataParallel().check_batch_size(100)
+
+
+def test_the_description_names_the_normalisation_in_use():
+    dp = parallel.DataParallel("shard_map", 2)
+    assert dp.describe().endswith("BN groups of 2 device(s)")
+    assert dp.describe("group").endswith(
+        "group norm (per example, no statistics across devices)")
