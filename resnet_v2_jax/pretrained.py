@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from resnet_v2_jax import big_vision_import, models, rundir, timm_import
 
@@ -58,9 +59,22 @@ def load_source(source: str, target: Optional[models.ResNetV2] = None,
         loaded = Source(read.model, read.variables, where)
     else:
         loaded = Source(*load_file(str(path)), str(path))
+    check_finite(loaded.variables, loaded.where)
     if target is not None:
         check_fits(loaded.model, target, loaded.where)
     return loaded
+
+
+def check_finite(variables: Dict[str, Any], where: str) -> None:
+    """Raises a one-line ValueError naming the first tensor of `variables` that holds NaN or
+    Inf: such weights would train on silently (ReLU hides NaN) until the run diverged."""
+    for name, value in traverse_util.flatten_dict(variables, sep="/").items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = value.size - int(np.isfinite(value).sum())
+            raise ValueError(f"init_from {where}: {name} holds {bad} NaN or Inf value(s) of "
+                             f"{value.size}; these weights cannot start a run: give another "
+                             "checkpoint or file")
 
 
 def transfer_from(source: Source, variables: Dict[str, Any],

@@ -97,6 +97,26 @@ def test_init_from_another_network_is_refused_in_one_line(source):
         pretrained.initialize_from(str(workdir / "checkpoints"), variables, model)
 
 
+def test_init_from_non_finite_weights_is_refused_naming_the_tensor(source, tmp_path):
+    """From an exported file and from a timm state dict, before anything could be trained."""
+    workdir, _, state = source
+    model, variables = fresh()
+    bad = jax.tree.map(np.array, recipe.variables_of(state))
+    bad["params"]["stage2_unit1"]["conv1"]["kernel"][0, 0, 0, 0] = np.nan
+    exported = tmp_path / "nan.safetensors"
+    models.save(exported, model, bad)
+    with pytest.raises(ValueError, match=r"^init_from .*nan.safetensors: params/stage2_unit1/"
+                       r"conv1/kernel holds 1 NaN or Inf value\(s\) of \d+; these weights "
+                       r"cannot start a run: give another checkpoint or file$"):
+        pretrained.initialize_from(str(exported), variables, model)
+    state_dict = dict(_fixture()["state_dict"])
+    name = next(k for k in state_dict if k.endswith("running_var"))
+    state_dict[name] = np.full_like(state_dict[name], np.inf)
+    np.savez(tmp_path / "inf.npz", **state_dict)
+    with pytest.raises(ValueError, match=r"inf.npz: batch_stats/.*/var holds \d+ NaN or Inf"):
+        pretrained.load_source(str(tmp_path / "inf.npz"))
+
+
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 def test_init_from_timm_state_dicts(tmp_path, suffix):
     state_dict = _fixture()["state_dict"]
