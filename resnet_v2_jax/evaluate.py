@@ -73,7 +73,10 @@ def evaluate(path: str, config: Optional[ml_collections.ConfigDict] = None,
     diverged = loaded.diverged if run is None else ()
     results = train.Evaluator(config, dp, setup.eval_step)(dp.put_state(loaded.variables),
                                                            diverged)
-    return {"step": loaded.step, "checkpoint": loaded.checkpoint, "dataset": config.dataset,
+    if loaded.divergence():
+        logging.warning("%s", loaded.divergence())
+    return {"step": loaded.weights_step, "checkpoint": loaded.checkpoint,
+            "diverged": loaded.divergence() or None, "dataset": config.dataset,
             "split": config.eval_split, "run": run, "num_runs": loaded.num_runs,
             "eval": results, "devices": dp.describe(),
             "wall_time_s": round(time.time() - t_start, 1)}

@@ -24,7 +24,8 @@ class Run:
     """A run read back: its config (migrated), the network as that config builds it (one
     device, no BN reduction axes), the variables {"params", "batch_stats"} of one checkpoint
     (of run `run` of several; of all of them, stacked on a leading axis, where `run` is None
-    and `num_runs` > 1), which checkpoint that was, and the runs that had diverged there."""
+    and `num_runs` > 1), which checkpoint that was, and the runs that had diverged there with
+    the step each diverged at (a diverged run's weights are frozen at the step before)."""
     config: ml_collections.ConfigDict
     model: Any
     variables: Dict[str, Any]
@@ -32,7 +33,26 @@ class Run:
     checkpoint: str
     num_runs: int = 1
     run: Optional[int] = None
-    diverged: Tuple[int, ...] = ()
+    diverged_at: Dict[int, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def diverged(self) -> Tuple[int, ...]:
+        return tuple(sorted(self.diverged_at))
+
+    @property
+    def weights_step(self) -> int:
+        """The step whose weights `variables` are: the checkpoint's, or for a chosen run that
+        diverged, the step before it diverged."""
+        if self.run is not None and self.run in self.diverged_at:
+            return self.diverged_at[self.run] - 1
+        return self.step
+
+    def divergence(self) -> str:
+        """'' or, for a chosen run that diverged, a clause saying so."""
+        if self.run is None or self.run not in self.diverged_at:
+            return ""
+        return (f"run {self.run} diverged at step {self.diverged_at[self.run]}: these are its "
+                f"last finite weights, of step {self.weights_step}")
 
 
 def split_run_path(path: str) -> Tuple[epath.Path, Optional[int]]:
@@ -75,13 +95,14 @@ def read_run(path: str, config: Optional[ml_collections.ConfigDict] = None,
     finally:
         checkpoints.close()
     variables = recipe.variables_of(state)
-    diverged = ()
+    diverged_at = {}
     if num_runs > 1:
-        diverged = tuple(int(k) for k in np.flatnonzero(np.asarray(state.diverged_at) >= 0))
+        steps = np.asarray(state.diverged_at)
+        diverged_at = {int(k): int(steps[k]) for k in np.flatnonzero(steps >= 0)}
         if run is not None:
             variables = jax.tree.map(lambda x: x[run], variables)
     return Run(config, model, variables, step, str(workdir / "checkpoints" / str(step)),
-               num_runs, run, diverged)
+               num_runs, run, diverged_at)
 
 
 def one_run(run: Run, flag: str) -> Run:

@@ -14,7 +14,7 @@ import pytest
 
 from cli_runs import (N, ROOT, assert_one_error_line, environment, run, saved_state, snapshot)
 from configs import default
-from resnet_v2_jax import inputs, models, parallel, recipe
+from resnet_v2_jax import checkpoint, inputs, models, parallel, recipe, runs
 
 RUNS = 3
 
@@ -63,7 +63,8 @@ def test_run_k_is_the_single_run_of_seed_plus_k(array_dir, layout, devices, runs
                          getattr(single, name))
 
 
-def test_a_diverged_run_is_frozen_and_the_others_go_on(array_dir):
+def test_a_diverged_run_is_frozen_and_the_others_go_on(array_dir, tmp_path):
+    """...and reading it back (evaluate, export) says so and labels its weights' step."""
     c = config(array_dir, RUNS)
     dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1], num_runs=RUNS)
     setup = recipe.build(c, dp)
@@ -77,8 +78,17 @@ def test_a_diverged_run_is_frozen_and_the_others_go_on(array_dir):
     batches = inputs.train_batches(c, dp, 0)
     for _ in range(2):
         state, metrics = setup.train_step(state, next(batches))
+    checkpoints = checkpoint.Checkpoints(tmp_path, setup.model, num_runs=RUNS)
+    checkpoints.save(2, dp.get_state(state))
+    checkpoints.close()
+    (tmp_path / "config.json").write_text(c.to_json_best_effort())
     state = dp.to_host(state)
     assert state.diverged_at.tolist() == [-1, 1, -1]
+    read = runs.read_run(str(tmp_path), run=1)
+    assert (read.step, read.weights_step, read.diverged) == (2, 0, (1,))
+    assert read.divergence() == "run 1 diverged at step 1: these are its last finite weights, " \
+        "of step 0"
+    assert runs.read_run(str(tmp_path), run=0).divergence() == ""
     frozen = jax.tree.map(lambda x: x[1], state.state.params)
     jax.tree.map(np.testing.assert_array_equal, frozen,
                  jax.tree.map(lambda x: x[1], before.state.params))
