@@ -647,10 +647,18 @@ def variables_by_name(model: "ResNetV2", arrays, name_of: Callable[[list], str],
             missing.append(name)
             return None
         used.add(name)
-        value = layout(name, np.asarray(arrays[name]).astype(np.float32), spec.shape)
+        given = np.asarray(arrays[name])
+        misfit = ValueError(f"{source} {name} of shape {given.shape} ({given.dtype}) does not "
+                            f"fit the model's {'/'.join(keys)}: expected {spec.shape} numbers")
+        if not (np.issubdtype(given.dtype, np.number) or given.dtype == np.bool_) \
+                or given.size != np.prod(spec.shape, dtype=np.int64):
+            raise misfit
+        try:
+            value = layout(name, given.astype(np.float32), spec.shape)
+        except ValueError as error:   # a layout (transpose, reshape) that the array cannot take
+            raise misfit from error
         if value.shape != spec.shape:
-            raise ValueError(f"{source} {name} of shape {np.shape(arrays[name])} does not fit "
-                             f"the model's {'/'.join(keys)} of shape {spec.shape}")
+            raise misfit
         return jnp.asarray(value)
 
     variables = jax.tree_util.tree_map_with_path(take, expected)

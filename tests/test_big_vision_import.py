@@ -79,7 +79,12 @@ def test_missing_unexpected_and_misshapen_arrays_are_named():
     arrays = big_vision_arrays()
     arrays["params/block1/unit02/conv2/kernel"] = np.ones((3, 3, 32, 16), np.float32)
     with pytest.raises(ValueError, match=r"BiT block1/unit02/conv2/kernel of shape \(3, 3, 32, 16"
-                                         r"\) does not fit the model's params/stage1_unit2/conv2/kernel"):
+                                         r"\) \(float32\) does not fit the model's params/"
+                                         r"stage1_unit2/conv2/kernel: expected \(3, 3, 32, 32\)"):
+        big_vision_import.load(arrays)
+    arrays["params/block1/unit02/conv2/kernel"] = np.array(["x"])   # a damaged file's text
+    with pytest.raises(ValueError, match=r"conv2/kernel of shape \(1,\) \(<U1\) does not fit "
+                                         r"the model's params/stage1_unit2/conv2/kernel"):
         big_vision_import.load(arrays)
     with pytest.raises(ValueError, match="^not a BiT checkpoint: need root_block/conv_root"):
         big_vision_import.load({"params/head/kernel": np.ones((4, 5))})

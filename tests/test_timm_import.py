@@ -7,6 +7,7 @@ only where torch and timm import, e.g. in a separate venv with the project on PY
         PYTHONPATH=. /tmp/timmvenv/bin/python -m pytest tests/test_timm_import.py -s
 """
 
+import re
 from pathlib import Path
 
 import jax
@@ -83,6 +84,14 @@ def test_wrong_shape_is_named():
     model = timm_import.model_from_state_dict(state_dict).clone(widths=(32, 64, 256))
     with pytest.raises(ValueError, match=r"timm \S+ of shape \(128,?.*\) does not fit"):
         timm_import.convert_state_dict(state_dict, model)
+    # The right number of values in the wrong number of axes (a damaged file): named, not
+    # "axes don't match array" from the transpose.
+    state_dict = dict(state_dict)
+    name = next(k for k, v in state_dict.items() if k.endswith("conv2.weight"))
+    state_dict[name] = state_dict[name].reshape(-1)
+    with pytest.raises(ValueError, match=rf"^timm {re.escape(name)} of shape \(\d+,\) \(float32\) "
+                                         r"does not fit the model's params/\S+/conv2/kernel"):
+        timm_import.load(state_dict)
 
 
 def _mixed_norms(state_dict):
