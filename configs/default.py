@@ -25,7 +25,8 @@ def get_config():
     config.train_split = "train"         # tfds split to train on (any split expression)
     config.eval_split = "test"           # tfds split evaluated (whole, tail padded and masked)
     config.batch_size = 128               # global batch over all devices of all processes
-    config.eval_batch_size = 500          # global; the last batch is padded and masked
+    config.eval_batch_size = 512          # global (a power of two: splits over any slice);
+                                          # the last batch is padded and masked
     config.cache = True                   # cache decoded examples in host memory
     config.shuffle_buffer_size = 50_000   # tf.data shuffle buffer, in examples
     config.image_size = 32                # training crop size
@@ -145,7 +146,7 @@ def imagenet_data(config):
     config.eval_split = "validation"
     config.image_size = 224
     config.eval_crop_sizes = (224, 320)
-    config.eval_batch_size = 400
+    config.eval_batch_size = 512
     config.augment = "scale"
     config.color_augment = True
     config.shuffle_buffer_size = 16_384

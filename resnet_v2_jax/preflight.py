@@ -300,6 +300,8 @@ def check(config, target: targets.Target, devices, with_eval: bool = True) -> Di
         "flops_per_step": step_flops,
         "bound_ms_per_step": 1000 * bound_s if bound_s else None,
         "bound_img_per_s": (config.batch_size * config.num_runs / bound_s) if bound_s else None,
+        "total_steps": setup.total_steps,
+        "bound_run_hours": setup.total_steps * bound_s / 3600 if bound_s else None,
         "compile_s": train.seconds + sum(e.seconds for e in evals.values()),
     }
     report["advice"] = [] if report["fits"] else advice(config, report)
@@ -409,8 +411,9 @@ def markdown(report: Dict[str, Any]) -> str:
         lines += ["", f"{report['flops_per_step'] / 1e9:,.1f} GFLOP per device per train step: "
                   f"at the chip's dense bf16 peak no faster than "
                   f"{report['bound_ms_per_step']:.2f} ms per step, "
-                  f"{report['bound_img_per_s']:,.0f} images/s (a lower bound on time, not a "
-                  "speed)."]
+                  f"{report['bound_img_per_s']:,.0f} images/s; the run's "
+                  f"{report['total_steps']:,} steps no faster than "
+                  f"{report['bound_run_hours']:.2f} hours (lower bounds on time, not speeds)."]
     lines += [f"- the compiler: {message}" for message in report["compiler_refused"]]
     s = report["train"]["structure"]
     if s:  # none where the compiler refused the program
