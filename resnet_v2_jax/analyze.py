@@ -36,7 +36,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from resnet_v2_jax import cli, datasets, models, recipe, rundir, runs
+from resnet_v2_jax import cli, datasets, device_input, models, recipe, rundir, runs
 
 _UNIT_ORDER = re.compile(r"stage(\d+)_(unit(\d+)|repeat)")
 
@@ -107,7 +107,6 @@ def analysis_batch(config: ml_collections.ConfigDict, size: int,
     """(uint8 images, labels, where they came from): the first `size` test images of the
     config's dataset if they can be read, else random images and labels."""
     try:
-        from resnet_v2_jax import device_input
         images, labels = device_input.load_arrays(config, config.eval_split)
         if images.shape[1] == config.image_size:
             return (images[:size], labels[:size].astype(np.int32),

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from resnet_v2_jax import inputs
+from resnet_v2_jax import configuration, inputs
 
 TRACEBACK_VARIABLE = "RESNET_V2_JAX_TRACEBACK"
 # What `pip install 'resnet_v2_jax[train]'` adds to the core install (setup.py's TRAIN).
@@ -287,7 +287,6 @@ def parse_flags(argv: Sequence[str]):
 def print_config(config: ml_collections.ConfigDict) -> None:
     """Every key of `config` (the model section's as `model.<key>`) with its value and meaning,
     one per line: `--print_config`."""
-    from resnet_v2_jax import configuration
     meanings = configuration.key_help()
     values = configuration.flatten(config)
     keys = [k for k in meanings if k in values] + sorted(k for k in values if k not in meanings)

@@ -9,10 +9,10 @@ Batches are global `jax.Array`s with the caller's sharding. A run resumed with `
 gets exactly the batches of an uninterrupted run from step k (same seed and device count).
 
 Arrays come from `<config.array_dir>/<dataset>_<split>.npz` (uint8 "image" [N, H, W, 3], int
-"label" [N]; see `write_arrays` and `python -m resnet_v2_jax.device_input`) or, when
+"label" [N]; see `write_arrays` and `python -m resnet_v2_jax.write_arrays`) or, when
 `config.array_dir` is None, from tfds: TensorFlow is imported only then, so a machine without
 TensorFlow trains CIFAR from .npz files. The eval iterator is plain numpy with the same
-contract as the tfds pipeline's (`inputs.EvalBatches`).
+contract as the tfds pipeline's (`batching.EvalBatches`).
 """
 
 import functools
@@ -24,12 +24,10 @@ from typing import Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_v2_jax import datasets, inputs
+from resnet_v2_jax import batching, datasets
 
 
 # --- arrays ------------------------------------------------------------------------------------
@@ -79,7 +77,7 @@ def _read_npz(config, split: str, *, with_images: bool):
     path = array_path(config.array_dir, config.dataset, split)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: write it with `python -m "
-                                f"resnet_v2_jax.device_input --dataset={config.dataset} "
+                                f"resnet_v2_jax.write_arrays --dataset={config.dataset} "
                                 f"--array_dir={config.array_dir}` or device_input.write_arrays")
     try:
         with np.load(path) as data:
@@ -135,7 +133,7 @@ def create_train_iterator(config, sharding: NamedSharding, *,
     num_runs = config.num_runs if run_axis is not None else 1
     names = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
     num_shards = math.prod(sharding.mesh.shape[name] for name in names)
-    inputs.local_batch_size(config.batch_size, jax.process_count(), num_shards)
+    batching.local_batch_size(config.batch_size, jax.process_count(), num_shards)
     shard_batch = config.batch_size // num_shards
     images, labels = load_arrays(config, config.train_split)
     shard_size = len(images) // num_shards
@@ -196,19 +194,19 @@ def create_train_iterator(config, sharding: NamedSharding, *,
 
 def create_eval_iterator(config, crop_size: Optional[int] = None, *,
                          split: Optional[str] = None, process_index: Optional[int] = None,
-                         process_count: Optional[int] = None) -> inputs.EvalBatches:
+                         process_count: Optional[int] = None) -> batching.EvalBatches:
     """One exact pass over `split` (default config.eval_split) as per-process numpy batches
     {"image", "label", "mask"} of the stored images; the same contract as
     `tfds_input.create_eval_iterator`. `crop_size`, if given, must be the stored size."""
-    process_index, process_count = inputs.resolve_process(process_index, process_count)
-    batch = inputs.local_batch_size(config.eval_batch_size, process_count,
+    process_index, process_count = batching.resolve_process(process_index, process_count)
+    batch = batching.local_batch_size(config.eval_batch_size, process_count,
                                           jax.device_count(), "eval_batch_size")
     images, labels = load_arrays(config, split or config.eval_split)
     if crop_size and crop_size != images.shape[1]:
         raise ValueError(f"the device-resident input evaluates images as stored "
                          f"({images.shape[1]}x{images.shape[2]}); got crop size {crop_size}")
-    start, stop = inputs.process_share(len(images), process_index, process_count)
-    num_batches = inputs.eval_num_batches(len(images), process_count, batch)
+    start, stop = batching.process_share(len(images), process_index, process_count)
+    num_batches = batching.eval_num_batches(len(images), process_count, batch)
 
     def batches():
         for first in range(start, start + num_batches * batch, batch):
@@ -218,34 +216,4 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *,
             image[:real], label[:real] = images[first:first + real], labels[first:first + real]
             yield {"image": image, "label": label, "mask": np.arange(batch) < real}
 
-    return inputs.EvalBatches(batches, num_batches, len(images))
-
-
-def define_flags() -> None:
-    """The command line's flags; defined by the command only, so importing defines none."""
-    flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
-    flags.DEFINE_string("data_dir", None, "tfds data_dir; default: tfds's.")
-    flags.DEFINE_string("array_dir", None, "Folder for <dataset>_<split>.npz (config.array_dir).")
-    flags.DEFINE_list("splits", ["train", "test"], "tfds splits to write.")
-    flags.mark_flag_as_required("array_dir")
-
-
-def main(argv) -> None:
-    """Writes .npz arrays of tfds splits for `config.array_dir`:
-
-        python -m resnet_v2_jax.device_input --dataset=cifar10 --array_dir=/data/arrays
-    """
-    from resnet_v2_jax import cli, tfds_input
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
-    FLAGS = flags.FLAGS
-    config = ml_collections.ConfigDict({"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir})
-    for split in FLAGS.splits:
-        print(write_arrays(FLAGS.array_dir, FLAGS.dataset, split,
-                           *tfds_input.load_split_arrays(config, split)))
-
-
-if __name__ == "__main__":
-    from resnet_v2_jax import cli
-    define_flags()
-    cli.run(main, (ValueError, FileNotFoundError))
+    return batching.EvalBatches(batches, num_batches, len(images))

@@ -9,25 +9,23 @@ train step):
   gathered there under `jit` (CIFAR).
 
 `check_data`, `train_batches` and `eval_batches` pick the pipeline a config names; nothing else
-in the project does. The contract both keep: a global batch splits evenly over processes and
-devices (`local_batch_size`), a process reads a contiguous share of a split (`process_share`),
-and an evaluation is one exact pass (`EvalBatches`: the tail padded and masked, never dropped).
+in the project does. The contract both keep is `batching`'s: a global batch splits evenly over
+processes and devices, a process reads a contiguous share of a split, and an evaluation is one
+exact pass (the tail padded and masked, never dropped).
 Neither this module nor `device_input` imports TensorFlow: `tfds_input` is imported only for
 configs that use it.
 """
 
 import collections
-import dataclasses
 import functools
 import itertools
-import math
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Iterable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 
-from resnet_v2_jax import datasets
+from resnet_v2_jax import batching, datasets, device_input
 
 PIPELINES = ("tfds", "device_resident")
 
@@ -71,7 +69,7 @@ def _with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.C
     return config
 
 
-def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> "EvalBatches":
+def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> "batching.EvalBatches":
     """One exact pass over the eval split at `crop_size`: per-process host batches with a mask."""
     return _pipeline(config).create_eval_iterator(config, crop_size)
 
@@ -84,7 +82,6 @@ def reads_tfds(config: ml_collections.ConfigDict) -> bool:
 
 def _pipeline(config: ml_collections.ConfigDict):
     if config.input_pipeline == "device_resident":
-        from resnet_v2_jax import device_input
         return device_input
     try:
         from resnet_v2_jax import tfds_input
@@ -94,58 +91,6 @@ def _pipeline(config: ml_collections.ConfigDict):
             "'resnet_v2_jax[train]', or train CIFAR from .npz arrays with "
             "--config.input_pipeline=device_resident --config.array_dir=DIR") from e
     return tfds_input
-
-
-# --- batches and shares ---------------------------------------------------------------------------
-
-def local_batch_size(global_batch: int, process_count: int, device_count: int,
-                     name: str = "batch_size") -> int:
-    """This process's share of a global batch; raises unless every device gets the same."""
-    if global_batch < 1 or global_batch % device_count or global_batch % process_count:
-        raise ValueError(f"global {name}={global_batch} must be a positive multiple of the "
-                         f"device count {device_count} (and of the process count "
-                         f"{process_count})")
-    return global_batch // process_count
-
-
-def resolve_process(process_index: Optional[int],
-                    process_count: Optional[int]) -> Tuple[int, int]:
-    """(index, count) of this process; None means JAX's (tests pass values to simulate hosts)."""
-    return (jax.process_index() if process_index is None else process_index,
-            jax.process_count() if process_count is None else process_count)
-
-
-def process_share(num_examples: int, process_index: int, process_count: int) -> Tuple[int, int]:
-    """[start, stop) of this process's share: contiguous, sizes differ by at most one, larger
-    shares first (the convention of `tfds.even_splits` with drop_remainder=False)."""
-    small, extra = divmod(num_examples, process_count)
-    start = process_index * small + min(process_index, extra)
-    return start, start + small + (process_index < extra)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalBatches:
-    """One exact pass over an eval split, in per-process batches {"image", "label", "mask"}.
-
-    Iterate it once per evaluation (each `iter()` starts a fresh pass). Every process yields
-    `num_batches` batches, so collectives inside the eval step line up on every host; the
-    tail is padded with zero images whose `mask` is False, never dropped. `num_examples` is
-    the number of real examples over all processes (the mask sum).
-    """
-    make_iterator: Callable[[], Iterator[dict]]
-    num_batches: int
-    num_examples: int
-
-    def __iter__(self):
-        return self.make_iterator()
-
-    def __len__(self):
-        return self.num_batches
-
-
-def eval_num_batches(num_examples: int, process_count: int, local_batch: int) -> int:
-    """Batches per process: enough for the largest process share."""
-    return math.ceil(math.ceil(num_examples / process_count) / local_batch)
 
 
 # --- host to device ----------------------------------------------------------------------------

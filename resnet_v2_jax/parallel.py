@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_v2_jax import inputs
+from resnet_v2_jax import batching
 
 EXECUTORS = ("shard_map", "pmap")
 
@@ -152,8 +152,8 @@ class DataParallel:
 
     def check_batch_size(self, global_batch: int, name: str = "batch_size") -> int:
         """Returns the per-device batch, or raises if `global_batch` does not split evenly
-        (the rule of `inputs.local_batch_size`, which the input pipelines apply too)."""
-        per_process = inputs.local_batch_size(global_batch, self.process_count,
+        (the rule of `batching.local_batch_size`, which the input pipelines apply too)."""
+        per_process = batching.local_batch_size(global_batch, self.process_count,
                                               self.devices_per_run, name)
         return per_process * self.run_groups // len(self.local_devices)
 

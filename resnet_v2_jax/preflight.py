@@ -41,7 +41,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from resnet_v2_jax import cli, configuration, datasets, targets
+from resnet_v2_jax import cli, configuration, datasets, parallel, recipe, targets
 
 FLAGS = flags.FLAGS
 DOES_NOT_FIT = 3
@@ -195,7 +195,6 @@ def model_flops(config, per_device_batch: int) -> Optional[float]:
     convolutions out of their count, a scanned stage's loop body counts once, and remat's
     recomputation is not the model's work); lowered, not compiled."""
     import jax
-    from resnet_v2_jax import parallel, recipe
     config = config.copy_and_resolve_references()
     config.batch_size = config.eval_batch_size = per_device_batch
     config.model.scan_units = config.model.remat_units = False
@@ -256,7 +255,6 @@ def check(config, target: targets.Target, devices, with_eval: bool = True) -> Di
     """Compiles the run of `config` for `target` (its compile-only `devices`) and returns the
     report: memory per program, the peak while training, the verdict, FLOPs, the bound, the
     structure and compile seconds."""
-    from resnet_v2_jax import parallel, recipe
     dp = parallel.for_config(config, devices)
     setup = recipe.build(config, dp)
     per_device = dp.check_batch_size(config.batch_size)
@@ -338,7 +336,6 @@ def max_batch(config, target: targets.Target, devices, multiple: int,
     """The largest per-device batch (a multiple of `multiple`) whose train step fits: doubling
     from the config's, then bisection; one compile per try, none for a batch in `tried`
     ({per-device batch: fits}). Returns it with the tries."""
-    from resnet_v2_jax import parallel
     per_run = parallel.for_config(config, devices).devices_per_run
     tries = dict(tried)
 

@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from resnet_v2_jax import datasets, inputs
+from resnet_v2_jax import batching, datasets
 
 # fb.resnet.torch (datasets/imagenet.lua), used by the paper for ImageNet: RandomScale(256, 480).
 SCALE_RANGE = (256, 480)
@@ -287,8 +287,8 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: Optiona
 
     `process_index`/`process_count` default to JAX's; tests pass them to simulate hosts.
     """
-    process_index, process_count = inputs.resolve_process(process_index, process_count)
-    batch = inputs.local_batch_size(config.batch_size, process_count, jax.device_count())
+    process_index, process_count = batching.resolve_process(process_index, process_count)
+    batch = batching.local_batch_size(config.batch_size, process_count, jax.device_count())
     builder = _builder(config)
     _check_augment(config, builder)
     split = tfds.split_for_jax_process(config.train_split, process_index=process_index,
@@ -322,12 +322,12 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: Optiona
 
 def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Optional[str] = None,
                          process_index: Optional[int] = None,
-                         process_count: Optional[int] = None) -> inputs.EvalBatches:
+                         process_count: Optional[int] = None) -> batching.EvalBatches:
     """One exact pass over `split` (default config.eval_split) at `crop_size` (default the
     first of config.eval_crop_sizes), in per-process batches {"image": uint8, "label": int32,
-    "mask": bool} of config.eval_batch_size // process_count; see `inputs.EvalBatches`."""
-    process_index, process_count = inputs.resolve_process(process_index, process_count)
-    batch = inputs.local_batch_size(config.eval_batch_size, process_count,
+    "mask": bool} of config.eval_batch_size // process_count; see `batching.EvalBatches`."""
+    process_index, process_count = batching.resolve_process(process_index, process_count)
+    batch = batching.local_batch_size(config.eval_batch_size, process_count,
                                     jax.device_count(), "eval_batch_size")
     crop_size = crop_size or config.eval_crop_sizes[0]
     split = split or config.eval_split
@@ -336,7 +336,7 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Opti
     local_split = tfds.split_for_jax_process(split, process_index=process_index,
                                              process_count=process_count)
     total = builder.info.splits[split].num_examples
-    num_batches = inputs.eval_num_batches(total, process_count, batch)
+    num_batches = batching.eval_num_batches(total, process_count, batch)
     preprocess = eval_preprocess(config, builder, crop_size)
     ds = _read(builder, local_split, config, shuffle_files=False).map(
         lambda ex: {"image": preprocess(ex["image"]), "label": ex["label"], "mask": True},
@@ -345,4 +345,4 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *, split: Opti
         tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec))
     num_padding = num_batches * batch - builder.info.splits[local_split].num_examples
     ds = ds.concatenate(padding.repeat(num_padding)).batch(batch).prefetch(_AUTOTUNE)
-    return inputs.EvalBatches(lambda: iter(tfds.as_numpy(ds)), num_batches, total)
+    return batching.EvalBatches(lambda: iter(tfds.as_numpy(ds)), num_batches, total)

@@ -74,3 +74,41 @@ def test_float64_is_turned_on_by_the_command_line_not_by_building_a_network():
     assert result.stdout.splitlines() == [
         "float64=True needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) before "
         "building (the command line does)", "False"]
+
+
+# Imports inside functions, each for a reason other than a cycle: TensorFlow (tfds_input) only
+# where tfds is read, the training stack (runs) only for a run as init_from.
+LAZY_IMPORTS = {("device_input", "tfds_input"), ("inputs", "tfds_input"),
+                ("write_arrays", "tfds_input"), ("pretrained", "runs")}
+
+
+def test_the_package_s_imports_run_one_way():
+    """No cycle among the package's modules, and no import inside a function but the lazy
+    ones above (an import hidden in a function is how a cycle hides)."""
+    import ast
+    graph, lazy = {}, set()
+    for path in (pathlib.Path(ROOT) / "resnet_v2_jax").glob("*.py"):
+        module = path.stem
+        graph[module] = set()
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "resnet_v2_jax":
+                names = {alias.name for alias in node.names}
+                graph[module] |= names
+                if id(node) not in top:
+                    lazy |= {(module, name) for name in names}
+    assert lazy == LAZY_IMPORTS
+    state = {}
+
+    def visit(module, trail):
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", f"import cycle: {' -> '.join(trail + [module])}"
+        state[module] = "open"
+        for other in graph.get(module, ()):
+            visit(other, trail + [module])
+        state[module] = "done"
+
+    for module in graph:
+        visit(module, [])

@@ -28,7 +28,7 @@ from PIL import Image
 
 import jpeg_datasets
 from configs import default
-from resnet_v2_jax import augment, datasets, device_input, inputs, tfds_input
+from resnet_v2_jax import augment, batching, datasets, device_input, inputs, tfds_input
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -142,10 +142,10 @@ def test_only_the_tfds_pipeline_imports_tensorflow():
 
 
 def test_local_batch_size_errors():
-    assert inputs.local_batch_size(256, 2, 8) == 128
+    assert batching.local_batch_size(256, 2, 8) == 128
     with pytest.raises(ValueError, match="device count 8"):
-        inputs.local_batch_size(100, 1, 8)
-    assert [inputs.process_share(11, i, 3) for i in range(3)] == [(0, 4), (4, 8), (8, 11)]
+        batching.local_batch_size(100, 1, 8)
+    assert [batching.process_share(11, i, 3) for i in range(3)] == [(0, 4), (4, 8), (8, 11)]
 
 
 def test_prefetch_to_device_order_and_errors():
@@ -330,7 +330,7 @@ def test_device_resident_npz_and_resume(tfds_data_dir, small_train, tmp_path):
     for expected, got in zip(first, same[:5] + resumed):
         np.testing.assert_array_equal(np.asarray(expected["image"]), np.asarray(got["image"]))
         np.testing.assert_array_equal(np.asarray(expected["label"]), np.asarray(got["label"]))
-    with pytest.raises(FileNotFoundError, match="python -m resnet_v2_jax.device_input"):
+    with pytest.raises(FileNotFoundError, match="python -m resnet_v2_jax.write_arrays"):
         device_input.load_arrays(from_npz, "missing")
 
 

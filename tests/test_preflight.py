@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from resnet_v2_jax import inputs, preflight, targets
+from resnet_v2_jax import batching, preflight, targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "cifar10_quick.py")
@@ -78,7 +78,7 @@ def test_the_batch_arithmetic_is_what_the_target_s_processes_compute(pod_report)
     result, out = pod_report
     config = json.load(open(out / "cifar10_quick_v4-16.json"))["config"]
     target = targets.get("v4-16")
-    assert config["per_process_batch"] == inputs.local_batch_size(
+    assert config["per_process_batch"] == batching.local_batch_size(
         64, target.num_processes, target.num_devices) == 32
     assert config["per_device_batch"] == 64 // target.num_devices == 8
 
