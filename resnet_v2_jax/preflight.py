@@ -284,6 +284,7 @@ def check(config, target: targets.Target, devices, with_eval: bool = True) -> Di
         "target": target.name, "target_description": target.describe(),
         "devices": dp.describe(setup.model.norm), "processes": dp.process_count,
         "config": {"batch_size": config.batch_size, "per_device_batch": per_device,
+                   "eval_batch_size": config.eval_batch_size,
                    "per_process_batch": config.batch_size // dp.process_count,
                    "num_runs": config.num_runs, "half_precision": config.half_precision,
                    "scan_units": config.model.scan_units,
