@@ -61,7 +61,7 @@ def evaluate(path: str, config: Optional[ml_collections.ConfigDict] = None,
     "top5_error", "loss", "num_examples"}}, "devices", "wall_time_s"} (the eval entries of
     several runs as `train.Evaluator` gives them).
     """
-    t_start = time.time()
+    t_start = time.monotonic()
     workdir, _ = runs.split_run_path(path)
     config = eval_config(config if config is not None else configuration.read(str(workdir)),
                          **overrides)
@@ -79,7 +79,7 @@ def evaluate(path: str, config: Optional[ml_collections.ConfigDict] = None,
             "diverged": loaded.divergence() or None, "dataset": config.dataset,
             "split": config.eval_split, "run": run, "num_runs": loaded.num_runs,
             "eval": results, "devices": dp.describe(),
-            "wall_time_s": round(time.time() - t_start, 1)}
+            "wall_time_s": round(time.monotonic() - t_start, 1)}
 
 
 def run(argv) -> None:

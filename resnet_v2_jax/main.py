@@ -9,10 +9,10 @@ r"""Command line: train and evaluate a pre-activation ResNet.
 --print_config lists every config key with its value and meaning (after --config.key=value
 overrides) and exits; any key can be overridden that way. Rerunning the same command resumes
 from the newest checkpoint in --workdir; rerunning a finished run reports its results and
-changes nothing. A run stopped by SIGTERM (preemption) saves a checkpoint and exits with code 143,
-Ctrl-C with 130: neither is a finished run. On several processes (TPU pod slices, multi-node GPU) every process runs the
-same command; `jax.distributed.initialize()` finds its peers from the environment. User errors
-end in one line (see `resnet_v2_jax.cli`).
+changes nothing. A run stopped by SIGTERM (preemption) saves a checkpoint and exits with code
+143, by Ctrl-C with 130: neither is a finished run (exit code 0 is). On several processes (TPU
+pod slices, multi-node GPU) every process runs the same command; `jax.distributed.initialize()`
+finds its peers from the environment. User errors end in one line (see `resnet_v2_jax.cli`).
 """
 
 import jax

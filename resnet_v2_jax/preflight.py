@@ -426,7 +426,8 @@ def markdown(report: Dict[str, Any]) -> str:
         tried = ", ".join(f"{b} {'fits' if ok else 'over'}" for b, ok in sorted(m["tries"].items()))
         lines += ["", f"Largest per-device batch that fits: {m['per_device']} (global "
                   f"{m['global']}); tried {tried}."]
-    lines += ["", f"Compiled on this machine in {report['compile_s']:.1f} s ({report['versions']})."]
+    lines += ["", f"Compiled on this machine in {report['compile_s']:.1f} s "
+              f"({report['versions']})."]
     return "\n".join(lines) + "\n"
 
 

@@ -301,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     NonFiniteLossError or Interrupted with one-line messages; everything that can be checked
     at start (config, data, the `init_from` source) is checked before anything is written.
     """
-    t_start = time.time()
+    t_start = time.monotonic()
     with _StopSignals() as signals:
         workdir = rundir.resolve(workdir)
         configuration.validate(config)
@@ -334,7 +334,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                  signals, state, start_step, meta)
             finally:
                 checkpoints.close()
-            results.update(wall_time_s=round(time.time() - t_start, 1), devices=dp.describe(setup.model.norm))
+            results.update(wall_time_s=round(time.monotonic() - t_start, 1),
+                           devices=dp.describe(setup.model.norm))
             if jax.process_index() == 0:
                 rundir.write_json(workdir / "results.json", results)
     return results
@@ -413,7 +414,8 @@ def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
     writer = _MetricsWriter(workdir, config.num_runs)
     metrics = _StepMetrics(dp)
     eval_results: Dict[str, Dict[str, Any]] = {}
-    t_log, steps_since_log, step, stopped, eval_step = time.time(), 0, start_step, None, None
+    t_log, steps_since_log, step, stopped = time.monotonic(), 0, start_step, None
+    eval_step = None
     diverged = _Divergence(config, dp, checkpoints)
 
     def save(step, state):
@@ -429,7 +431,7 @@ def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
             metrics.add(step, step_metrics)
             if step == start_step + 1:  # keep compilation out of the throughput and ETA
                 jax.block_until_ready(step_metrics)
-                t_log, steps_since_log = time.time(), 0
+                t_log, steps_since_log = time.monotonic(), 0
             stopped = signals.reached(step, checkpoints)
             saving = stopped is not None or is_time(step, config.checkpoint_every_steps,
                                                     total_steps)
@@ -442,7 +444,7 @@ def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
                 if means:
                     train_metrics = diverged.exclude(means)
             if stopped is not None or is_time(step, config.log_every_steps, total_steps):
-                now = time.time()
+                now = time.monotonic()
                 _log_train(writer, step, total_steps, train_metrics,
                            float(setup.schedule(step - 1)), config.batch_size,
                            (now - t_log) / steps_since_log if steps_since_log else None,
@@ -454,7 +456,7 @@ def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.
                 eval_results = evaluator(recipe.variables_of(state), diverged.runs)
                 eval_step = step
                 _log_eval(writer, step, eval_results)
-                t_log = time.time()  # keep eval time out of the training throughput
+                t_log = time.monotonic()  # keep eval time out of the training throughput
                 stopped = signals.reached(step, checkpoints)  # a signal during evaluation
                 if stopped is not None and step < total_steps and not saving:
                     save(step, state)
