@@ -55,7 +55,7 @@ PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v4", 275
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """One measured network: a recipe config (configs/default.py) at one batch size."""
+    """One measured network: a recipe config (resnet_v2_jax/base_config.py) at one batch size."""
     recipe: str                  # "cifar" | "imagenet" | "timm"
     depth: int
     batch: int
@@ -179,9 +179,9 @@ def mfu(flops_per_step: Optional[float], ms_per_step: float, peak: Optional[floa
 # --- JAX parts ---------------------------------------------------------------------------------
 
 def part_config(part: Part, smoke: bool):
-    from configs import default
-    config = (default.cifar("cifar10", part.depth, part.unit) if part.recipe == "cifar"
-              else default.imagenet(part.depth, part.unit))
+    from resnet_v2_jax import base_config
+    config = (base_config.cifar("cifar10", part.depth, part.unit) if part.recipe == "cifar"
+              else base_config.imagenet(part.depth, part.unit))
     config.model.depth = part.smoke_depth if smoke else part.depth  # the recipe's block kept
     config.batch_size = config.eval_batch_size = SMOKE_BATCH if smoke else part.batch
     config.half_precision = True

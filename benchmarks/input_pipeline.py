@@ -42,7 +42,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from configs import default  # noqa: E402
+from resnet_v2_jax import base_config  # noqa: E402
 import jpeg_datasets  # noqa: E402
 from resnet_v2_jax import datasets, device_input, tfds_input  # noqa: E402
 
@@ -143,7 +143,7 @@ def main(argv):
                              "holding imagenet_samples/)")
     table = []
     if FLAGS.cifar:
-        cifar = default.get_config()
+        cifar = base_config.get_config()
         cifar.data_dir = FLAGS.tfds_data_dir
         sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
         table += compare([
@@ -153,7 +153,7 @@ def main(argv):
         ], 1)
 
     with tempfile.TemporaryDirectory() as data_dir:
-        imagenet = default.imagenet(50)
+        imagenet = base_config.imagenet(50)
         imagenet.dataset = jpeg_datasets.store_jpeg_dataset(
             "imagenet_samples", photos, data_dir).name
         imagenet.data_dir = data_dir

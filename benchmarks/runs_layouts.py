@@ -37,11 +37,11 @@ def stepper(layout: str):
     """(run n steps, images per step, compile seconds) of one layout."""
     import jax
     import numpy as np
-    from configs import default
+    from resnet_v2_jax import base_config
     from resnet_v2_jax import parallel, recipe
 
     runs = 1 if layout == "single" else FLAGS.num_runs
-    config = default.cifar("cifar10", FLAGS.depth, batch_size=FLAGS.batch,
+    config = base_config.cifar("cifar10", FLAGS.depth, batch_size=FLAGS.batch,
                            eval_batch_size=FLAGS.batch, num_runs=runs,
                            runs_layout="unrolled" if layout == "single" else layout)
     dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1], num_runs=runs)

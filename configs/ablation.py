@@ -10,7 +10,7 @@ the unit (original, bn_after_add, relu_before_add, relu_preact, full_preact) of 
 ResNet-164 with identity shortcuts. Any key of the base config or of its model section may be
 set this way; values are parsed as numbers where they look like numbers.
 """
-from configs import default
+from resnet_v2_jax import base_config
 
 DEFAULTS = {"dataset": "cifar10", "depth": 110, "unit": "original"}
 
@@ -35,4 +35,4 @@ def parse(arg: str) -> dict:
 def get_config(arg: str = ""):
     values = {**DEFAULTS, **parse(arg)}
     dataset, depth, unit = values.pop("dataset"), values.pop("depth"), values.pop("unit")
-    return default.cifar(dataset, depth, unit, **values)
+    return base_config.cifar(dataset, depth, unit, **values)

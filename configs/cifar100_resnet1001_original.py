@@ -1,6 +1,6 @@
 """CIFAR-100 ResNet-1001 with the original post-activation unit (Table 3: 27.82% error)."""
-from configs import default
+from resnet_v2_jax import base_config
 
 
 def get_config():
-    return default.cifar("cifar100", 1001, "original")
+    return base_config.cifar("cifar100", 1001, "original")

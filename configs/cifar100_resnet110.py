@@ -1,6 +1,6 @@
 """CIFAR-100 ResNet-110, full pre-activation."""
-from configs import default
+from resnet_v2_jax import base_config
 
 
 def get_config():
-    return default.cifar("cifar100", 110)
+    return base_config.cifar("cifar100", 110)

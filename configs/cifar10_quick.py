@@ -5,11 +5,11 @@ for two epochs' worth of steps at batch 64 with a cosine schedule, evaluated on 
 CIFAR-10 test set at steps 750 and 1500, where it also checkpoints. What it reaches, and in how
 long on which machine: the table of configs in README.md.
 """
-from configs import default
+from resnet_v2_jax import base_config
 
 
 def get_config():
-    config = default.cifar("cifar10", 14)
+    config = base_config.cifar("cifar10", 14)
     config.batch_size = 64
     config.base_batch_size = 64
     config.num_train_steps = 1500

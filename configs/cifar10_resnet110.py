@@ -1,6 +1,6 @@
 """CIFAR-10 ResNet-110, full pre-activation (Table 2: 6.37% error)."""
-from configs import default
+from resnet_v2_jax import base_config
 
 
 def get_config():
-    return default.cifar("cifar10", 110)
+    return base_config.cifar("cifar10", 110)

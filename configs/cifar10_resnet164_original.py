@@ -1,6 +1,6 @@
 """CIFAR-10 ResNet-164 with the original post-activation unit (Table 3: 5.93% error)."""
-from configs import default
+from resnet_v2_jax import base_config
 
 
 def get_config():
-    return default.cifar("cifar10", 164, "original")
+    return base_config.cifar("cifar10", 164, "original")

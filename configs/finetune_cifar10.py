@@ -19,12 +19,12 @@ probe), `train_bn_statistics=False` keeps ImageNet's BN statistics.
 """
 from ml_collections import config_dict
 
-from configs import default
+from resnet_v2_jax import base_config
 
 
 def get_config():
-    config = default.get_config()  # CIFAR-10 input as the paper trains it
-    config.model = default.imagenet_model(50, stem_norm="after_pool")
+    config = base_config.get_config()  # CIFAR-10 input as the paper trains it
+    config.model = base_config.imagenet_model(50, stem_norm="after_pool")
     config.input_resize = 128
     config.init_from = config_dict.placeholder(str)  # required: see above
     config.learning_rate = 0.01

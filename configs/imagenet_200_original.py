@@ -1,6 +1,6 @@
 """ImageNet ResNet-200 with the original post-activation unit (Table 5: 21.8/6.0 at 320)."""
-from configs import default
+from resnet_v2_jax import base_config
 
 
 def get_config():
-    return default.imagenet(200, "original")
+    return base_config.imagenet(200, "original")

@@ -1,6 +1,6 @@
 """ImageNet ResNet-200 v2 with scale + aspect-ratio augmentation (Table 5: 20.1/4.8 at 320)."""
-from configs import default
+from resnet_v2_jax import base_config
 
 
 def get_config():
-    return default.imagenet(200, augment="scale_aspect")
+    return base_config.imagenet(200, augment="scale_aspect")

@@ -1,6 +1,6 @@
 """ImageNet ResNet-50 v2, full pre-activation (fb.resnet.torch recipe)."""
-from configs import default
+from resnet_v2_jax import base_config
 
 
 def get_config():
-    return default.imagenet(50)
+    return base_config.imagenet(50)

@@ -213,17 +213,8 @@ def _resolve_config_flags(argv: Sequence[str]) -> Tuple[list, list]:
     return argv, paths
 
 
-def _importable_configs(path: str) -> None:
-    """Puts the folder holding `path`'s `configs/` package on sys.path: config files import
-    their base as `from configs import default`."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if package_root not in sys.path:
-        sys.path.insert(0, package_root)
-
-
 def import_config_file(path: str) -> types.ModuleType:
     """A config file imported as a module (for commands that take several configs)."""
-    _importable_configs(path)
     name = "config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -264,15 +255,13 @@ def parse_flags(argv: Sequence[str]):
     """absl's flag parsing, with config files made loadable from any working directory and
     every failure reported in one line (exit code 2).
 
-    Config files import their base as `from configs import default`; the folder that holds a
-    given file's `configs/` package is put on sys.path, so `--config=/path/to/configs/x.py`
-    works wherever the command runs. `--config=configs/<name>.py` where no such file exists
-    takes the config of that name that comes with the package (`shipped_configs`).
+    Config files import their base from the package (`resnet_v2_jax.base_config`), so a config
+    file loads from any folder, a copy of a shipped one too. `--config=configs/<name>.py` where
+    no such file exists takes the config of that name that comes with the package
+    (`shipped_configs`).
     """
     argv = ["--help" if arg == "-h" else arg for arg in argv]  # absl knows only --help
     argv, paths = _resolve_config_flags(argv)
-    for path in paths:
-        _importable_configs(path)
     try:
         rest = flags.FLAGS(list(argv))
         if "config" in flags.FLAGS and isinstance(flags.FLAGS.config, ml_collections.ConfigDict):

@@ -1,5 +1,5 @@
 """The config of a run: what each key may hold (`validate`), what each key means (`key_help`,
-from the comments of configs/default.py), and the config.json files of older releases, read
+from the comments of `base_config`), and the config.json files of older releases, read
 with the behaviour they had (`migrate`: the one place that knows them).
 
 A config has top-level keys (data, optimisation, loop; the Flax ImageNet example's names where
@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import ml_collections
 from etils import epath
 
-from resnet_v2_jax import augment, datasets, inputs, models, parallel
+from resnet_v2_jax import augment, base_config, datasets, inputs, models, parallel
 
 CONFIG_FILE = "config.json"
 RUNS_LAYOUTS = ("auto", "vmap", "unrolled")
@@ -173,11 +173,11 @@ def validate(config: ml_collections.ConfigDict) -> models.ResNetV2:
     (built, so every `model` key is checked by the network itself). Nothing is read or written."""
     unknown = sorted(set(config) - set(RULES) - {"model"})
     if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r} (see configs/default.py)")
+        raise ValueError(f"unknown config key {unknown[0]!r} (see resnet_v2_jax/base_config.py)")
     for key, (test, allowed) in RULES.items():
         if key not in config:
             raise ValueError(f"the config has no {key!r}; start configs from "
-                             "configs/default.py's get_config()")
+                             "resnet_v2_jax.base_config.get_config()")
         if not test(config[key]):
             raise ValueError(f"config {key}={config[key]!r} is not allowed: expected {allowed}")
     info = datasets.get(config.dataset)
@@ -201,7 +201,7 @@ def validate(config: ml_collections.ConfigDict) -> models.ResNetV2:
                          "--config.init_from= to the weights of the backbone")
     if "model" not in config or not isinstance(config.model, ml_collections.ConfigDict):
         raise ValueError("the config has no model section; start configs from "
-                         "configs/default.py's get_config()")
+                         "resnet_v2_jax.base_config.get_config()")
     try:
         return models.create(num_classes=info.num_classes, **config.model)
     except (ValueError, TypeError) as e:
@@ -210,15 +210,13 @@ def validate(config: ml_collections.ConfigDict) -> models.ResNetV2:
 
 # --- what the keys mean ---------------------------------------------------------------------------
 
-def key_help(default_module=None) -> Dict[str, str]:
-    """{"key" or "model.key": its one-line meaning}, in the order of configs/default.py, from the
+def key_help() -> Dict[str, str]:
+    """{"key" or "model.key": its one-line meaning}, in the order of `base_config`, from the
     comments at the end of its `config.<key> = ...` and `model.<key> = ...` lines (and the
-    comment lines aligned under them). {} when the base config cannot be found."""
+    comment lines aligned under them). {} where its source is not installed."""
     try:
-        if default_module is None:
-            from configs import default as default_module
-        source = inspect.getsource(default_module)
-    except (ImportError, OSError, TypeError):
+        source = inspect.getsource(base_config)
+    except OSError:
         return {}
     meanings: Dict[str, str] = {}
     key: Optional[str] = None

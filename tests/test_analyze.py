@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from cli_runs import ROOT, environment
-from configs import default
+from resnet_v2_jax import base_config
 from resnet_v2_jax import analyze, datasets, models
 
 RNG = np.random.RandomState(0)
@@ -36,7 +36,7 @@ LABELS = RNG.randint(0, 10, 8).astype(np.int32)
 
 def ratio(depth=110, unit="original", batch=8, **overrides):
     """||dE/dx_1|| / ||dE/dx_L|| of a CIFAR network at initialisation."""
-    config = default.cifar("cifar10", depth, unit, scan_units=True, **overrides)
+    config = base_config.cifar("cifar10", depth, unit, scan_units=True, **overrides)
     grads = analyze.analyze(config, IMAGES[:batch], LABELS[:batch])["grad_norm"]
     assert len(grads) == {110: 54, 164: 54, 1001: 333}[depth]
     return grads[0] / grads[-1]

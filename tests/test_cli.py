@@ -291,17 +291,28 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, arr
         assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
 
 
+def test_a_config_copied_anywhere_loads(tmp_path):
+    """Configs import their base from the package: a copy outside configs/ is a config."""
+    copy = tmp_path / "my.py"
+    copy.write_text(open(CONFIG).read())
+    result = subprocess.run([sys.executable, "-m", "resnet_v2_jax.main", "--config=my.py",
+                             "--config.model.depth=20", "--print_config"], cwd=tmp_path,
+                            text=True, capture_output=True, env=environment(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model.depth = 20" in result.stdout
+
+
 def test_print_config_lists_every_key_with_its_meaning_and_help_takes_h():
     """The keys are discoverable from the command line: --print_config (no --workdir needed)
     prints each with its value after overrides and its meaning; -h is --help, whose usage keeps
     its line continuations; a training run without --workdir is refused in one line."""
-    from configs import default
+    from resnet_v2_jax import base_config
     main = [sys.executable, "-m", "resnet_v2_jax.main", f"--config={CONFIG}"]
     listed = subprocess.run([*main, "--config.model.depth=20", "--print_config"], cwd=ROOT,
                             text=True, capture_output=True, env=environment(), timeout=300)
     assert listed.returncode == 0, listed.stderr[-3000:]
     lines = listed.stdout.splitlines()
-    keys = list(configuration.flatten(default.get_config()))
+    keys = list(configuration.flatten(base_config.get_config()))
     assert sorted(line.split(" = ")[0] for line in lines) == sorted(keys)
     assert [line.split(" = ")[0] for line in lines] == [
         k for k in configuration.key_help() if k in keys]  # in the base config's order

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from configs import default
+from resnet_v2_jax import base_config
 from resnet_v2_jax import configuration, train
 
 NAN, INF = float("nan"), math.inf
@@ -95,7 +95,7 @@ CONTEXT = {"model.shortcut_scale": {"model.shortcut": "scaling"},
 def with_values(**values):
     """The base config (unlocked: a config file may set any type) with `values` set, dotted
     keys in the model section."""
-    config = default.get_config()
+    config = base_config.get_config()
     for key, value in values.items():
         section, _, name = key.rpartition(".")
         target = config.model if section == "model" else config
@@ -105,7 +105,7 @@ def with_values(**values):
 
 
 def test_the_table_covers_every_key():
-    keys = set(configuration.flatten(default.get_config()))
+    keys = set(configuration.flatten(base_config.get_config()))
     assert set(BAD) | NOT_IN_TABLE == keys
 
 
@@ -122,7 +122,7 @@ def test_a_value_that_cannot_work_is_refused_in_one_line_naming_the_key(key, val
 
 
 def test_the_base_config_and_its_contexts_are_valid():
-    configuration.validate(default.get_config())
+    configuration.validate(base_config.get_config())
     for values in CONTEXT.values():
         configuration.validate(with_values(**values))
 

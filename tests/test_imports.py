@@ -60,9 +60,9 @@ def test_importing_any_module_changes_nothing_in_the_process():
 
 def test_float64_is_turned_on_by_the_command_line_not_by_building_a_network():
     code = ("import jax\n"
-            "from configs import default\n"
+            "from resnet_v2_jax import base_config\n"
             "from resnet_v2_jax import recipe\n"
-            "config = default.cifar('cifar10', 20, float64=True)\n"
+            "config = base_config.cifar('cifar10', 20, float64=True)\n"
             "try:\n"
             "    recipe.create_model(config, 10)\n"
             "except ValueError as e:\n"

@@ -27,14 +27,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 import jpeg_datasets
-from configs import default
+from resnet_v2_jax import base_config
 from resnet_v2_jax import augment, batching, datasets, device_input, inputs, tfds_input
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_config(data_dir, **overrides):
-    config = default.get_config()
+    config = base_config.get_config()
     config.data_dir = data_dir
     config.update(overrides)
     return config
@@ -114,7 +114,7 @@ def augmented(batches, kind="pad_crop_flip", size=32, color=False):
 def test_registry_and_normalize():
     assert datasets.get("cifar10:3.0.2").num_classes == 10
     assert datasets.get("cifar100").mean != datasets.get("cifar10").mean
-    assert default.imagenet(50).eval_crop_sizes == (224, 320)  # Table 5's two test crops
+    assert base_config.imagenet(50).eval_crop_sizes == (224, 320)  # Table 5's two test crops
     with pytest.raises(ValueError, match="supported are cifar10, cifar100, imagenet2012"):
         datasets.get("mnist")
     images = np.full((2, 4, 4, 3), [125, 123, 114], np.uint8)

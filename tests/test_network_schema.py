@@ -99,9 +99,9 @@ def test_runtime_attributes_are_accepted_and_converted(name):
 def test_the_unit_layout_converts_on_restore_momentum_included(tmp_path):
     """A checkpoint of the unrolled network restores into the scanned one (and back), the
     optimiser's momentum converted with the parameters."""
-    from configs import default
+    from resnet_v2_jax import base_config
     from resnet_v2_jax import parallel
-    config = default.cifar("cifar10", 20, batch_size=8, eval_batch_size=8)
+    config = base_config.cifar("cifar10", 20, batch_size=8, eval_batch_size=8)
     dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
     unrolled = recipe.build(config, dp)
     state = unrolled.init_state(0)

@@ -4,12 +4,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
+from resnet_v2_jax import base_config
 from resnet_v2_jax import parallel, recipe
 
 
 def tiny_config(**overrides):
-    return default.cifar("cifar10", 8,  # basic units, one per stage
+    return base_config.cifar("cifar10", 8,  # basic units, one per stage
                          **{"batch_size": 16, "eval_batch_size": 16, **overrides})
 
 

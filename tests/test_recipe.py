@@ -8,12 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from resnet_v2_jax import base_config
 from resnet_v2_jax import checkpoint, inputs, models, parallel, recipe, train
 
 
 def config_with(depth=164, unit="full_preact", dataset="cifar10", **overrides):
-    return default.cifar(dataset, depth, unit, **overrides)
+    return base_config.cifar(dataset, depth, unit, **overrides)
 
 
 def test_paper_cifar_schedule_with_constant_warmup():
@@ -114,7 +114,7 @@ def test_evaluator_prefetches_onto_the_devices_and_fetches_once(array_dir, monke
     """Eval batches reach the devices two ahead of the step, from this thread (no thread of
     ours outlives an evaluation), and the sums stay on the devices until one fetch per crop
     size; the 100 examples are counted exactly (3 batches of 40, the last padded and masked)."""
-    config = default.cifar("cifar10", 8, input_pipeline="device_resident", array_dir=array_dir,
+    config = base_config.cifar("cifar10", 8, input_pipeline="device_resident", array_dir=array_dir,
                            eval_batch_size=40)
     dp = parallel.DataParallel("shard_map", 0)
     setup = recipe.build(config, dp)

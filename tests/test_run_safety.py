@@ -423,9 +423,9 @@ def test_a_damaged_config_json_is_named(copy_of_finished, array_dir):
 def test_tfds_metadata_checks(tfds_data_dir, tmp_path):
     """The tfds pipeline checks splits, image size and classes from metadata, and an unprepared
     manual-download dataset (ImageNet) fails at once without creating folders."""
-    from configs import default
+    from resnet_v2_jax import base_config
     from resnet_v2_jax import inputs
-    config = default.cifar("cifar10", 20)
+    config = base_config.cifar("cifar10", 20)
     config.data_dir = tfds_data_dir
     assert inputs.check_data(config) == 50_000
     config.train_split = "train[:90%]"
@@ -437,7 +437,7 @@ def test_tfds_metadata_checks(tfds_data_dir, tmp_path):
     config.image_size, config.eval_split = 32, "validation"
     with pytest.raises(datasets.DataError, match="has no split 'validation'"):
         inputs.check_data(config)
-    imagenet = default.imagenet(50)
+    imagenet = base_config.imagenet(50)
     imagenet.data_dir = str(tmp_path / "tfds")
     with pytest.raises(FileNotFoundError, match="needs a manual download"):
         inputs.check_data(imagenet)
@@ -574,8 +574,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, ar
 def test_configs_of_older_runs_read_with_the_behaviour_they_had(tmp_path):
     """A run saved before a key existed reads with the value that reproduces what it did;
     every such key is a key of today's config."""
-    from configs import default
-    config = default.get_config()
+    from resnet_v2_jax import base_config
+    config = base_config.get_config()
     assert set(configuration.KEYS_ADDED_LATER) <= set(config.keys())
     older = {k: v for k, v in json.loads(config.to_json()).items()
              if k not in configuration.KEYS_ADDED_LATER}

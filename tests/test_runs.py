@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from cli_runs import (N, ROOT, assert_one_error_line, environment, run, saved_state, snapshot)
-from configs import default
+from resnet_v2_jax import base_config
 from resnet_v2_jax import checkpoint, inputs, models, parallel, recipe, runs
 
 RUNS = 3
 
 
 def config(array_dir, num_runs=1, seed=0, **overrides):
-    return default.cifar("cifar10", 8, batch_size=16, eval_batch_size=16,
+    return base_config.cifar("cifar10", 8, batch_size=16, eval_batch_size=16,
                          input_pipeline="device_resident", array_dir=array_dir,
                          num_runs=num_runs, seed=seed, num_train_steps=3, **overrides)
 
