@@ -24,6 +24,10 @@ on a log y axis, one line per config). Real test images of the config's dataset 
 they can be read (tfds or `config.array_dir`), random ones otherwise, which the output says.
 """
 
+if __name__ == "__main__":  # first: the imports below take seconds (see `startup`)
+    from resnet_v2_jax import startup
+    startup.exit_on_signals()
+
 import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple

@@ -298,6 +298,7 @@ def run(main: Callable, user_errors: Tuple[Type[BaseException], ...]) -> None:
     traceback or a silent death. A training run replaces these handlers with its own for as long
     as it runs (`train`), which stop it at a step boundary."""
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # `startup`'s, until now
 
     def guarded(argv):
         try:

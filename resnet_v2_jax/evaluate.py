@@ -14,6 +14,10 @@ reproduces the errors a run logged at that step. Results are printed and written
 process runs the same command with `--distributed`.
 """
 
+if __name__ == "__main__":  # first: the imports below take seconds (see `startup`)
+    from resnet_v2_jax import startup
+    startup.exit_on_signals()
+
 import time
 from typing import Any, Dict, Optional, Sequence
 

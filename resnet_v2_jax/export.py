@@ -14,6 +14,10 @@ or start a fine-tuning run from it (`--config.init_from=/tmp/resnet14.safetensor
 readable checkpoint of --workdir is exported, or the step folder it names.
 """
 
+if __name__ == "__main__":  # first: the imports below take seconds (see `startup`)
+    from resnet_v2_jax import startup
+    startup.exit_on_signals()
+
 from typing import Optional
 
 from absl import flags

@@ -15,6 +15,10 @@ pod slices, multi-node GPU) every process runs the same command; `jax.distribute
 finds its peers from the environment. User errors end in one line (see `resnet_v2_jax.cli`).
 """
 
+if __name__ == "__main__":  # first: the imports below take seconds (see `startup`)
+    from resnet_v2_jax import startup
+    startup.exit_on_signals()
+
 import jax
 from absl import flags, logging
 from ml_collections import config_flags

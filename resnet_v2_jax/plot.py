@@ -13,6 +13,10 @@ its median with the band between its best and worst run (`--spread=band`), or wi
 as a thin line (`--spread=all`), from the runs' own files in runs/<k>.
 """
 
+if __name__ == "__main__":  # first: the imports below take seconds (see `startup`)
+    from resnet_v2_jax import startup
+    startup.exit_on_signals()
+
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 

@@ -29,6 +29,10 @@ go to `--out`. The TPU and GPU compilers are extras (`pip install 'resnet_v2_jax
 the target, 3 when it does not (a launch script stops on it), 1 or 2 on bad input.
 """
 
+if __name__ == "__main__":  # first: the imports below take seconds (see `startup`)
+    from resnet_v2_jax import startup
+    startup.exit_on_signals()
+
 import collections
 import dataclasses
 import json

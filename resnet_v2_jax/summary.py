@@ -13,6 +13,10 @@ shapes, BN scales and offsets included (docs/paper.md, "CIFAR networks", has the
 counts with and without them).
 """
 
+if __name__ == "__main__":  # first: the imports below take seconds (see `startup`)
+    from resnet_v2_jax import startup
+    startup.exit_on_signals()
+
 from typing import Dict, List
 
 import jax

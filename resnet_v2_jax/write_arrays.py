@@ -4,6 +4,10 @@ r"""Command line: write tfds splits as the .npz arrays of the device-resident pi
     python -m resnet_v2_jax.write_arrays --dataset=cifar10 --array_dir=/data/arrays
 """
 
+if __name__ == "__main__":  # first: the imports below take seconds (see `startup`)
+    from resnet_v2_jax import startup
+    startup.exit_on_signals()
+
 import ml_collections
 from absl import flags
 

@@ -291,6 +291,20 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, arr
         assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
 
 
+@pytest.mark.parametrize("sig, delay", [(signal.SIGINT, 0.05), (signal.SIGINT, 0.4),
+                                        (signal.SIGINT, 1.2), (signal.SIGTERM, 0.4)])
+def test_a_signal_while_the_command_starts_ends_it_in_one_line(tmp_path, array_dir, sig, delay):
+    """While Python imports JAX and the rest: never swallowed (the run went on to train), never
+    a library's ImportError or a traceback; one line, exit 130 or 143, nothing written."""
+    process = start(str(tmp_path / "run"), array_dir)
+    time.sleep(delay)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
+    result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+    assert_one_error_line(result, "interrupted", returncode=128 + sig)
+    assert "Exception ignored" not in stderr and not (tmp_path / "run" / "results.json").exists()
+
+
 def test_a_config_copied_anywhere_loads(tmp_path):
     """Configs import their base from the package: a copy outside configs/ is a config."""
     copy = tmp_path / "my.py"
