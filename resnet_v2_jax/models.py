@@ -42,6 +42,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 Array = jax.Array
 ModuleDef = Any
@@ -731,7 +732,7 @@ def save(path: str, model: ResNetV2, variables) -> None:
     variable named "params/stage1_unit1/conv1/kernel", with `options(model)` in its metadata:
     `load(path)` rebuilds the network without a config or Orbax. timm's and Hugging Face's
     tools read the file too."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
     if not isinstance(model, ResNetV2):
         raise ValueError(f"models.save writes ResNetV2 networks (whose options load() rebuilds), "
                          f"not {type(model).__name__}")
@@ -742,8 +743,10 @@ def save(path: str, model: ResNetV2, variables) -> None:
                              f"{NORMS if name == 'norm' else CONVS}")
     tensors = {name: np.asarray(value)
                for name, value in traverse_util.flatten_dict(variables, sep="/").items()}
-    save_file(tensors, str(path), metadata={"format": FILE_FORMAT,
-                                            "options": json.dumps(options(model))})
+    # Written as ordinary bytes: the file follows the umask (safetensors' own writer makes it
+    # private), and any path etils reads (gs:// too) works.
+    epath.Path(path).write_bytes(save(tensors, metadata={"format": FILE_FORMAT,
+                                                         "options": json.dumps(options(model))}))
 
 
 def load(path: str, **overrides):

@@ -880,7 +880,12 @@ def test_save_refuses_what_load_cannot_rebuild_and_round_trips_the_rest(tmp_path
     bit = models.ResNetV2(**{**TINY, "norm": "group", "norm_groups": 2,
                              "conv": "weight_standardized"})
     variables = bit.init(jax.random.key(0), x, train=False)
-    models.save(tmp_path / "bit.safetensors", bit, variables)
+    umask = os.umask(0o022)
+    try:
+        models.save(tmp_path / "bit.safetensors", bit, variables)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "bit.safetensors").stat().st_mode & 0o777 == 0o644  # follows the umask
     loaded, same = models.load(tmp_path / "bit.safetensors")
     assert models.signature(loaded) == models.signature(bit)
     np.testing.assert_array_equal(loaded.apply(same, x, train=False),
