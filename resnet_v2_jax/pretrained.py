@@ -95,7 +95,11 @@ def initialize_from(source: str, variables: Dict[str, Any],
 
 def load_file(path: str) -> Tuple[models.ResNetV2, Dict[str, Any]]:
     """(model, variables) of a weights file: this project's export, a timm state dict or a BiT
-    checkpoint. Raises a one-line ValueError naming the file when it is none of them."""
+    checkpoint. Raises a one-line ValueError naming the file when it is none of them (a run's
+    folder included: `load_source` reads both)."""
+    if rundir.resolve(path).is_dir():
+        raise ValueError(f"{path} is a folder, not a weights file: read a run with "
+                         "pretrained.load_source (or start from it with --config.init_from)")
     state_dict = _read_state_dict(path)
     if state_dict is None:
         return models.load(path)

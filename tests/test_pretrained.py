@@ -97,6 +97,14 @@ def test_init_from_another_network_is_refused_in_one_line(source):
         pretrained.initialize_from(str(workdir / "checkpoints"), variables, model)
 
 
+def test_load_file_names_load_source_for_a_run_folder(source):
+    workdir, _, _ = source
+    with pytest.raises(ValueError, match=r"is a folder, not a weights file: read a run with "
+                       r"pretrained.load_source \(or start from it with --config.init_from\)$"):
+        pretrained.load_file(str(workdir))
+    assert pretrained.load_source(str(workdir)).where.endswith("checkpoints/1")
+
+
 def test_init_from_non_finite_weights_is_refused_naming_the_tensor(source, tmp_path):
     """From an exported file and from a timm state dict, before anything could be trained."""
     workdir, _, state = source
