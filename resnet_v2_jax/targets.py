@@ -169,7 +169,9 @@ def check_compiler(target: Target) -> None:
 def quiet_compilers(target: Target) -> None:
     """Environment that keeps this machine's own backend the CPU (call before JAX initialises
     its backends), quiets libtpu's search for TPU hosts and lets several processes compile with
-    libtpu at once (it otherwise takes a machine-wide lock meant for the TPU chips)."""
+    libtpu at once (it otherwise takes a machine-wide lock meant for the TPU chips). For a
+    process that only compiles (the preflight command): a training process given these
+    variables would take itself for a TPU pod's worker."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if target.platform == "tpu":
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name)
@@ -181,9 +183,9 @@ def quiet_compilers(target: Target) -> None:
 
 
 def devices(target: Target) -> list:
-    """The target's devices, compile-only, in the order JAX lists them on the real machines."""
+    """The target's devices, compile-only, in the order JAX lists them on the real machines
+    (`quiet_compilers` first, in a process of its own, where several compile with libtpu)."""
     check_compiler(target)
-    quiet_compilers(target)
     from jax.experimental import topologies
     if target.platform == "tpu":
         options: Dict = {}

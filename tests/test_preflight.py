@@ -140,7 +140,12 @@ def test_target_list_names_every_slice_and_the_gpus(tmp_path):
     ("v4-8", 4, 1, "v4:2x2x1"), ("v4-32", 16, 4, "v4:2x2x4"), ("v4-128", 64, 16, "v4:4x4x4"),
     ("v5litepod-8", 8, 1, "v5e:2x4"), ("v5e-32", 32, 8, "v5e:4x8"), ("v5p-32", 16, 4, "v5p:2x2x4"),
     ("v6e-8", 8, 1, "v6e:2x4"), ("h100", 1, 1, "1x1x1"), ("h100x16", 16, 2, "1x2x8")])
-def test_targets_are_the_slices_jax_sees(name, devices, processes, topology):
+def test_targets_are_the_slices_jax_sees(name, devices, processes, topology, monkeypatch):
+    # What preflight sets in its own process (targets.quiet_compilers), undone after the test:
+    # in a training process TPU_WORKER_HOSTNAMES would mean a pod.
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", name)
     target = targets.get(name)
     assert (target.num_devices, target.num_processes, target.topology) == (
         devices, processes, topology)
