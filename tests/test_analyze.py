@@ -29,6 +29,9 @@ from cli_runs import ROOT, environment
 from resnet_v2_jax import base_config
 from resnet_v2_jax import analyze, datasets, models
 
+# Command-line runs and training: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 RNG = np.random.RandomState(0)
 IMAGES = RNG.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8)
 LABELS = RNG.randint(0, 10, 8).astype(np.int32)

@@ -10,8 +10,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cli_runs import ROOT, environment
+
+# Command-line runs and training: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 
 # One part of each kind (unrolled, scanned and rematerialised, several runs, ImageNet, the

@@ -22,6 +22,9 @@ from cli_runs import (CONFIG, N, ROOT, assert_one_error_line, assert_only_our_in
                       wait_for_checkpoint)
 from resnet_v2_jax import cli, configuration
 
+# Command-line runs and training: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, array_dir):

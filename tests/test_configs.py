@@ -50,6 +50,7 @@ def one_step(config):
     return setup.model, dp.to_host(state), dp.to_host(metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [c for c in CONFIGS if c != "ablation"])
 def test_config_builds_its_train_step_and_a_kind_of_each_trains(name):
     config = importlib.import_module(f"configs.{name}").get_config()
@@ -76,6 +77,7 @@ def test_the_trained_configs_exist():
     assert TRAINED < set(CONFIGS)  # no stale names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ABLATIONS)
 def test_ablation_config_builds_and_trains_one_step(arg):
     config = ablation.get_config(arg)

@@ -20,6 +20,9 @@ from tensorboardX import SummaryWriter
 from configs import cifar10_quick
 from resnet_v2_jax import checkpoint, configuration, evaluate, plot, runs, train
 
+# Command-line runs and training: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 20
 

@@ -18,6 +18,9 @@ import pytest
 
 from resnet_v2_jax import cli
 
+# Command-line runs and training: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The [train] extra's distributions and what they bring (setup.py's TRAIN), as the names of
 # their site-packages entries begin; checked against the wheel's metadata below.

@@ -219,6 +219,7 @@ def test_tpu_needs_a_name_and_a_known_command():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install '.[tpu]')")
+@pytest.mark.slow
 @pytest.mark.parametrize("batch, fits", [(64, True), (65536, False)])
 def test_tpu_preflight_stops_before_creating_a_slice_the_config_does_not_fit(tmp_path, batch,
                                                                              fits):

@@ -124,6 +124,7 @@ def test_the_unit_layout_converts_on_restore_momentum_included(tmp_path):
     assert "stage1_repeat" in restored.batch_stats  # full pre-activation: no BN in the stem
 
 
+@pytest.mark.slow
 def test_the_issues_example_a_shortcut_scale_changed_on_resume_is_refused(tmp_path, array_dir):
     """The command line: a run of constant-scaling shortcuts (lambda = 0.5) resumed with 0.9 and
     another BN epsilon ends in one line naming both, and changes nothing in the workdir."""
@@ -141,6 +142,7 @@ def test_the_issues_example_a_shortcut_scale_changed_on_resume_is_refused(tmp_pa
     print(result.stderr.strip().splitlines()[-1])  # the line the closing note quotes
 
 
+@pytest.mark.slow
 def test_a_bit_network_trains_and_resumes_exactly_through_the_command_line(tmp_path, array_dir):
     """GroupNorm + weight-standardised convs (no BN statistics) from `config.model`: trained
     N steps, resumed to 2N, equal to 2N straight (another norm is refused on resume like any

@@ -38,6 +38,7 @@ def pod_report(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_pod_slice_compiles_as_one_program_and_reports_it(pod_report):
     result, out = pod_report
@@ -59,6 +60,7 @@ def test_a_pod_slice_compiles_as_one_program_and_reports_it(pod_report):
     assert text == result.stdout and "**fits**" in text and "lower bound" in text
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_the_compiled_reductions_are_the_ones_the_config_asks_for(pod_report):
     """BN statistics within groups of 2 devices, gradients and metrics over all 8, the running
@@ -73,6 +75,7 @@ def test_the_compiled_reductions_are_the_ones_the_config_asks_for(pod_report):
     assert collectives["all-reduce over 8"]["bytes"] > collectives["all-reduce over 2"]["bytes"]
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_the_batch_arithmetic_is_what_the_target_s_processes_compute(pod_report):
     result, out = pod_report
@@ -83,6 +86,7 @@ def test_the_batch_arithmetic_is_what_the_target_s_processes_compute(pod_report)
     assert config["per_device_batch"] == 64 // target.num_devices == 8
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_program_that_cannot_fit_is_reported_with_what_to_change(tmp_path):
     # 65,536 images per v5e chip of a depth-8 network in float32: over its 16 GiB (the

@@ -168,6 +168,7 @@ def test_frozen_backbone_and_bn_statistics_change_only_the_head():
     assert_equal(params, {k: v for k, v in state.params.items() if k != "head"})
 
 
+@pytest.mark.slow
 def test_fine_tuning_run_through_the_cli_its_resume_and_export(source, tmp_path, array_dir):
     """The command line starts from the source's backbone and logs what it copied; a rerun
     resumes from its own checkpoint (init_from is not read again: here it no longer exists);

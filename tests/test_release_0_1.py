@@ -8,9 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cli_runs import ROOT, assert_one_error_line, environment, run, snapshot
 from resnet_v2_jax import configuration, evaluate, models
+
+# Command-line runs and training: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "workdir_release_0_1"
 

@@ -16,6 +16,9 @@ from cli_runs import (CONFIG, N, assert_one_error_line, kill, run, saved_state, 
                       wait_for_checkpoint)
 from resnet_v2_jax import checkpoint, configuration, datasets, device_input, models, rundir
 
+# Command-line runs and training: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, array_dir):

@@ -16,6 +16,9 @@ from cli_runs import (N, ROOT, assert_one_error_line, environment, run, saved_st
 from resnet_v2_jax import base_config
 from resnet_v2_jax import checkpoint, inputs, models, parallel, recipe, runs
 
+# Command-line runs and training: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 RUNS = 3
 
 
