@@ -45,11 +45,13 @@ def line(row, r):
         return f"| `{config}` | {target} | refused: {r['error']} | | | | | |"
     gib = 2**30
     fits = "yes" if r["fits"] else "**no**"
-    largest = r.get("max_batch", {}).get("per_device", "")
-    hours = f"{r['bound_run_hours']:.1f}" if r.get("bound_run_hours") else ""
+    largest = r.get("max_batch", {}).get("per_device", "not searched")
+    hours = r.get("bound_run_hours") or 0
+    run = (f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.0f} min" if hours >= 1 / 60
+           else f"{3600 * hours:.0f} s")
     return (f"| `{config}` | {target} | {fits} | {r['config']['per_device_batch']} | "
             f"{r['peak_bytes'] / gib:.2f} of {r['usable_bytes'] / gib:.1f} | {largest} | "
-            f"{r['flops_per_step'] / 1e12:.2f} | {r['bound_ms_per_step']:.1f} ms, {hours} h | "
+            f"{r['flops_per_step'] / 1e12:.2f} | {r['bound_ms_per_step']:.1f} ms, {run} | "
             f"{r['compile_s']:.0f} |")
 
 
