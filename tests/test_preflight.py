@@ -108,6 +108,23 @@ def test_a_program_that_cannot_fit_is_reported_with_what_to_change(tmp_path):
         result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason="JAX's CUDA plugin is not installed (pip install '.[cuda]')")
+def test_the_h100_target_compiles_to_cudnn_convolutions(tmp_path):
+    result = preflight_command(tmp_path, f"--config={CONFIG}", "--target=h100", *TINY,
+                               "--config.batch_size=64", "--config.eval_batch_size=64",
+                               env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(tmp_path / "cifar10_quick_h100.json"))
+    assert report["usable_bytes"] == int(0.5 * report["hbm_bytes"])
+    assert "platform gpu" in report["devices"] and report["fits"]
+    structure = report["train"]["structure"]
+    assert structure["custom_calls"]["__cudnn$convForward"] > 0
+    assert structure["convolutions"] == sum(n for name, n in structure["custom_calls"].items()
+                                            if "conv" in name.lower())
+
+
 def test_unknown_targets_and_a_missing_compiler_are_one_line(tmp_path):
     result = preflight_command(tmp_path, f"--config={CONFIG}", "--target=v4-12")
     assert result.returncode == 1
