@@ -77,12 +77,13 @@ def evaluate(path: str, config: Optional[ml_collections.ConfigDict] = None,
     diverged = loaded.diverged if run is None else ()
     results = train.Evaluator(config, dp, setup.eval_step)(dp.put_state(loaded.variables),
                                                            diverged)
-    if loaded.divergence():
-        logging.warning("%s", loaded.divergence())
+    divergence = loaded.divergence()
+    if divergence:
+        logging.warning("%s", divergence)
     return {"step": loaded.weights_step, "checkpoint": loaded.checkpoint,
-            "diverged": loaded.divergence() or None, "dataset": config.dataset,
+            "diverged": divergence or None, "dataset": config.dataset,
             "split": config.eval_split, "run": run, "num_runs": loaded.num_runs,
-            "eval": results, "devices": dp.describe(),
+            "eval": results, "devices": dp.describe(setup.model.norm),
             "wall_time_s": round(time.monotonic() - t_start, 1)}
 
 

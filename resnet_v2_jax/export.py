@@ -49,8 +49,8 @@ def export(workdir: str, out: str, unrolled: bool = False, run: Optional[int] = 
     loaded = runs.one_run(runs.read_run(workdir, run=run), "--run")
     model, variables, where = loaded.model, loaded.variables, loaded.checkpoint
     if run is not None:
-        where = f"{where}, run {run}" + (f"; {loaded.divergence()}" if loaded.divergence()
-                                         else "")
+        divergence = loaded.divergence()
+        where = f"{where}, run {run}" + (f"; {divergence}" if divergence else "")
     if unrolled and model.scan_units:
         model, variables = model.clone(scan_units=False), models.scanned_to_unrolled(variables)
     models.save(out, model, variables)

@@ -69,7 +69,7 @@ def _with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.C
     return config
 
 
-def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> "batching.EvalBatches":
+def eval_batches(config: ml_collections.ConfigDict, crop_size: int) -> batching.EvalBatches:
     """One exact pass over the eval split at `crop_size`: per-process host batches with a mask."""
     return _pipeline(config).create_eval_iterator(config, crop_size)
 

@@ -42,6 +42,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 import jax
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -157,8 +158,6 @@ def program_structure(hlo: str, num_devices: int) -> Dict[str, Any]:
 
 def _per_device_bytes(tree) -> int:
     """Bytes one device holds of abstract arrays with shardings."""
-    import numpy as np
-    import jax
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
@@ -178,8 +177,6 @@ def _memory(compiled) -> Dict[str, int]:
 
 def abstract_batches(config, dp, crop_size: Optional[int] = None) -> Dict[str, Any]:
     """Shapes and shardings of a train batch (`crop_size` None) or an eval batch at a crop."""
-    import jax
-    import numpy as np
     if crop_size is None:
         runs = (config.num_runs,) if config.num_runs > 1 and not config.share_batches else ()
         size, batch, sharding = config.image_size, config.batch_size, dp.train_batch_sharding
@@ -198,7 +195,6 @@ def model_flops(config, per_device_batch: int) -> Optional[float]:
     this machine's CPU for the unrolled network without remat (GPU backends leave cuDNN's
     convolutions out of their count, a scanned stage's loop body counts once, and remat's
     recomputation is not the model's work); lowered, not compiled."""
-    import jax
     config = config.copy_and_resolve_references()
     config.batch_size = config.eval_batch_size = per_device_batch
     config.model.scan_units = config.model.remat_units = False
@@ -255,10 +251,12 @@ def resident_data_bytes(config, dp) -> int:
     return -(-info.num_train_examples * image // dp.devices_per_run)
 
 
-def check(config, target: targets.Target, devices, with_eval: bool = True) -> Dict[str, Any]:
+def check(config, target: targets.Target, devices,
+          train_step_only: bool = False) -> Dict[str, Any]:
     """Compiles the run of `config` for `target` (its compile-only `devices`) and returns the
-    report: memory per program, the peak while training, the verdict, FLOPs, the bound, the
-    structure and compile seconds."""
+    report: memory per program, the peak while training, the verdict (`fits`; `train_fits` for
+    the train step alone), FLOPs, the bound, the structure and compile seconds.
+    `train_step_only` (a `max_batch` try) compiles no eval step and counts no FLOPs."""
     dp = parallel.for_config(config, devices)
     setup = recipe.build(config, dp)
     per_device = dp.check_batch_size(config.batch_size)
@@ -267,7 +265,7 @@ def check(config, target: targets.Target, devices, with_eval: bool = True) -> Di
     state_bytes = _per_device_bytes(setup.abstract_state)
     variables_bytes = _per_device_bytes(recipe.variables_of(setup.abstract_state))
     evals = {}
-    if with_eval:
+    if not train_step_only:
         for crop in config.eval_crop_sizes:
             evals[int(crop)] = _compile(setup.eval_step, recipe.variables_of(setup.abstract_state),
                                         abstract_batches(config, dp, crop),
@@ -280,9 +278,8 @@ def check(config, target: targets.Target, devices, with_eval: bool = True) -> Di
     peak_name = max(peaks, key=peaks.get)
     peak = peaks[peak_name] + resident
     refused = [c.out_of_memory for c in [train, *evals.values()] if c.out_of_memory]
-    flops = model_flops(config, per_device)
-    runs = config.num_runs // dp.run_groups           # runs one device computes
-    step_flops = flops * runs if flops else None
+    flops = None if train_step_only else model_flops(config, per_device)
+    step_flops = flops * dp.local_runs if flops else None
     bound_s = step_flops / target.peak_flops if step_flops else None
     report = {
         "target": target.name, "target_description": target.describe(),
@@ -299,6 +296,8 @@ def check(config, target: targets.Target, devices, with_eval: bool = True) -> Di
         "state_bytes": state_bytes, "resident_data_bytes": resident,
         "peak_bytes": peak, "peak_program": peak_name,
         "fits": peak <= target.usable_bytes and not refused,
+        "train_fits": (train.memory["total"] + resident <= target.usable_bytes
+                       and not train.out_of_memory),
         "margin_bytes": target.usable_bytes - peak, "compiler_refused": refused,
         "flops_per_step": step_flops,
         "bound_ms_per_step": 1000 * bound_s if bound_s else None,
@@ -349,7 +348,7 @@ def max_batch(config, target: targets.Target, devices, multiple: int,
             return tries[per_device]
         trial = config.copy_and_resolve_references()
         trial.batch_size = per_device * per_run
-        tries[per_device] = check(trial, target, devices, with_eval=False)["fits"]
+        tries[per_device] = check(trial, target, devices, train_step_only=True)["train_fits"]
         return tries[per_device]
 
     start = max(multiple, (config.batch_size // per_run) // multiple * multiple)
@@ -437,7 +436,6 @@ def markdown(report: Dict[str, Any]) -> str:
 
 def _versions() -> str:
     import importlib.metadata
-    import jax
     found = [f"jax {jax.__version__}"]
     for package in ("libtpu", "jax-cuda12-plugin"):
         try:
@@ -461,7 +459,6 @@ def main(argv):
     if FLAGS.config is None:
         cli.fail("--config is required (e.g. --config=configs/imagenet_200.py)", 2)
     target = targets.get(FLAGS.target)
-    targets.check_compiler(target)
     targets.quiet_compilers(target)
     config = FLAGS.config
     # Compile-only executables cannot be read back from JAX's persistent cache (no client to
@@ -472,11 +469,9 @@ def main(argv):
     devices = targets.devices(target)
     report = check(config, target, devices)
     if FLAGS.max_batch:
-        report["max_batch"] = max_batch(
-            config, target, devices, FLAGS.batch_multiple,
-            {report["config"]["per_device_batch"]: not report["compiler_refused"] and
-             report["train"]["memory"]["total"] + report["resident_data_bytes"]
-             <= target.usable_bytes})
+        report["max_batch"] = max_batch(config, target, devices, FLAGS.batch_multiple,
+                                        {report["config"]["per_device_batch"]:
+                                         report["train_fits"]})
     name = os.path.splitext(os.path.basename(
         config_flags.get_config_filename(FLAGS["config"]).split(":")[0]))[0]
     report.update(config_name=name, versions=_versions())

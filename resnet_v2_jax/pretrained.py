@@ -70,8 +70,11 @@ def check_finite(variables: Dict[str, Any], where: str) -> None:
     Inf: such weights would train on silently (ReLU hides NaN) until the run diverged."""
     for name, value in traverse_util.flatten_dict(variables, sep="/").items():
         value = np.asarray(value)
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            bad = value.size - int(np.isfinite(value).sum())
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        finite = np.isfinite(value)
+        if not finite.all():
+            bad = value.size - int(finite.sum())
             raise ValueError(f"init_from {where}: {name} holds {bad} NaN or Inf value(s) of "
                              f"{value.size}; these weights cannot start a run: give another "
                              "checkpoint or file")

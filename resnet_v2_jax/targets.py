@@ -149,7 +149,6 @@ def examples() -> List[Tuple[str, str]]:
 
 # --- compile-only devices ----------------------------------------------------------------------
 
-EXTRAS = {"tpu": "tpu", "cuda": "cuda"}
 _COMPILER_MODULES = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}
 
 
@@ -158,12 +157,12 @@ class MissingCompilerError(ValueError):
 
 
 def check_compiler(target: Target) -> None:
-    """Raises MissingCompilerError, naming the extra to install, unless the target's compiler
-    (libtpu; JAX's CUDA plugin) is importable."""
+    """Raises MissingCompilerError, naming the extra to install (named as the platform),
+    unless the target's compiler (libtpu; JAX's CUDA plugin) is importable."""
     if importlib.util.find_spec(_COMPILER_MODULES[target.platform]) is None:
         raise MissingCompilerError(
             f"compiling for {target.name} needs the {target.platform.upper()} compiler: "
-            f"pip install 'resnet_v2_jax[{EXTRAS[target.platform]}]'")
+            f"pip install 'resnet_v2_jax[{target.platform}]'")
 
 
 def quiet_compilers(target: Target) -> None:

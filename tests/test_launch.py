@@ -37,8 +37,12 @@ def launch(script, *args, check=True, tmp_path=None, timeout=60, **settings):
 
 def commands(script, *args, **settings):
     """The argv of every command a dry run prints."""
-    out = launch(script, "--dry-run", *args, **settings).stdout
-    return [shlex.split(line) for line in _shell_lines(out)]
+    return commands_in(launch(script, "--dry-run", *args, **settings).stdout)
+
+
+def commands_in(stdout):
+    """The argv of every command in a dry run's output."""
+    return [shlex.split(line) for line in _shell_lines(stdout)]
 
 
 def _shell_lines(text):
@@ -244,10 +248,6 @@ def test_tpu_preflight_stops_before_creating_a_slice_the_config_does_not_fit(tmp
             "error: configs/cifar10_quick.py does not fit v5litepod-1 (see above): nothing "
             "was started")
         assert result.stdout == "", "a command was printed after a failed check"
-
-
-def commands_in(stdout):
-    return [shlex.split(line) for line in _shell_lines(stdout)]
 
 
 # --- GPUs -------------------------------------------------------------------------------------
