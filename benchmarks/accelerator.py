@@ -226,7 +226,7 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     data = dp.put_batch({"image": rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8),
                          "label": rng.randint(0, classes, (batch,)).astype(np.int32),
                          "mask": np.ones((batch,), np.bool_)})
-    per_run = (runs,) if runs > 1 else ()  # several runs: a batch of their own each
+    per_run = (runs,) if dp.batch_per_run else ()  # runs with a batch of their own each
     train_data = dp.put_batch(
         {"image": rng.randint(0, 256, per_run + (batch, size, size, 3)).astype(np.uint8),
          "label": rng.randint(0, classes, per_run + (batch,)).astype(np.int32)},
@@ -236,10 +236,10 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
     train_step = setup.train_step.lower(state, train_data).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    eval_step = setup.eval_step.lower(recipe.variables_of(state), data).compile()
+    eval_step = setup.eval_step.lower(recipe.variables_of(state.state), data).compile()
     eval_compile_s = time.perf_counter() - start
     flops = preflight.model_flops(config, dp.check_batch_size(batch))
-    params = sum(x.size for x in jax.tree.leaves(recipe.variables_of(state)["params"]))
+    params = sum(x.size for x in jax.tree.leaves(recipe.variables_of(state.state)["params"]))
 
     holder = {"state": state}
 
@@ -249,7 +249,7 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
         jax.block_until_ready(metrics)
 
     def run_eval(n):
-        sums = [eval_step(recipe.variables_of(holder["state"]), data) for _ in range(n)]
+        sums = [eval_step(recipe.variables_of(holder["state"].state), data) for _ in range(n)]
         jax.block_until_ready(sums)
 
     train_timing = time_steps(run_train, batch * runs, deadline, smoke)
@@ -266,7 +266,7 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
         "num_devices": jax.device_count(), "depth": config.model.depth, "batch": batch,
         "image_size": size, "layout": ("scan" if config.model.scan_units else "unrolled")
         + ("+remat" if config.model.remat_units else ""), "params": int(params),
-        "runs": runs, "runs_layout": recipe.runs_layout(config.runs_layout, device.platform)
+        "runs": runs, "runs_layout": recipe.runs_layout(config.runs_layout, device.platform, dp.local_runs)
         if runs > 1 else None, "per_run_img_per_s": train_timing["img_per_s"] / runs,
         "compile_s": compile_s, "eval_compile_s": eval_compile_s,
         "train": train_timing, "eval": eval_timing,

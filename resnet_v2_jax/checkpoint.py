@@ -344,7 +344,11 @@ def _signature_of_0_1(model: models.ResNetV2) -> dict:
 
 
 def _structure_diff(saved: Dict[str, str], current: Dict[str, str], examples: int = 2) -> str:
-    """A short account of how two `tree_structure`s differ, grouped by top-level field."""
+    """A short account of how two `tree_structure`s differ, grouped by the train state's
+    top-level field (paths are shown below the runs' "state/", the part every run shares)."""
+    saved, current = ({k.removeprefix("state/"): v for k, v in s.items()}
+                      for s in (saved, current))
+
     def group(keys):
         return sorted({k.split("/")[0] for k in keys})
     only_saved = [k for k in saved if k not in current]

@@ -326,8 +326,8 @@ def print_results(results: dict, dataset: str, split: str) -> None:
     step = results.get("eval_step") or results["step"]
     for crop, r in results["eval"].items():
         where = f"on {r['num_examples']} {dataset} {split} images at crop {crop}"
-        stats = r.get("stats")
-        if stats is None:
+        stats = r["stats"]
+        if len(r["runs"]["top1_error"]) == 1 and stats["top1_error"]["runs"]:
             print(f"step {step}: test accuracy {100 * (1 - r['top1_error']):.2f}% "
                   f"(top-1 error {100 * r['top1_error']:.2f}%, top-5 error "
                   f"{100 * r['top5_error']:.2f}%) {where}")

@@ -52,7 +52,7 @@ def train_batches(config: ml_collections.ConfigDict, dp, start_step: int) -> Ite
     if config.input_pipeline == "device_resident":
         return pipeline.create_train_iterator(config, dp.train_batch_sharding,
                                               start_step=start_step)
-    if config.num_runs == 1 or config.share_batches:
+    if not dp.batch_per_run:
         host = pipeline.create_train_iterator(config, start_step=start_step)
     else:
         streams = [pipeline.create_train_iterator(_with_seed(config, config.seed + k),

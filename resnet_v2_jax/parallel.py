@@ -18,8 +18,10 @@ where the run count and the device count have a common divisor R (on one process
 gets a leading "runs" axis of size R and each group of devices trains its runs data parallel;
 otherwise (R = 1) every run is data parallel over all devices. The per-device step then holds
 several runs, computed vectorised or one after another (`recipe`, `runs_layout`). State and
-metrics carry a leading run axis sharded over "runs"; gradients and BN statistics are reduced
-within a run only, never across runs.
+metrics always carry a leading run axis, sharded over "runs" (one training run is the case of
+size 1, and its mesh has a "runs" axis of size 1); gradients and BN statistics are reduced
+within a run only, never across runs. This module decides the layout once: whether batches
+carry a run axis too (`batch_per_run`: several runs that do not share their batches).
 """
 
 import dataclasses
@@ -86,8 +88,7 @@ class DataParallel:
         self.process_count = len({d.process_index for d in self.devices})
         self.num_runs = num_runs
         n = len(self.devices)
-        self.run_groups = (math.gcd(num_runs, n) if num_runs > 1 and self.process_count == 1
-                           else 1)
+        self.run_groups = math.gcd(num_runs, n) if self.process_count == 1 else 1
         per_run = n // self.run_groups
         group = bn_group_size or per_run
         if group < 1 or per_run % group:
@@ -96,8 +97,7 @@ class DataParallel:
         self.bn_group_size = group
         self.devices_per_run = per_run
         grid = np.array(self.devices).reshape(self.run_groups, per_run // group, group)
-        self.mesh = (Mesh(grid[0], ("data", "bn")) if num_runs == 1 else
-                     Mesh(grid, ("runs", "data", "bn")))
+        self.mesh = Mesh(grid, ("runs", "data", "bn"))
         # Collectives only where they reduce something: none on one device, no BN reduction
         # with per-device BN, and the running BN averages (identical within a group) averaged
         # over all devices only when there are several groups.
@@ -112,13 +112,15 @@ class DataParallel:
                              bn_groups=groups if group > 1 and several_groups else None,
                              bn_stats="data" if several_groups else None)
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
-        # Specs of what a step takes and gives: the state (replicated, or one slice of the run
-        # axis per run group), batches (split over the devices of a run; with several runs and
-        # batches of their own, one batch per run on the run axis) and outputs.
-        several = num_runs > 1
-        self.state_spec = P("runs") if several else P()
+        # Specs of what a step takes and gives: the state (one slice of the run axis per run
+        # group), batches (split over the devices of a run; with runs that train on batches of
+        # their own, one batch per run on the run axis) and outputs.
+        self.batch_per_run = num_runs > 1 and not share_batches
+        # The axis a device's first run is numbered along (None: every device holds all runs).
+        self.runs_axis = "runs" if self.run_groups > 1 else None
+        self.state_spec = P("runs")
         self.batch_spec = P(("data", "bn"))
-        self.train_batch_spec = (P("runs", ("data", "bn")) if several and not share_batches
+        self.train_batch_spec = (P("runs", ("data", "bn")) if self.batch_per_run
                                  else self.batch_spec)
         self.replicated = NamedSharding(self.mesh, P())
         self.state_sharding = NamedSharding(self.mesh, self.state_spec)
@@ -160,8 +162,8 @@ class DataParallel:
     # --- placement -------------------------------------------------------------------------
 
     def put_state(self, state):
-        """Places a host or replicated state (with several runs: stacked on a leading run axis)
-        for the step functions. The arrays given are not kept: the train step donates the
+        """Places a host or replicated state (stacked on the leading run axis) for the step
+        functions. The arrays given are not kept: the train step donates the
         state's buffers to its result, so keep a host copy (`jax.device_get`) of a state you
         need after the first step."""
         if self.executor == "shard_map":
@@ -191,11 +193,10 @@ class DataParallel:
                 batch_spec: Optional[P] = None) -> Callable:
         """Compiles a per-device `step(state, batch)` for all devices.
 
-        The step sees its device's slice of the state (with several runs: its runs) and its
-        share of the batch (split by `batch_spec`, default `self.batch_spec`), and reduces over
-        `self.axes` whatever must be global. It returns (new state, metrics) when
-        `returns_state` (the state buffers are then donated), else metrics only; metrics are
-        replicated, or stacked on the run axis with several runs.
+        The step sees its device's slice of the state (its runs) and its share of the batch
+        (split by `batch_spec`, default `self.batch_spec`), and reduces over `self.axes`
+        whatever must be global. It returns (new state, metrics) when `returns_state` (the
+        state buffers are then donated), else metrics only; metrics are per run, like the state.
         """
         donate = (0,) if returns_state else ()
         if self.executor == "pmap":
@@ -209,16 +210,16 @@ class DataParallel:
         return jax.jit(sharded, donate_argnums=donate)
 
     def to_host(self, tree):
-        """Fetches outputs (state or metrics) as numpy: one copy of replicated ones, the whole
-        run axis of several runs' (gathered from every process)."""
+        """Fetches outputs (state or metrics, with their run axis) as numpy: gathered from
+        every process where this one does not hold them whole."""
         return jax.tree.map(self._fetch, tree)
 
     def _fetch(self, x):
-        if self.num_runs > 1:
-            return np.asarray(x if x.is_fully_addressable else
-                              multihost_utils.process_allgather(x, tiled=True))
-        first = np.asarray(x.addressable_data(0))
-        return first.reshape(x.shape[1:]) if self.executor == "pmap" else first
+        if self.executor == "pmap":  # one copy per local device: the first
+            first = np.asarray(x.addressable_data(0))
+            return first.reshape(x.shape[1:])
+        return np.asarray(x if x.is_fully_addressable else
+                          multihost_utils.process_allgather(x, tiled=True))
 
 
 def for_config(config, devices: Optional[Sequence[jax.Device]] = None) -> DataParallel:

@@ -178,7 +178,7 @@ def _memory(compiled) -> Dict[str, int]:
 def abstract_batches(config, dp, crop_size: Optional[int] = None) -> Dict[str, Any]:
     """Shapes and shardings of a train batch (`crop_size` None) or an eval batch at a crop."""
     if crop_size is None:
-        runs = (config.num_runs,) if config.num_runs > 1 and not config.share_batches else ()
+        runs = (config.num_runs,) if dp.batch_per_run else ()
         size, batch, sharding = config.image_size, config.batch_size, dp.train_batch_sharding
         fields = {"image": np.uint8, "label": np.int32}
     else:
@@ -263,11 +263,11 @@ def check(config, target: targets.Target, devices,
     train = _compile(setup.train_step, setup.abstract_state, abstract_batches(config, dp),
                      num_devices=dp.num_devices)
     state_bytes = _per_device_bytes(setup.abstract_state)
-    variables_bytes = _per_device_bytes(recipe.variables_of(setup.abstract_state))
+    variables_bytes = _per_device_bytes(recipe.variables_of(setup.abstract_state.state))
     evals = {}
     if not train_step_only:
         for crop in config.eval_crop_sizes:
-            evals[int(crop)] = _compile(setup.eval_step, recipe.variables_of(setup.abstract_state),
+            evals[int(crop)] = _compile(setup.eval_step, recipe.variables_of(setup.abstract_state.state),
                                         abstract_batches(config, dp, crop),
                                         num_devices=dp.num_devices)
     resident = resident_data_bytes(config, dp)

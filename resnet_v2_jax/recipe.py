@@ -27,6 +27,20 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
 
 
+@struct.dataclass
+class Runs:
+    """The train state: the runs of one config trained together (`config.num_runs`, 1 for one
+    run), their train states stacked on a leading run axis, and the step at which each diverged
+    (-1 while it trains). A diverged run is frozen: its state no longer changes, the others go
+    on; when all have diverged, training stops."""
+    state: TrainState
+    diverged_at: jax.Array
+
+    def run(self, k: int) -> TrainState:
+        """Run k's train state (the run axis taken off)."""
+        return jax.tree.map(lambda x: x[k], self.state)
+
+
 # --- network and optimiser ---------------------------------------------------------------------
 
 def dtypes(config: ml_collections.ConfigDict) -> Tuple[Any, Any]:
@@ -115,19 +129,19 @@ def create_train_state(rng: jax.Array, model: models.ResNetV2, tx: optax.Gradien
     return init(rng)
 
 
+def init_runs(seed: int, num_runs: int, model: models.ResNetV2,
+              tx: optax.GradientTransformation, image_size: int) -> Runs:
+    """`num_runs` fresh train states, run k's network initialised from PRNGKey(seed + k)."""
+    keys = jnp.stack([jax.random.PRNGKey(seed + k) for k in range(num_runs)])
+    states = jax.jit(jax.vmap(lambda rng: create_train_state(rng, model, tx, image_size)))(keys)
+    return Runs(states, jnp.full((num_runs,), -1, jnp.int32))
+
+
 def abstract_train_state(model: models.ResNetV2, tx: optax.GradientTransformation,
                          image_size: int, sharding: jax.sharding.Sharding,
-                         num_runs: int = 1) -> Any:
-    """Shapes, dtypes and `sharding` of the train state (a `Runs` of `num_runs` > 1),
-    computing nothing: a restore target."""
-    def init(rng):
-        return create_train_state(rng, model, tx, image_size)
-    if num_runs == 1:
-        shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-    else:
-        shapes = jax.eval_shape(lambda keys: Runs(jax.vmap(init)(keys),
-                                                  jnp.zeros((num_runs,), jnp.int32)),
-                                jnp.zeros((num_runs, 2), jnp.uint32))
+                         num_runs: int = 1) -> Runs:
+    """Shapes, dtypes and `sharding` of the `Runs` state, computing nothing: a restore target."""
+    shapes = jax.eval_shape(lambda: init_runs(0, num_runs, model, tx, image_size))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         shapes)
 
@@ -143,28 +157,51 @@ def in_layout(state: TrainState, scan_units: bool) -> TrainState:
 def other_layouts(model: models.ResNetV2, tx: optax.GradientTransformation, image_size: int,
                   sharding: jax.sharding.Sharding,
                   num_runs: int = 1) -> Sequence[checkpoint.Layout]:
-    """The state of the same run with the network's units in the other layout (scanned or
-    unrolled), and its conversion into this one: a checkpoint written either way resumes."""
-    other = abstract_train_state(model.clone(scan_units=not model.scan_units), tx, image_size,
-                                 sharding, num_runs)
-    convert = functools.partial(in_layout, scan_units=model.scan_units)
-    if num_runs == 1:
-        to_this_layout = jax.jit(convert, out_shardings=sharding)
-        return [checkpoint.Layout(
-            other, lambda state: to_this_layout(state).replace(apply_fn=model.apply, tx=tx))]
-    to_this_layout = jax.jit(lambda runs: runs.replace(state=jax.vmap(convert)(runs.state)),
-                             out_shardings=sharding)
+    """The states a checkpoint of the same run may hold in another layout, each with its
+    conversion into this run's: the network's units in the other layout (scanned or unrolled),
+    and the train state of one run without the run axis (checkpoints written before the run
+    count was an axis of the state; the meta check admits these for one run only). A
+    checkpoint written any of these ways resumes."""
+    def as_runs(state: TrainState) -> Runs:
+        return Runs(jax.tree.map(lambda x: x[None], state), jnp.full((1,), -1, jnp.int32))
 
-    def runs_convert(runs):
-        runs = to_this_layout(runs)
-        return runs.replace(state=runs.state.replace(apply_fn=model.apply, tx=tx))
-    return [checkpoint.Layout(other, runs_convert)]
+    def converter(scan_units: bool, with_run_axis: bool) -> Callable[[Any], Runs]:
+        convert = functools.partial(in_layout, scan_units=model.scan_units)
+
+        @functools.partial(jax.jit, out_shardings=sharding)
+        def to_this_layout(saved):
+            runs = saved if with_run_axis else as_runs(saved)
+            if scan_units != model.scan_units:
+                runs = runs.replace(state=jax.vmap(convert)(runs.state))
+            return runs
+
+        def restore(saved) -> Runs:
+            runs = to_this_layout(saved)
+            return runs.replace(state=runs.state.replace(apply_fn=model.apply, tx=tx))
+        return restore
+
+    layouts = []
+    for scan_units in (model.scan_units, not model.scan_units):
+        stacked = abstract_train_state(model.clone(scan_units=scan_units), tx, image_size,
+                                       sharding, num_runs)
+        single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape[1:], x.dtype, sharding=_replicated(sharding)), stacked.state)
+        if scan_units != model.scan_units:
+            layouts.append(checkpoint.Layout(stacked, converter(scan_units, True)))
+        layouts.append(checkpoint.Layout(single, converter(scan_units, False)))
+    return layouts
 
 
-def variables_of(state: Any) -> Dict[str, Any]:
-    """The network's variables {"params", "batch_stats"} held by a train state (stacked on a
-    leading run axis, of a `Runs`)."""
-    state = state.state if isinstance(state, Runs) else state
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """`sharding`'s devices holding whole copies (for a state without the run axis)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
+
+
+def variables_of(state: TrainState) -> Dict[str, Any]:
+    """The network's variables {"params", "batch_stats"} held by a train state: of one run
+    (`Runs.run(k)`), or of every run stacked on the run axis (`Runs.state`)."""
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -244,22 +281,16 @@ def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model: 
     return parallel.psum(sums, axes.grad)
 
 
-# --- several runs in one program -----------------------------------------------------------------
+# --- the runs of one program -------------------------------------------------------------------
 
-@struct.dataclass
-class Runs:
-    """Several runs of one config trained together (`config.num_runs`): their train states
-    stacked on a leading run axis, and the step at which each diverged (-1 while it trains).
-    A diverged run is frozen: its state no longer changes, the others go on."""
-    state: TrainState
-    diverged_at: jax.Array
-
-
-def runs_layout(layout: str, platform: str) -> str:
-    """The layout in which a device computes its runs: "vmap" (one vectorised program, larger
-    kernels: the bet for accelerators, whose small kernels are launch-bound) or "unrolled" (one
-    copy of the step per run in the same program). "auto" picks "unrolled" on CPUs, where XLA
-    runs vectorised convolutions as slow grouped ones (docs/benchmarks.md), "vmap" elsewhere."""
+def runs_layout(layout: str, platform: str, local_runs: int) -> str:
+    """The layout in which a device computes its `local_runs` runs: "vmap" (one vectorised
+    program, larger kernels: the bet for accelerators, whose small kernels are launch-bound) or
+    "unrolled" (one copy of the step per run in the same program). "auto" picks "unrolled" on
+    CPUs, where XLA runs vectorised convolutions as slow grouped ones (docs/benchmarks.md),
+    "vmap" elsewhere. A device holding one run computes the plain step ("unrolled" over one)."""
+    if local_runs == 1:
+        return "unrolled"
     if layout != "auto":
         return layout
     return "unrolled" if platform == "cpu" else "vmap"
@@ -317,7 +348,7 @@ def runs_eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, st
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything a config builds before data flows: used by training, eval-only, tests and
-    benchmarks alike (`build`). With several runs the state is a `Runs`."""
+    benchmarks alike (`build`). The state is a `Runs` of `num_runs` (1 for one run)."""
     model: models.ResNetV2
     schedule: optax.Schedule
     tx: optax.GradientTransformation
@@ -329,16 +360,10 @@ class Setup:
     train_step: Callable              # (state, batch) -> (state, metrics), over all devices
     eval_step: Callable               # (variables, batch) -> summed eval metrics, all devices
 
-    def init_state(self, seed: int) -> Any:
+    def init_state(self, seed: int) -> Runs:
         """A freshly initialised state (on the default device; `DataParallel.put_state` it):
-        the network initialised from PRNGKey(seed), or from seed + k for run k of several."""
-        if self.num_runs == 1:
-            return create_train_state(jax.random.PRNGKey(seed), self.model, self.tx,
-                                      self.image_size)
-        keys = jnp.stack([jax.random.PRNGKey(seed + k) for k in range(self.num_runs)])
-        states = jax.jit(jax.vmap(lambda rng: create_train_state(
-            rng, self.model, self.tx, self.image_size)))(keys)
-        return Runs(states, jnp.full((self.num_runs,), -1, jnp.int32))
+        run k's network initialised from PRNGKey(seed + k)."""
+        return init_runs(seed, self.num_runs, self.model, self.tx, self.image_size)
 
     def layouts(self) -> Sequence[checkpoint.Layout]:
         """The state in the network's other unit layout, and its conversion (`other_layouts`):
@@ -369,36 +394,39 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
     tx = create_optimizer(config, schedule)
     normalize = functools.partial(model_input, mean=info.mean, std=info.std, dtype=model.dtype,
                                   size=config.input_resize)
-    step = functools.partial(
-        train_step, axes=dp.axes, normalize=normalize,
-        augment_images=augment.for_training(config.augment, config.image_size,
-                                            config.color_augment),
-        train_bn_statistics=config.train_bn_statistics)
-    evaluate = functools.partial(eval_step, model=model, axes=dp.axes, normalize=normalize)
+    augment_images = augment.for_training(config.augment, config.image_size,
+                                          config.color_augment)
+    # Runs that share their batches share their augmentation too (the seed's key).
+    shared_augment_key = jax.random.PRNGKey(config.seed) if config.share_batches else None
+    layout = runs_layout(config.runs_layout, dp.devices[0].platform, dp.local_runs)
+
+    def one_run_train_step(state, batch, seed_key):
+        return train_step(state, batch, seed_key, axes=dp.axes, normalize=normalize,
+                          augment_images=augment_images,
+                          train_bn_statistics=config.train_bn_statistics,
+                          augment_key=shared_augment_key)
+
+    def per_device_train_step(runs, batch):
+        return runs_train_step(runs, batch, step=one_run_train_step, seed=config.seed,
+                               layout=layout, runs_axis=dp.runs_axis,
+                               shared_batch=not dp.batch_per_run)
+
+    def per_device_eval_step(variables, batch):
+        return runs_eval_step(variables, batch, layout=layout, step=functools.partial(
+            eval_step, model=model, axes=dp.axes, normalize=normalize))
+
     abstract = abstract_train_state(model, tx, config.image_size, dp.state_sharding,
                                     config.num_runs)
-    if config.num_runs == 1:
-        step = functools.partial(step, seed_key=jax.random.PRNGKey(config.seed))
-    else:
-        if config.share_batches:
-            step = functools.partial(step, augment_key=jax.random.PRNGKey(config.seed))
-        layout = runs_layout(config.runs_layout, dp.devices[0].platform)
-        step = functools.partial(runs_train_step, step=step, seed=config.seed, layout=layout,
-                                 runs_axis="runs" if dp.run_groups > 1 else None,
-                                 shared_batch=config.share_batches)
-        evaluate = functools.partial(runs_eval_step, step=evaluate, layout=layout)
     return Setup(model=model, schedule=schedule, tx=tx, steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps, image_size=config.image_size,
                  num_runs=config.num_runs, abstract_state=abstract,
-                 train_step=dp.compile(step, returns_state=True,
+                 train_step=dp.compile(per_device_train_step, returns_state=True,
                                        batch_spec=dp.train_batch_spec),
-                 eval_step=dp.compile(evaluate, returns_state=False))
+                 eval_step=dp.compile(per_device_eval_step, returns_state=False))
 
 
 @jax.jit
-def all_finite(state) -> jax.Array:
-    """Whether every leaf of a train state is finite (one boolean on the device); of a `Runs`,
-    of every run that has not diverged."""
-    if isinstance(state, Runs):
-        return jnp.all(_finite_per_run(state.state) | (state.diverged_at >= 0))
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)]))
+def all_finite(runs: Runs) -> jax.Array:
+    """Whether every leaf of every run that has not diverged is finite (one boolean on the
+    device)."""
+    return jnp.all(_finite_per_run(runs.state) | (runs.diverged_at >= 0))

@@ -22,10 +22,10 @@ from resnet_v2_jax import checkpoint, configuration, datasets, recipe, rundir
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A run read back: its config (migrated), the network as that config builds it (one
-    device, no BN reduction axes), the variables {"params", "batch_stats"} of one checkpoint
-    (of run `run` of several; of all of them, stacked on a leading axis, where `run` is None
-    and `num_runs` > 1), which checkpoint that was, and the runs that had diverged there with
-    the step each diverged at (a diverged run's weights are frozen at the step before)."""
+    device, no BN reduction axes), the variables {"params", "batch_stats"} of one checkpoint,
+    stacked on a leading run axis (of run `run` alone where one of several was chosen, else of
+    all `num_runs`), which checkpoint that was, and the runs that had diverged there with the
+    step each diverged at (a diverged run's weights are frozen at the step before)."""
     config: ml_collections.ConfigDict
     model: Any
     variables: Dict[str, Any]
@@ -94,21 +94,21 @@ def read_run(path: str, config: Optional[ml_collections.ConfigDict] = None,
             model, tx, config.image_size, one_device, num_runs))
     finally:
         checkpoints.close()
-    variables = recipe.variables_of(state)
-    diverged_at = {}
-    if num_runs > 1:
-        steps = np.asarray(state.diverged_at)
-        diverged_at = {int(k): int(steps[k]) for k in np.flatnonzero(steps >= 0)}
-        if run is not None:
-            variables = jax.tree.map(lambda x: x[run], variables)
+    variables = recipe.variables_of(state.state)
+    steps = np.asarray(state.diverged_at)
+    diverged_at = {int(k): int(steps[k]) for k in np.flatnonzero(steps >= 0)}
+    if run is not None:
+        variables = jax.tree.map(lambda x: x[run:run + 1], variables)
     return Run(config, model, variables, step, str(workdir / "checkpoints" / str(step)),
                num_runs, run, diverged_at)
 
 
 def one_run(run: Run, flag: str) -> Run:
-    """`run` itself where it holds one run; raises a one-line ValueError asking for `flag` where
-    it holds several and none was chosen."""
-    if run.num_runs > 1 and run.run is None:
+    """`run` with the variables of its one network (the run axis taken off): of the run it
+    holds or the one chosen; raises a one-line ValueError asking for `flag` where it holds
+    several and none was chosen."""
+    count = len(jax.tree.leaves(run.variables)[0])
+    if count > 1:
         raise ValueError(f"{run.checkpoint} holds {run.num_runs} runs: choose one with "
                          f"{flag}=k (0..{run.num_runs - 1})")
-    return run
+    return dataclasses.replace(run, variables=jax.tree.map(lambda x: x[0], run.variables))

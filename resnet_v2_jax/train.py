@@ -5,6 +5,7 @@ runs them: the loop (step, log, checkpoint, evaluate), the `Evaluator`, stopping
 and writing TensorBoard files and results. What is written where: `train_and_evaluate`.
 """
 
+import dataclasses
 import itertools
 import json
 import os
@@ -12,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +106,7 @@ class _MetricsWriter:
     gs://), written by process 0 only: in the workdir, and with several runs each run's own in
     runs/<k> (TensorBoard shows them as runs; `plot` draws their spread)."""
 
-    def __init__(self, workdir: epath.Path, num_runs: int = 1):
+    def __init__(self, workdir: epath.Path, num_runs: int):
         self.writers = []
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
@@ -113,19 +114,19 @@ class _MetricsWriter:
                                    if num_runs > 1 else [])
             self.writers = [SummaryWriter(logdir=str(f), flush_secs=30) for f in folders]
 
-    def scalars(self, step: int, values: Dict[str, Any]):
-        """Writes `values` (floats; or, with several runs, per-run sequences, whose median goes
-        to the workdir's file and each run's value to its own)."""
-        for name, value in values.items():
-            if np.ndim(value) == 0:
-                for writer in self.writers[:1]:
-                    writer.add_scalar(name, float(value), step)
-                continue
-            value = np.asarray(value, np.float64)
+    def scalars(self, step: int, per_run: Dict[str, Sequence[float]],
+                shared: Optional[Dict[str, float]] = None):
+        """Writes `per_run` values (one per run: their median to the workdir's file, each run's
+        to its own) and `shared` ones (the same for every run, such as the learning rate)."""
+        for name, values in per_run.items():
+            values = np.asarray(values, np.float64)
             for writer in self.writers[:1]:
-                writer.add_scalar(name, float(np.nanmedian(value)), step)
-            for writer, run_value in zip(self.writers[1:], value):
-                writer.add_scalar(name, float(run_value), step)
+                writer.add_scalar(name, float(np.nanmedian(values)), step)
+            for writer, value in zip(self.writers[1:], values):
+                writer.add_scalar(name, float(value), step)
+        for name, value in (shared or {}).items():
+            for writer in self.writers[:1]:
+                writer.add_scalar(name, float(value), step)
 
     def close(self):
         for writer in self.writers:
@@ -134,27 +135,22 @@ class _MetricsWriter:
 
 
 class _StepMetrics:
-    """Per-step training metrics kept on the devices until fetched (no host sync per step)."""
+    """Per-step training metrics (per run) kept on the devices until fetched: no host sync per
+    step."""
 
     def __init__(self, dp: parallel.DataParallel):
         self.dp = dp
-        self.pending: List[Tuple[int, Dict[str, jax.Array]]] = []
+        self.pending: List[Dict[str, jax.Array]] = []
 
-    def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
-        self.pending.append((step, metrics))
+    def add(self, metrics: Dict[str, jax.Array]) -> None:
+        self.pending.append(metrics)
 
-    def fetch(self) -> Tuple[Dict[str, Any], Optional[Tuple[int, float]]]:
-        """(means of the pending steps' metrics, per run with several runs; (step, loss) of the
-        first non-finite loss of a single run)."""
-        values = [(step, self.dp.to_host(m)) for step, m in self.pending]
+    def fetch(self) -> Dict[str, List[float]]:
+        """Each metric's mean over the pending steps, per run ({} when none is pending)."""
+        values = [self.dp.to_host(m) for m in self.pending]
         self.pending = []
-        bad = next(((step, float(m["loss"])) for step, m in values
-                    if np.ndim(m["loss"]) == 0 and not np.isfinite(m["loss"])), None)
-        means = {}
-        for key in (values[0][1] if values else {}):
-            mean = np.mean([m[key] for _, m in values], axis=0)
-            means[key] = float(mean) if np.ndim(mean) == 0 else [float(v) for v in mean]
-        return means, bad
+        return {key: [float(v) for v in np.mean([m[key] for m in values], axis=0)]
+                for key in (values[0] if values else {})}
 
 
 def summarize(values: Sequence[float], diverged: Sequence[int] = ()) -> Dict[str, Any]:
@@ -170,8 +166,8 @@ def summarize(values: Sequence[float], diverged: Sequence[int] = ()) -> Dict[str
 
 
 class Evaluator:
-    """Top-1/top-5 error over a whole eval split at each crop size (pad and mask); of every
-    run, with several runs."""
+    """Top-1/top-5 error over a whole eval split at each crop size (pad and mask), of every
+    run."""
 
     def __init__(self, config: ml_collections.ConfigDict, dp: parallel.DataParallel,
                  eval_step: Callable):
@@ -181,11 +177,12 @@ class Evaluator:
 
     def __call__(self, variables: Dict[str, Any],
                  diverged: Sequence[int] = ()) -> Dict[str, Dict[str, Any]]:
-        """Evaluates the network's `variables` {"params", "batch_stats"}, placed for the steps
-        (`DataParallel.put_state`). Batches are put onto the devices two ahead of the step (as
-        in training) and the sums stay on the devices until the pass is over: one fetch per
-        crop size. With several runs each metric is the median over the runs not `diverged`,
-        and "runs" / "stats" give every run's value and the statistics (`summarize`)."""
+        """Evaluates the networks' `variables` {"params", "batch_stats"} (stacked on the run
+        axis), placed for the steps (`DataParallel.put_state`). Batches are put onto the
+        devices two ahead of the step (as in training) and the sums stay on the devices until
+        the pass is over: one fetch per crop size. Each metric is the median over the runs not
+        `diverged` (the value itself, of one run); "runs" gives every run's value and "stats"
+        the statistics (`summarize`)."""
         results = {}
         limit = None if self.config.steps_per_eval < 0 else self.config.steps_per_eval
         for crop, batches in self.batches.items():
@@ -199,10 +196,6 @@ class Evaluator:
             count = np.asarray(totals["count"], np.float64)
             metrics = {"top1_error": totals["top1_wrong"] / count,
                        "top5_error": totals["top5_wrong"] / count, "loss": totals["loss"] / count}
-            if np.ndim(count) == 0:
-                results[str(crop)] = {**{k: float(v) for k, v in metrics.items()},
-                                      "num_examples": int(count)}
-                continue
             stats = {k: summarize(v, diverged) for k, v in metrics.items()}
             results[str(crop)] = {**{k: stats[k]["median"] for k in metrics},
                                   "num_examples": int(count[0]),
@@ -211,21 +204,44 @@ class Evaluator:
         return results
 
 
+def _runs_clause(counted: int, num_runs: int, what: str = "median") -> str:
+    """' (medians of 3 runs)' and the like; nothing for a single run."""
+    return f" ({what} of {counted} runs)" if num_runs > 1 else ""
+
+
 def _log_eval(writer: _MetricsWriter, step: int, results: Dict[str, Dict[str, Any]]) -> None:
     for crop, r in results.items():
-        runs = r.get("runs", {})
-        if "stats" in r and r["stats"]["top1_error"]["runs"]:
-            top1 = r["stats"]["top1_error"]
-            logging.info("eval at step %d, crop %s: top-1 error %.2f%% (%.2f±%.2f), median of %d "
-                         "runs; top-5 error %.2f%% on %d examples", step, crop,
-                         100 * top1["median"], 100 * top1["mean"], 100 * top1["std"],
-                         top1["runs"], 100 * r["top5_error"], r["num_examples"])
-        elif "stats" not in r:
-            logging.info("eval at step %d, crop %s: top-1 error %.2f%%, top-5 error %.2f%% on %d "
-                         "examples", step, crop, 100 * r["top1_error"], 100 * r["top5_error"],
-                         r["num_examples"])
-        writer.scalars(step, {f"eval/{k}_{crop}": runs.get(k, r[k])
+        top1 = r["stats"]["top1_error"]
+        if top1["runs"]:
+            spread = (f" ({100 * top1['mean']:.2f}±{100 * top1['std']:.2f})"
+                      if top1["runs"] > 1 else "")
+            logging.info("eval at step %d, crop %s: top-1 error %.2f%%%s%s, top-5 error %.2f%% "
+                         "on %d examples", step, crop, 100 * top1["median"], spread,
+                         _runs_clause(top1["runs"], len(r["runs"]["top1_error"])),
+                         100 * r["top5_error"], r["num_examples"])
+        writer.scalars(step, {f"eval/{k}_{crop}": r["runs"][k]
                               for k in ("top1_error", "top5_error", "loss")})
+
+
+def _log_train(writer: _MetricsWriter, step: int, total_steps: int, metrics: Dict[str, Any],
+               lr: float, images_per_step: int, seconds_per_step: Optional[float]) -> None:
+    shared = {"train/learning_rate": lr}
+    speed = ""
+    if seconds_per_step:  # not right after compilation
+        shared["train/images_per_second"] = images_per_step / seconds_per_step
+        speed = (f"  {shared['train/images_per_second']:.0f} img/s  "
+                 f"ETA {_hms((total_steps - step) * seconds_per_step)}")
+    loss, error = np.nanmedian(metrics["loss"]), np.nanmedian(metrics["error"])
+    runs = _runs_clause(int(np.sum(np.isfinite(metrics["loss"]))), len(metrics["loss"]),
+                        "medians")
+    logging.info("step %d/%d  loss %.4f  error %.2f%%%s  lr %.4g%s", step, total_steps, loss,
+                 100 * error, runs, lr, speed)
+    writer.scalars(step, {"train/loss": metrics["loss"], "train/error": metrics["error"]}, shared)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _diverged(checkpoints: checkpoint.Checkpoints, what: str, step: int) -> NonFiniteLossError:
@@ -235,6 +251,43 @@ def _diverged(checkpoints: checkpoint.Checkpoints, what: str, step: int) -> NonF
             f"the last checkpoint (step {latest}) is intact")
     return NonFiniteLossError(f"training diverged at step {step}: {what}; {kept}: lower "
                               "learning_rate or use warmup='constant'")
+
+
+class _Divergence:
+    """Which runs diverged, and when (from the state's `diverged_at`): a run that diverges is
+    frozen and reported, the others go on; when every run has diverged (the one run, of a
+    single run) training stops."""
+
+    def __init__(self, config: ml_collections.ConfigDict, checkpoints: checkpoint.Checkpoints):
+        self.seed, self.num_runs, self.checkpoints = config.seed, config.num_runs, checkpoints
+        self.steps: Dict[int, int] = {}
+
+    @property
+    def runs(self) -> List[int]:
+        return sorted(self.steps)
+
+    def update(self, diverged_at: np.ndarray) -> None:
+        for run, step in enumerate(diverged_at):
+            if step >= 0 and run not in self.steps:
+                self.steps[run] = int(step)
+                if len(self.steps) < self.num_runs:
+                    logging.warning("run %d (seed %d) diverged at step %d: it is frozen and "
+                                    "left out of the statistics; the other runs go on", run,
+                                    self.seed + run, step)
+        if len(self.steps) == self.num_runs:
+            what = (f"every one of the {self.num_runs} runs diverged (at steps "
+                    f"{', '.join(map(str, self.steps.values()))})" if self.num_runs > 1 else
+                    "the loss or the weights became NaN or Inf")
+            raise _diverged(self.checkpoints, what, max(self.steps.values()))
+
+    def exclude(self, metrics: Dict[str, List[float]]) -> Dict[str, List[float]]:
+        """Per-run training metrics with the diverged runs' values set to NaN."""
+        return {k: [float("nan") if run in self.steps else x for run, x in enumerate(v)]
+                for k, v in metrics.items()}
+
+    def report(self) -> List[Dict[str, int]]:
+        return [{"run": run, "seed": self.seed + run, "step": step}
+                for run, step in sorted(self.steps.items())]
 
 
 def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict, limit: int = 4) -> str:
@@ -252,42 +305,34 @@ def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict, limi
     return f"; the run's config.json differs in {shown}{more}"
 
 
-def _restore(checkpoints: checkpoint.Checkpoints, setup: recipe.Setup, workdir: epath.Path,
-             config: ml_collections.ConfigDict):
-    try:
-        return checkpoints.restore_latest(setup.abstract_state, setup.layouts)
-    except checkpoint.CheckpointMismatchError as e:
-        raise checkpoint.CheckpointMismatchError(f"{e}{_config_changes(workdir, config)}") from e
+HISTORY = "config_history"
 
 
-def _finished_run(workdir: epath.Path, step: int, total_steps: int, meta: dict, state,
-                  evaluator: Evaluator, dp: parallel.DataParallel) -> Dict[str, Any]:
-    """A rerun of a run that has nothing left to train: keeps its results.json."""
-    found = (f"{workdir} already holds the final checkpoint (step {step} of {total_steps})"
-             if step == total_steps else
-             f"the run in {workdir} is at step {step}, past this config's {total_steps} steps "
-             "(use a new --workdir for a shorter run)")
-    path = workdir / "results.json"
-    try:
-        results = json.loads(path.read_text())
-        if results.get("step") == step:
-            logging.warning("nothing to train: %s; its results.json is kept as it is", found)
-            return results
-    except (OSError, ValueError):
-        pass
-    logging.warning("nothing to train: %s; results.json is missing or stale, so the checkpoint "
-                    "is evaluated and results.json written", found)
-    diverged = ([k for k, at in enumerate(np.asarray(state.diverged_at)) if at >= 0]
-                if isinstance(state, recipe.Runs) else [])
-    results = {"step": step, "total_steps": total_steps, "preempted": False,
-               "train": meta.get("train", {}),
-               "eval": evaluator(dp.put_state(recipe.variables_of(state)), diverged),
-               "eval_step": step,
-               "wall_time_s": None, "steps_this_run": 0,
-               "devices": dp.describe(evaluator.config.model.norm)}
-    if jax.process_index() == 0:
-        rundir.write_json(path, results)
-    return results
+def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict, start_step: int):
+    """Writes config.json (the config training runs with now). The config of every start that
+    changes settings is kept as config_history/<its first step>.json, the previous ones stay,
+    and a resume with other settings says which in one warning."""
+    current = json.loads(config.to_json_best_effort())
+    history = workdir / HISTORY
+    path = workdir / configuration.CONFIG_FILE
+    if path.exists():
+        if not history.exists():  # written by a release without history: its first start
+            history.mkdir()
+            rundir.write_json(history / "0.json", json.loads(path.read_text()))
+        try:
+            before = configuration.flatten(configuration.read(str(workdir)))
+        except ValueError:
+            before = {}
+        now = configuration.flatten(current)
+        changed = [f"{k}={before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                   if before.get(k) != now.get(k)]
+        if not changed:
+            return
+        logging.warning("resuming at step %d with other settings than before: %s; the earlier "
+                        "configs stay in %s", start_step, ", ".join(changed), history)
+    history.mkdir(exist_ok=True)
+    rundir.write_json(history / f"{start_step}.json", current)
+    rundir.write_json(path, current)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -324,14 +369,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         with rundir.RunLock(workdir):
             checkpoints = checkpoint.Checkpoints(workdir, setup.model, config.keep_checkpoints,
                                                  num_runs=config.num_runs)
+            trainer = _Trainer(config, setup, dp, workdir, checkpoints, evaluator, signals)
             try:
-                state, start_step, meta = _restore(checkpoints, setup, workdir, config)
-                checkpoints.prune()  # keep_checkpoints holds whatever an earlier run left
-                if start_step >= setup.total_steps:
-                    return _finished_run(workdir, start_step, setup.total_steps, meta, state,
-                                         evaluator, dp)
-                results = _start(config, setup, dp, workdir, checkpoints, evaluator, source,
-                                 signals, state, start_step, meta)
+                results = trainer.run(source)
             finally:
                 checkpoints.close()
             results.update(wall_time_s=round(time.monotonic() - t_start, 1),
@@ -341,200 +381,182 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     return results
 
 
-def _start(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.DataParallel,
-           workdir: epath.Path, checkpoints: checkpoint.Checkpoints, evaluator: Evaluator,
-           source: Optional[pretrained.Source], signals: _StopSignals,
-           state: Optional[recipe.TrainState], start_step: int, meta: dict) -> Dict[str, Any]:
-    """Initialises the state (or takes the restored one), records the config, trains."""
-    if state is None:
-        state = setup.init_state(config.seed)
-        if source is not None:  # a resumed run continues from its own checkpoint
-            state = _start_from(source, state, setup.model)
-    else:
-        logging.info("resuming from step %d", start_step)
-    signals.check("before training started")
-    if jax.process_index() == 0:
-        _record_config(workdir, config, start_step)
-    return _train(config, setup, dp, dp.put_state(state), start_step, workdir, checkpoints,
-                  evaluator, meta.get("train", {}), signals)
+@dataclasses.dataclass(frozen=True)
+class _Due:
+    """What happens at a step boundary before the next step (`_Trainer.next_action`)."""
+    log: bool
+    save: bool
+    evaluate: bool
 
 
-def _start_from(source: pretrained.Source, state, model):
-    """`state` (fresh) with `source`'s backbone; each of several runs gets it."""
-    if not isinstance(state, recipe.Runs):
-        return state.replace(**pretrained.transfer_from(source, recipe.variables_of(state), model))
-    variables = recipe.variables_of(state)
-    runs = [pretrained.transfer_from(source, jax.tree.map(lambda x, k=k: x[k], variables), model)
+@dataclasses.dataclass
+class _Trainer:
+    """One start of a run: restores or initialises the state, records the config and runs the
+    loop, with everything the loop needs in one place."""
+    config: ml_collections.ConfigDict
+    setup: recipe.Setup
+    dp: parallel.DataParallel
+    workdir: epath.Path
+    checkpoints: checkpoint.Checkpoints
+    evaluator: Evaluator
+    signals: _StopSignals
+
+    def run(self, source: Optional[pretrained.Source]) -> Dict[str, Any]:
+        """Resumes from the latest checkpoint, or starts afresh (from `source`'s weights where
+        given), and trains to the end; a run with nothing left to train keeps its results."""
+        try:
+            state, step, meta = self.checkpoints.restore_latest(self.setup.abstract_state,
+                                                                self.setup.layouts)
+        except checkpoint.CheckpointMismatchError as e:
+            raise checkpoint.CheckpointMismatchError(
+                f"{e}{_config_changes(self.workdir, self.config)}") from e
+        self.checkpoints.prune()  # keep_checkpoints holds whatever an earlier run left
+        if step >= self.setup.total_steps:
+            return self.finished(state, step, meta)
+        if state is None:
+            state = self.setup.init_state(self.config.seed)
+            if source is not None:  # a resumed run continues from its own checkpoint
+                state = _start_from(source, state, self.setup.model)
+        else:
+            logging.info("resuming from step %d", step)
+        self.signals.check("before training started")
+        if jax.process_index() == 0:
+            _record_config(self.workdir, self.config, step)
+        return self.loop(self.dp.put_state(state), step, meta.get("train", {}))
+
+    def finished(self, state: recipe.Runs, step: int, meta: dict) -> Dict[str, Any]:
+        """A rerun of a run that has nothing left to train: keeps its results.json."""
+        total = self.setup.total_steps
+        found = (f"{self.workdir} already holds the final checkpoint (step {step} of {total})"
+                 if step == total else
+                 f"the run in {self.workdir} is at step {step}, past this config's {total} "
+                 "steps (use a new --workdir for a shorter run)")
+        path = self.workdir / "results.json"
+        try:
+            results = json.loads(path.read_text())
+            if results.get("step") == step:
+                logging.warning("nothing to train: %s; its results.json is kept as it is", found)
+                return results
+        except (OSError, ValueError):
+            pass
+        logging.warning("nothing to train: %s; results.json is missing or stale, so the "
+                        "checkpoint is evaluated and results.json written", found)
+        diverged = [k for k, at in enumerate(np.asarray(state.diverged_at)) if at >= 0]
+        results = {"step": step, "total_steps": total, "preempted": False,
+                   "train": meta.get("train", {}),
+                   "eval": self.evaluator(self.dp.put_state(recipe.variables_of(state.state)),
+                                          diverged),
+                   "eval_step": step, "wall_time_s": None, "steps_this_run": 0,
+                   "num_runs": self.config.num_runs, "diverged": []}
+        if jax.process_index() == 0:
+            rundir.write_json(path, results)
+        return results
+
+    def next_action(self, step: int, start_step: int, stopped: Optional[str],
+                    done: Sequence[str]) -> str:
+        """The one decision of the loop: what happens next at the boundary after `step`, given
+        the actions already `done` there and the signal `stopped` for (None): "log", "save",
+        "evaluate" when each is due and not done (in that order: the trained state is on disk
+        before anything that can fail afterwards), then "stop" or "train". A signal stops the
+        run with a checkpoint of the step it arrives in (or is evaluated in); only the last
+        step is evaluated after a signal."""
+        config, total = self.config, self.setup.total_steps
+        last = step == total
+        if step > start_step:
+            due = _Due(
+                log=stopped is not None or is_time(step, config.log_every_steps, total),
+                save=stopped is not None or is_time(step, config.checkpoint_every_steps, total),
+                evaluate=(stopped is None or last) and is_time(
+                    step, config.eval_every_steps or self.setup.steps_per_epoch, total))
+            for action in ("log", "save", "evaluate"):
+                if getattr(due, action) and action not in done:
+                    return action
+        return "stop" if stopped is not None or last else "train"
+
+    def loop(self, state: recipe.Runs, start_step: int,
+             train_metrics: Dict[str, List[float]]) -> Dict[str, Any]:
+        """Trains from `start_step` to the end or to a signal; each step boundary takes the
+        actions `next_action` decides, one by one."""
+        config, setup, dp = self.config, self.setup, self.dp
+        batches = inputs.train_batches(config, dp, start_step)
+        writer = _MetricsWriter(self.workdir, config.num_runs)
+        pending = _StepMetrics(dp)
+        divergence = _Divergence(config, self.checkpoints)
+        eval_results, eval_step, stopped, done = {}, None, None, []
+        step, timer = start_step, _Throughput(start_step)
+        try:
+            while True:
+                if step > start_step:
+                    stopped = self.signals.reached(step, self.checkpoints)
+                action = self.next_action(step, start_step, stopped, done)
+                if action in ("log", "save", "evaluate") and pending.pending:
+                    divergence.update(dp.to_host(state.diverged_at))
+                    train_metrics = divergence.exclude(pending.fetch())
+                if action == "train":
+                    state, metrics = setup.train_step(state, next(batches))
+                    step, done = step + 1, []
+                    pending.add(metrics)
+                    timer.stepped(step, metrics)
+                elif action == "log":
+                    _log_train(writer, step, setup.total_steps, train_metrics,
+                               float(setup.schedule(step - 1)),
+                               config.batch_size * config.num_runs, timer.seconds_per_step(step))
+                elif action == "save":
+                    self.save(step, state, train_metrics)
+                elif action == "evaluate":
+                    eval_results = self.evaluator(recipe.variables_of(state.state), divergence.runs)
+                    eval_step = step
+                    _log_eval(writer, step, eval_results)
+                    timer.paused()  # keep eval time out of the training throughput
+                else:  # "stop"
+                    break
+                done.append(action)
+        finally:
+            writer.close()
+        preempted = step < setup.total_steps
+        if preempted:
+            logging.warning("%s (%s): checkpoint of step %d written; rerun the same command to "
+                            "resume", "interrupted" if stopped == "SIGINT" else "preempted",
+                            stopped, step)
+        return {"step": step, "total_steps": setup.total_steps, "preempted": preempted,
+                "stop_signal": stopped if preempted else None, "train": train_metrics,
+                "eval": eval_results, "eval_step": eval_step, "steps_this_run": step - start_step,
+                "num_runs": config.num_runs, "diverged": divergence.report()}
+
+    def save(self, step: int, state: recipe.Runs, train_metrics: Dict[str, List[float]]) -> None:
+        """The one save path: a checkpoint of `step`, never of a state that is not finite."""
+        if not bool(self.dp.to_host(recipe.all_finite(state))):
+            raise _diverged(self.checkpoints, "the state is not finite", step)
+        self.checkpoints.save(step, self.dp.get_state(state), {"train": train_metrics})
+
+
+class _Throughput:
+    """Seconds per training step since the last log, with compilation (the first step) and
+    evaluation left out; monotonic time."""
+
+    def __init__(self, start_step: int):
+        self.start_step, self.since, self.steps = start_step, time.monotonic(), 0
+
+    def stepped(self, step: int, metrics: Dict[str, jax.Array]) -> None:
+        self.steps += 1
+        if step == self.start_step + 1:  # keep compilation out of the throughput and ETA
+            jax.block_until_ready(metrics)
+            self.paused()
+
+    def paused(self) -> None:
+        self.since, self.steps = time.monotonic(), 0
+
+    def seconds_per_step(self, step: int) -> Optional[float]:
+        """The mean since the last call (None right after compilation); restarts the count."""
+        now = time.monotonic()
+        seconds = (now - self.since) / self.steps if self.steps else None
+        self.since, self.steps = now, 0
+        return seconds
+
+
+def _start_from(source: pretrained.Source, state: recipe.Runs, model) -> recipe.Runs:
+    """`state` (fresh) with `source`'s backbone in each of its runs."""
+    runs = [pretrained.transfer_from(source, recipe.variables_of(state.run(k)), model)
             for k in range(len(state.diverged_at))]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *runs)
     return state.replace(state=state.state.replace(**stacked))
-
-
-HISTORY = "config_history"
-
-
-def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict, start_step: int):
-    """Writes config.json (the config training runs with now). The config of every start that
-    changes settings is kept as config_history/<its first step>.json, the previous ones stay,
-    and a resume with other settings says which in one warning."""
-    current = json.loads(config.to_json_best_effort())
-    history = workdir / HISTORY
-    path = workdir / configuration.CONFIG_FILE
-    if path.exists():
-        if not history.exists():  # written by a release without history: its first start
-            history.mkdir()
-            rundir.write_json(history / "0.json", json.loads(path.read_text()))
-        try:
-            before = configuration.flatten(configuration.read(str(workdir)))
-        except ValueError:
-            before = {}
-        now = configuration.flatten(current)
-        changed = [f"{k}={before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-                   if before.get(k) != now.get(k)]
-        if not changed:
-            return
-        logging.warning("resuming at step %d with other settings than before: %s; the earlier "
-                        "configs stay in %s", start_step, ", ".join(changed), history)
-    history.mkdir(exist_ok=True)
-    rundir.write_json(history / f"{start_step}.json", current)
-    rundir.write_json(path, current)
-
-
-def _train(config: ml_collections.ConfigDict, setup: recipe.Setup, dp: parallel.DataParallel,
-           state: recipe.TrainState, start_step: int, workdir: epath.Path,
-           checkpoints: checkpoint.Checkpoints, evaluator: Evaluator,
-           train_metrics: Dict[str, float], signals: _StopSignals) -> Dict[str, Any]:
-    """The loop from `start_step`: step, then log, checkpoint and evaluate when it is time.
-    At the last step the checkpoint is written before evaluation, so nothing that can fail
-    afterwards costs the trained state. A signal stops the loop after the step (or the
-    evaluation) it arrives in, with a checkpoint of that step."""
-    total_steps = setup.total_steps
-    eval_every = config.eval_every_steps or setup.steps_per_epoch
-    batches = inputs.train_batches(config, dp, start_step)
-    writer = _MetricsWriter(workdir, config.num_runs)
-    metrics = _StepMetrics(dp)
-    eval_results: Dict[str, Dict[str, Any]] = {}
-    t_log, steps_since_log, step, stopped = time.monotonic(), 0, start_step, None
-    eval_step = None
-    diverged = _Divergence(config, dp, checkpoints)
-
-    def save(step, state):
-        if not bool(dp.to_host(recipe.all_finite(state))):  # never checkpoint a diverged state
-            raise _diverged(checkpoints, "the state is not finite", step)
-        checkpoints.save(step, dp.get_state(state), {"train": train_metrics})
-
-    try:
-        while step < total_steps and stopped is None:
-            state, step_metrics = setup.train_step(state, next(batches))
-            step += 1
-            steps_since_log += 1
-            metrics.add(step, step_metrics)
-            if step == start_step + 1:  # keep compilation out of the throughput and ETA
-                jax.block_until_ready(step_metrics)
-                t_log, steps_since_log = time.monotonic(), 0
-            stopped = signals.reached(step, checkpoints)
-            saving = stopped is not None or is_time(step, config.checkpoint_every_steps,
-                                                    total_steps)
-            if saving or is_time(step, config.log_every_steps, total_steps) or \
-                    is_time(step, eval_every, total_steps):
-                means, bad = metrics.fetch()
-                if bad:
-                    raise _diverged(checkpoints, f"loss is {bad[1]}", bad[0])
-                diverged.update(state)
-                if means:
-                    train_metrics = diverged.exclude(means)
-            if stopped is not None or is_time(step, config.log_every_steps, total_steps):
-                now = time.monotonic()
-                _log_train(writer, step, total_steps, train_metrics,
-                           float(setup.schedule(step - 1)), config.batch_size,
-                           (now - t_log) / steps_since_log if steps_since_log else None,
-                           config.num_runs)
-                t_log, steps_since_log = now, 0
-            if saving:
-                save(step, state)
-            if (stopped is None or step == total_steps) and is_time(step, eval_every, total_steps):
-                eval_results = evaluator(recipe.variables_of(state), diverged.runs)
-                eval_step = step
-                _log_eval(writer, step, eval_results)
-                t_log = time.monotonic()  # keep eval time out of the training throughput
-                stopped = signals.reached(step, checkpoints)  # a signal during evaluation
-                if stopped is not None and step < total_steps and not saving:
-                    save(step, state)
-    finally:
-        writer.close()
-        if hasattr(batches, "close"):  # stops a prefetching thread before the process ends
-            batches.close()
-    if stopped is not None and step < total_steps:
-        logging.warning("%s (%s): checkpoint of step %d written; rerun the same command to "
-                        "resume", "interrupted" if stopped == "SIGINT" else "preempted", stopped,
-                        step)
-    results = {"step": step, "total_steps": total_steps, "preempted": step < total_steps,
-               "stop_signal": stopped if step < total_steps else None,
-               "train": train_metrics, "eval": eval_results, "eval_step": eval_step,
-               "steps_this_run": step - start_step}
-    if config.num_runs > 1:
-        results.update(num_runs=config.num_runs, diverged=diverged.report())
-    return results
-
-
-class _Divergence:
-    """Which of several runs diverged, and when (from the state's `diverged_at`): a run that
-    diverges is frozen and reported, the others go on; when every run has diverged the run
-    stops as a single run does. A single run stops at its first non-finite loss."""
-
-    def __init__(self, config: ml_collections.ConfigDict, dp: parallel.DataParallel,
-                 checkpoints: checkpoint.Checkpoints):
-        self.seed, self.num_runs, self.dp, self.checkpoints = (config.seed, config.num_runs, dp,
-                                                               checkpoints)
-        self.steps: Dict[int, int] = {}
-
-    @property
-    def runs(self) -> List[int]:
-        return sorted(self.steps)
-
-    def update(self, state) -> None:
-        if not isinstance(state, recipe.Runs):
-            return
-        for run, step in enumerate(self.dp.to_host(state.diverged_at)):
-            if step >= 0 and run not in self.steps:
-                self.steps[run] = int(step)
-                logging.warning("run %d (seed %d) diverged at step %d: it is frozen and left "
-                                "out of the statistics; the other runs go on", run,
-                                self.seed + run, step)
-        if len(self.steps) == self.num_runs:
-            raise _diverged(self.checkpoints, f"every one of the {self.num_runs} runs diverged "
-                            f"(at steps {', '.join(map(str, self.steps.values()))})",
-                            max(self.steps.values()))
-
-    def exclude(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
-        """Per-run training metrics with the diverged runs' values set to NaN."""
-        return {k: [float("nan") if run in self.steps else x for run, x in enumerate(v)]
-                if isinstance(v, list) else v for k, v in metrics.items()}
-
-    def report(self) -> List[Dict[str, int]]:
-        return [{"run": run, "seed": self.seed + run, "step": step}
-                for run, step in sorted(self.steps.items())]
-
-
-def _log_train(writer: _MetricsWriter, step: int, total_steps: int, metrics: Dict[str, Any],
-               lr: float, batch_size: int, seconds_per_step: Optional[float],
-               num_runs: int = 1) -> None:
-    scalars = {"train/loss": metrics["loss"], "train/error": metrics["error"],
-               "train/learning_rate": lr}
-    speed, runs = "", ""
-    if seconds_per_step:  # not right after compilation
-        images = batch_size * num_runs / seconds_per_step
-        scalars["train/images_per_second"] = images
-        speed = f"  {images:.0f} img/s  ETA {_hms((total_steps - step) * seconds_per_step)}"
-    loss, error = metrics["loss"], metrics["error"]
-    if num_runs > 1:
-        loss, error = np.nanmedian(loss), np.nanmedian(error)
-        runs = f" (medians of {np.sum(np.isfinite(metrics['loss']))} runs)"
-    logging.info("step %d/%d  loss %.4f  error %.2f%%%s  lr %.4g%s", step, total_steps, loss,
-                 100 * error, runs, lr, speed)
-    writer.scalars(step, scalars)
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -98,17 +98,18 @@ def test_runtime_attributes_are_accepted_and_converted(name):
 
 def test_the_unit_layout_converts_on_restore_momentum_included(tmp_path):
     """A checkpoint of the unrolled network restores into the scanned one (and back), the
-    optimiser's momentum converted with the parameters."""
+    optimiser's momentum converted with the parameters; written as a bare train state (as
+    before the run count was an axis of the state), it restores as the one run."""
     from resnet_v2_jax import base_config
     from resnet_v2_jax import parallel
     config = base_config.cifar("cifar10", 20, batch_size=8, eval_batch_size=8)
     dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
     unrolled = recipe.build(config, dp)
-    state = unrolled.init_state(0)
+    state = unrolled.init_state(0).run(0)
     state = state.replace(opt_state=jax.tree.map(  # momentum that is not all zeros
         lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, state.opt_state))
     checkpoints = checkpoint.Checkpoints(tmp_path, unrolled.model)
-    checkpoints.save(1, dp.put_state(state))
+    checkpoints.save(1, jax.device_put(state, dp.replicated))
     checkpoints.close()
     config.model.scan_units = True
     scanned = recipe.build(config, dp)
@@ -116,6 +117,8 @@ def test_the_unit_layout_converts_on_restore_momentum_included(tmp_path):
     restored, _, _ = checkpoints.restore_latest(scanned.abstract_state, scanned.layouts)
     checkpoints.close()
     assert jax.tree.structure(restored) == jax.tree.structure(scanned.abstract_state)
+    assert restored.diverged_at.tolist() == [-1]
+    restored = restored.run(0)
     expected = recipe.in_layout(jax.device_get(state), scan_units=True)
     for name in ("params", "batch_stats", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(restored, name)),

@@ -20,7 +20,8 @@ def batch(n=16, seed=0):
 
 
 def run_steps(config, dp, steps=2):
-    """`steps` training steps on fixed batches; returns (host state, per-step metrics)."""
+    """`steps` training steps on fixed batches; returns (host state of the run, per-step
+    metrics)."""
     setup = recipe.build(config, dp)
     state = setup.init_state(0)
     step = setup.train_step
@@ -29,7 +30,7 @@ def run_steps(config, dp, steps=2):
     for i in range(steps):
         state, m = step(state, dp.put_batch(batch(seed=i)))
         metrics.append(dp.to_host(m))
-    return dp.to_host(state), metrics
+    return dp.to_host(state).run(0), metrics
 
 
 def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
@@ -108,7 +109,7 @@ def test_no_collective_that_does_nothing(executor):
 
 def test_mesh_layout_for_bn_groups():
     dp = parallel.DataParallel("shard_map", 2)
-    assert dict(dp.mesh.shape) == {"data": 4, "bn": 2}
+    assert dict(dp.mesh.shape) == {"runs": 1, "data": 4, "bn": 2}
     assert dp.axes.bn == "bn" and dp.axes.grad == ("data", "bn") and dp.axes.bn_stats is not None
     assert parallel.DataParallel("shard_map", 0).axes.bn_stats is None  # one group: identical
     assert parallel.DataParallel("shard_map", 1).axes.bn is None

@@ -18,7 +18,8 @@ IMAGES = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (4, 32, 32, 3)), jn
 
 
 def small_run(workdir, seed=1, **overrides):
-    """A run folder holding a freshly initialised CIFAR ResNet-8 (seed 1) at step 1."""
+    """A run folder holding a freshly initialised CIFAR ResNet-8 (seed 1) at step 1; (its
+    config, its one run's state)."""
     config = config_with(**{"depth": 8, "block": "basic", "batch_size": 8, "eval_batch_size": 8,
                             "seed": seed, **overrides})
     setup = recipe.build(config, parallel.DataParallel("shard_map"))
@@ -27,7 +28,7 @@ def small_run(workdir, seed=1, **overrides):
     checkpoints.save(1, state)
     checkpoints.close()
     (workdir / "config.json").write_text(config.to_json_best_effort())
-    return config, state
+    return config, state.run(0)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def fresh(**overrides):
     config = config_with(**{"depth": 8, "block": "basic", "batch_size": 8, "eval_batch_size": 8,
                             **overrides})
     setup = recipe.build(config, parallel.DataParallel("shard_map"))
-    return setup.model, recipe.variables_of(setup.init_state(0))
+    return setup.model, recipe.variables_of(setup.init_state(0).run(0))
 
 
 def assert_equal(a, b):
@@ -161,7 +162,7 @@ def test_frozen_backbone_and_bn_statistics_change_only_the_head():
     batch = {"image": rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
              "label": rng.randint(0, 10, (8,)).astype(np.int32)}
     new, _ = setup.train_step(dp.put_state(state), dp.put_batch(batch))
-    new = dp.to_host(new)
+    new, state = dp.to_host(new).run(0), state.run(0)
     assert_equal(new.batch_stats, state.batch_stats)
     params = dict(new.params)
     assert not np.allclose(params.pop("head")["kernel"], state.params["head"]["kernel"])
