@@ -319,6 +319,31 @@ def test_a_resume_keeps_the_earlier_configs_and_names_what_changed(copy_of_finis
     assert sorted(os.listdir(history)) == ["0.json", f"{2 * N}.json"]
 
 
+def test_rates_and_eta_ignore_a_wall_clock_that_jumps(tmp_path, array_dir, monkeypatch, caplog):
+    """The wall clock jumps (NTP, a suspended VM): here an hour forward at every reading. The
+    log's images/s and ETA come from the monotonic clock, so they stay those of the steps."""
+    import re
+    import time
+    import types
+    from configs import cifar10_quick
+    from resnet_v2_jax import train
+    config = cifar10_quick.get_config()
+    config.model.depth = 8
+    config.update(dict(input_pipeline="device_resident", array_dir=array_dir, batch_size=64,
+                       eval_batch_size=40, num_train_steps=2 * N, checkpoint_every_steps=1000,
+                       eval_every_steps=1000, log_every_steps=1))
+    jumps = iter(range(1, 10**9))
+    clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if k[0] != "_"})
+    clock.time = lambda: time.time() + 3600 * next(jumps)  # the training loop's clock only
+    monkeypatch.setattr(train, "time", clock)
+    with caplog.at_level("INFO"):
+        results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["wall_time_s"] < 3600
+    speeds = re.findall(r"(\d+) img/s  ETA (\d+):(\d\d):(\d\d)", caplog.text)
+    assert len(speeds) == 2 * N - 1, caplog.text[-3000:]  # every step but the first
+    assert all(int(rate) > 0 and int(hours) == 0 for rate, hours, _, _ in speeds), speeds
+
+
 def test_a_signal_during_evaluation_stops_there_and_labels_the_results(tmp_path, array_dir,
                                                                        monkeypatch):
     """SIGTERM while step N is evaluated: the run stops at step N (saved), and the figures are
