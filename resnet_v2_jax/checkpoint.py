@@ -12,8 +12,9 @@ Orbax decides which process writes what.
 * A checkpoint that does not fit this run (another network, optimiser or dtype) is refused with
   one line naming what differs (`CheckpointMismatchError`); nothing is renamed. Checkpoints of
   release 0.1 (meta "model" instead of "network") are compared on what they recorded.
-* A checkpoint whose files cannot be read (a truncated file, a half-copied folder) is set aside
-  as `<step>.unreadable` with a warning, and the one before it is used. A workdir whose
+* A checkpoint whose files cannot be read (a truncated file, a half-copied folder), or whose
+  arrays of a single run read back as NaN or Inf (no run saves such a state), is set aside as
+  `<step>.unreadable` with a warning naming what is wrong, and the one before it is used. A workdir whose
   checkpoints are all unreadable is refused rather than trained from scratch.
 """
 
@@ -24,6 +25,7 @@ import shutil
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -99,22 +101,23 @@ class Checkpoints:
         self.num_runs = num_runs
         self._failed = False
         self.read_only = read_only
+        # The folder is made by the first save (create=False): a run stopped before it, say
+        # while compiling, leaves no empty checkpoints/ to be read as a run that saved nothing.
         options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
-                   ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                   ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                                 enable_async_checkpointing=True,
                                                 cleanup_tmp_directories=True))
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
-        # Newer Orbax deletes the temporary folders of interrupted saves in a background
-        # thread and waits for it only at the first save. A run that restores, sets a damaged
+        # Orbax 0.12 deletes the temporary folders of interrupted saves in a background thread
+        # and waits for it only at the first save. A run that restores, sets a damaged
         # checkpoint aside or fails before saving would race that thread, which then dies at
-        # interpreter exit with a traceback after our error line. Wait for it here (older
-        # Orbax, without the method, cleans up synchronously in the constructor).
-        await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
-        if await_cleanup is not None:
-            await_cleanup()
+        # interpreter exit with a traceback after our error line. Orbax has no public way to
+        # wait for it: this private method is called directly, so that a rename in Orbax fails
+        # loudly (and tests/test_run_safety.py names it) instead of bringing the race back.
+        self.manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
 
     def save(self, step: int, state: Any, extra: Optional[dict] = None) -> None:
         """Starts writing `state` (global arrays) for `step`; returns before it is on disk.
@@ -132,7 +135,7 @@ class Checkpoints:
         if "://" in str(self.directory) or jax.process_index() != 0:
             return
         need = sum(x.nbytes for x in jax.tree.leaves(state)) * 1.05 + 2**20
-        free = shutil.disk_usage(self.directory).free
+        free = shutil.disk_usage(self.directory.parent).free  # checkpoints/ may not exist yet
         if free < need:
             latest = self.manager.latest_step()
             then = f"to resume from step {latest}" if latest is not None else "to start again"
@@ -282,6 +285,12 @@ class Checkpoints:
                         "the run that wrote it") from e
                 self._set_aside(step, e)
                 continue
+            if self.num_runs == 1 and not _all_finite(state):
+                # A run never saves a state that is not finite (a diverged one of several runs
+                # may be): its array files decoded to NaN or Inf, so they are damaged.
+                self._set_aside(step, CheckpointError(
+                    "its arrays hold NaN or Inf, which no run saves: their files are damaged"))
+                continue
             logging.info("restored checkpoint of step %d from %s", step, self.directory)
             return self._converted(layout, state, abstract_state), step, meta
         set_aside = sorted(p.name for p in self.directory.glob(f"*{UNREADABLE_SUFFIX}")) \
@@ -296,8 +305,8 @@ class Checkpoints:
     def _set_aside(self, step: int, error: Exception) -> None:
         """Renames a damaged step folder to `<step>.unreadable` (kept for inspection; the
         resumed run will write that step again). Read-only managers leave it in place."""
-        logging.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one",
-                        step, type(error).__name__, str(error).splitlines()[0][:200])
+        logging.warning("checkpoint at step %d in %s is unreadable (%s); trying an older one",
+                        step, self.directory, _damage(error))
         if self.read_only:
             return
         if jax.process_index() == 0:
@@ -330,6 +339,24 @@ class Checkpoints:
             except Exception:  # after a failed write Orbax may fail again here
                 if not self._failed:
                     raise
+
+
+@jax.jit
+def _all_finite(state: Any) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)] or [True]))
+
+
+def _damage(error: BaseException) -> str:
+    """What is wrong with a damaged checkpoint, in one line: the innermost cause of Orbax's
+    error. Orbax wraps TensorStore's error, which names the array and what is wrong with its
+    file (say a byte range past the end of a truncated file), in one that quotes a method's
+    repr instead of the details."""
+    while error.__cause__ is not None or (error.__context__ is not None
+                                          and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {line[:400]}" if line else type(error).__name__
 
 
 def _signature_of_0_1(model: models.ResNetV2) -> dict:

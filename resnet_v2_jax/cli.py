@@ -137,12 +137,9 @@ def check_train_extra(config: ml_collections.ConfigDict) -> None:
     """Ends a training command in one line, before it writes anything, when a module of the
     [train] extra that `config` needs is not installed (TensorBoard's writer always, TensorFlow
     and tfds for configs that read tfds)."""
-    needed = ["tensorboardX"]
-    if inputs.reads_tfds(config):
-        needed += ["tensorflow", "tensorflow_datasets"]
-    for module in needed:
+    for module in inputs.train_modules(config):
         if importlib.util.find_spec(module) is None:
-            fail(_not_installed(module), 1)
+            fail(inputs.not_installed(module, config), 1)
 
 
 def prepare_process(config: ml_collections.ConfigDict, reads_data: bool = True) -> None:

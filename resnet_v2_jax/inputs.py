@@ -19,7 +19,7 @@ configs that use it.
 import collections
 import functools
 import itertools
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Tuple
 
 import jax
 import ml_collections
@@ -78,6 +78,26 @@ def reads_tfds(config: ml_collections.ConfigDict) -> bool:
     """Whether `config`'s data comes through tfds (so TensorFlow): the tfds pipeline, and the
     device-resident one when it has no `array_dir` of .npz arrays to read instead."""
     return config.get("input_pipeline") == "tfds" or config.get("array_dir") is None
+
+
+def train_modules(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
+    """The modules of the [train] extra a training run of `config` imports: TensorBoard's
+    writer (tensorboardX) always, TensorFlow and tfds where it reads tfds (`reads_tfds`)."""
+    return ("tensorboardX",) + (("tensorflow", "tensorflow_datasets") if reads_tfds(config)
+                                else ())
+
+
+def not_installed(module: str, config: ml_collections.ConfigDict) -> str:
+    """One line for a missing module of `train_modules(config)`: what this config's input
+    needs and how to install it."""
+    if reads_tfds(config):
+        return (f"{module} is not installed: reading tfds needs tensorflow and "
+                "tensorflow_datasets, and the logs tensorboardX: pip install "
+                "'resnet_v2_jax[train]' (or train CIFAR from .npz arrays, which needs only "
+                "tensorboardX: --config.input_pipeline=device_resident --config.array_dir=DIR)")
+    return (f"{module} is not installed: training from .npz arrays needs only it, for the "
+            "logs: pip install tensorboardX (or the whole [train] extra: pip install "
+            "'resnet_v2_jax[train]')")
 
 
 def _pipeline(config: ml_collections.ConfigDict):

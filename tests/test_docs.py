@@ -100,6 +100,27 @@ def test_the_command_names_flags_configs_and_keys_that_exist(index, command_flag
             load(value)  # exists and builds
 
 
+@pytest.mark.slow
+def test_the_documented_evaluate_output_has_the_commands_shape(tmp_path, array_dir):
+    """docs/using.md's evaluate command, run on a short run, prints lines of the shape the doc
+    shows (every number aside)."""
+    from cli_runs import environment, run
+    section = (ROOT / "docs" / "using.md").read_text().split("## Evaluating a checkpoint")[1]
+    commands, output = re.findall(r"```(?:bash)?\n(.*?)```", section, flags=re.DOTALL)[:2]
+    documented = commands.splitlines()[0].split()
+    assert documented[:3] == ["python", "-m", "resnet_v2_jax.evaluate"], documented
+    workdir = str(tmp_path / "run")
+    run(workdir, array_dir)
+    arguments = [a.replace("/tmp/cifar10_quick", workdir) for a in documented[3:]]
+    result = subprocess.run([sys.executable, "-m", "resnet_v2_jax.evaluate", *arguments],
+                            cwd=ROOT, env=environment(), text=True, capture_output=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shape = lambda lines: [re.sub(r"\d+(?:\.\d+)?", "<n>", line) for line in lines]
+    printed = result.stdout.replace(workdir, "/tmp/cifar10_quick").strip().splitlines()
+    assert shape(printed) == shape(output.strip().splitlines())
+
+
 def load(spec):
     """A config named as on the command line (`configs/x.py` or `configs/x.py:args`)."""
     file, _, arg = spec.partition(":")

@@ -148,6 +148,27 @@ def test_local_batch_size_errors():
     assert [batching.process_share(11, i, 3) for i in range(3)] == [(0, 4), (4, 8), (8, 11)]
 
 
+def test_the_missing_train_extra_message_fits_the_pipeline():
+    """The .npz path needs only tensorboardX, and says so; the tfds path names TensorFlow and
+    tfds, and the .npz alternative."""
+    npz = base_config.get_config()
+    npz.input_pipeline, npz.array_dir = "device_resident", "/data/arrays"
+    tfds_config = base_config.get_config()
+    tfds_config.input_pipeline = "tfds"
+    assert inputs.train_modules(npz) == ("tensorboardX",)
+    assert inputs.train_modules(tfds_config) == ("tensorboardX", "tensorflow",
+                                                 "tensorflow_datasets")
+    assert inputs.not_installed("tensorboardX", npz) == (
+        "tensorboardX is not installed: training from .npz arrays needs only it, for the logs: "
+        "pip install tensorboardX (or the whole [train] extra: pip install "
+        "'resnet_v2_jax[train]')")
+    assert inputs.not_installed("tensorflow", tfds_config) == (
+        "tensorflow is not installed: reading tfds needs tensorflow and tensorflow_datasets, "
+        "and the logs tensorboardX: pip install 'resnet_v2_jax[train]' (or train CIFAR from .npz "
+        "arrays, which needs only tensorboardX: --config.input_pipeline=device_resident "
+        "--config.array_dir=DIR)")
+
+
 def test_prefetch_to_device_order_and_errors():
     assert list(inputs.prefetch_to_device(iter(range(10)), lambda x: 2 * x, 3)) == list(
         range(0, 20, 2))

@@ -160,6 +160,7 @@ def test_a_missing_extra_is_named_in_one_line_before_anything_is_written(install
                      f"--config.array_dir={array_dir}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: tensorboardX is not installed: training's input, logs and figures come with the "
-        "[train] extra: pip install 'resnet_v2_jax[train]'")
+        "error: tensorboardX is not installed: training from .npz arrays needs only it, for the "
+        "logs: pip install tensorboardX (or the whole [train] extra: pip install "
+        "'resnet_v2_jax[train]')")
     assert not workdir.exists()

@@ -185,9 +185,10 @@ def test_fine_tuning_run_through_the_cli_its_resume_and_export(source, tmp_path,
     out = str(tmp_path / "finetuned.safetensors")
     exported = subprocess.run([sys.executable, "-m", "resnet_v2_jax.export", f"--workdir={workdir}",
                                f"--out={out}"], env=environment(), capture_output=True, text=True,
-                              cwd=ROOT, timeout=300)
+                              cwd=ROOT, timeout=300, preexec_fn=lambda: os.umask(0o027))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert exported.stdout.strip() == f"wrote {out} (the weights of {workdir}/checkpoints/1)"
+    assert os.stat(out).st_mode & 0o777 == 0o640  # the umask's mode, not safetensors' 0600
     model, variables = models.load(out)
     assert model.stage_sizes == (1, 1, 1) and int(variables["params"]["head"]["kernel"].size)
     model, variables = fresh()
