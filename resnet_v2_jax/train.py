@@ -21,12 +21,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from resnet_v2_jax import (checkpoint, configuration, inputs, parallel, pretrained, recipe,
-                           rundir)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf."""
+from resnet_v2_jax import (checkpoint, configuration, errors, inputs, parallel, pretrained,
+                           recipe, rundir)
 
 
 # --- the loop's parts ----------------------------------------------------------------------------
@@ -35,14 +31,6 @@ def is_time(step: int, every: int, last: int) -> bool:
     """Whether a periodic action (log, eval, checkpoint) runs after `step`: every `every`
     steps and after the last one."""
     return step == last or (every > 0 and step % every == 0)
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM before training started: nothing was trained."""
-
-    def __init__(self, signal_name: str, message: str):
-        super().__init__(message)
-        self.signal_name = signal_name
 
 
 class _StopSignals:
@@ -89,8 +77,8 @@ class _StopSignals:
     def check(self, phase: str) -> None:
         """Raises Interrupted if a signal came before training started (in `phase`)."""
         if self.received is not None:
-            raise Interrupted(self.received, f"interrupted ({self.received}) {phase}; nothing "
-                              "was trained: rerun the same command to start")
+            raise errors.Interrupted(self.received, f"interrupted ({self.received}) {phase}; "
+                                     "nothing was trained: rerun the same command to start")
 
     def reached(self, step: int, checkpoints: checkpoint.Checkpoints) -> Optional[str]:
         """The signal to stop for after `step`, or None."""
@@ -228,13 +216,14 @@ def _log_eval(writer: _MetricsWriter, step: int, results: Dict[str, Dict[str, An
                               for k in ("top1_error", "top5_error", "loss")})
 
 
-def _diverged(checkpoints: checkpoint.Checkpoints, what: str, step: int) -> NonFiniteLossError:
+def _diverged(checkpoints: checkpoint.Checkpoints, what: str,
+              step: int) -> errors.NonFiniteLossError:
     checkpoints.wait()
     latest = checkpoints.latest_step()
     kept = ("no checkpoint was written yet" if latest is None else
             f"the last checkpoint (step {latest}) is intact")
-    return NonFiniteLossError(f"training diverged at step {step}: {what}; {kept}: lower "
-                              "learning_rate or use warmup='constant'")
+    return errors.NonFiniteLossError(f"training diverged at step {step}: {what}; {kept}: "
+                                     "lower learning_rate or use warmup='constant'")
 
 
 def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict, limit: int = 4) -> str:
@@ -256,8 +245,8 @@ def _restore(checkpoints: checkpoint.Checkpoints, setup: recipe.Setup, workdir: 
              config: ml_collections.ConfigDict):
     try:
         return checkpoints.restore_latest(setup.abstract_state, setup.layouts)
-    except checkpoint.CheckpointMismatchError as e:
-        raise checkpoint.CheckpointMismatchError(f"{e}{_config_changes(workdir, config)}") from e
+    except errors.CheckpointMismatchError as e:
+        raise errors.CheckpointMismatchError(f"{e}{_config_changes(workdir, config)}") from e
 
 
 def _finished_run(workdir: epath.Path, step: int, total_steps: int, meta: dict, state,
