@@ -322,15 +322,11 @@ def report_bug(error: BaseException) -> None:
     sys.exit(1)
 
 
-def run(main: Callable) -> None:
-    """`app.run(main)` where the package's own errors (`errors.Error`), Ctrl-C and SIGTERM end
-    in one line instead of a traceback or a silent death, and any other exception in its
-    traceback and a line saying it is a bug to report (`report_bug`). A training run replaces
-    these handlers with its own for as long as it runs (`train`), which stop it at a step
-    boundary."""
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # `startup`'s, until now
-
+def guard(main: Callable) -> Callable:
+    """`main` where the package's own errors (`errors.Error`), Ctrl-C and SIGTERM end the
+    command in one line (exit code 1, 130 or 143) instead of a traceback or a silent death,
+    where a missing module of the [train] extra names the extra, and where any other exception
+    is a bug: its traceback and a line saying so (`report_bug`)."""
     def guarded(argv):
         try:
             main(argv)
@@ -350,9 +346,17 @@ def run(main: Callable) -> None:
             fail(_not_installed(e.name), 1, e)
         except Exception as e:  # noqa: BLE001 (whatever it is, it is reported as a bug)
             report_bug(e)
+    return guarded
 
+
+def run(main: Callable) -> None:
+    """`app.run(guard(main))`, the libraries quiet (`quiet_libraries`). A training run replaces
+    the signal handlers set here with its own for as long as it runs (`train`), which stop it
+    at a step boundary."""
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # `startup`'s, until now
     quiet_libraries()
-    app.run(guarded, flags_parser=parse_flags)
+    app.run(guard(main), flags_parser=parse_flags)
 
 
 def print_results(results: dict, dataset: str, split: str) -> None:

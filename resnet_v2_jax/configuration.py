@@ -170,9 +170,10 @@ RULES = {
 
 
 def validate(config: ml_collections.ConfigDict) -> models.ResNetV2:
-    """Raises one `errors.ConfigError`, naming the key, the value and what is allowed, unless every key
-    of `config` holds a value training can use; returns the network the config describes
-    (built, so every `model` key is checked by the network itself). Nothing is read or written."""
+    """Raises one `errors.ConfigError`, naming the key, the value and what is allowed, unless
+    every key of `config` holds a value training can use; returns the network the config
+    describes (built, so every `model` key is checked by the network itself). Nothing is read or
+    written."""
     unknown = sorted(set(config) - set(RULES) - {"model"})
     if unknown:
         raise errors.ConfigError(
