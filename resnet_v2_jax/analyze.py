@@ -40,7 +40,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from resnet_v2_jax import cli, datasets, device_input, models, recipe, rundir, runs
+from resnet_v2_jax import cli, datasets, device_input, errors, models, recipe, rundir, runs
 
 _UNIT_ORDER = re.compile(r"stage(\d+)_(unit(\d+)|repeat)")
 
@@ -202,7 +202,7 @@ def define_flags() -> None:
 def main(argv) -> None:
     del argv
     if FLAGS.workdir and len(FLAGS.config) != 1:
-        raise ValueError("--workdir analyses one run: give exactly one --config")
+        raise errors.ConfigError("--workdir analyses one run: give exactly one --config")
     results = []
     for spec in FLAGS.config:
         config = load_config(spec)
@@ -224,4 +224,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, (ValueError, FileNotFoundError))
+    cli.run(main)

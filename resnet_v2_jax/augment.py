@@ -25,6 +25,8 @@ from typing import Callable, Dict
 import jax
 import jax.numpy as jnp
 
+from resnet_v2_jax import errors
+
 AUGMENTATIONS = ("pad_crop_flip", "scale", "scale_aspect")
 # docs/paper.md, "Training recipes": CIFAR images are zero-padded by 4 pixels on each side before
 # the random crop.
@@ -47,7 +49,8 @@ def for_training(kind: str, crop_size: int, color: bool) -> Callable:
     """(uint8 images [B, H, W, 3], one key per example [B]) -> float32 images [B, s, s, 3] on the
     0-255 scale, s = `crop_size`: the augmentation `kind` (one of AUGMENTATIONS) of training."""
     if kind not in AUGMENTATIONS:
-        raise ValueError(f"unknown augment {kind!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        raise errors.ConfigError(
+            f"unknown augment {kind!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if kind == "pad_crop_flip":
         return lambda images, keys: jax.vmap(
             lambda image, key: random_pad_crop_flip(image, key, crop_size))(images, keys)

@@ -16,6 +16,8 @@ The pieces below build the other configs: `cifar_model` / `imagenet_model` (a ne
 import ml_collections
 from ml_collections import config_dict
 
+from resnet_v2_jax import errors
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -194,5 +196,5 @@ def _override(config, overrides):
         elif "model" in config and key in config.model:
             config.model[key] = value
         else:
-            raise ValueError(f"unknown config key {key!r}")
+            raise errors.ConfigError(f"unknown config key {key!r}")
     return config

@@ -12,14 +12,16 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import jax
 
+from resnet_v2_jax import errors
+
 
 def local_batch_size(global_batch: int, process_count: int, device_count: int,
                      name: str = "batch_size") -> int:
     """This process's share of a global batch; raises unless every device gets the same."""
     if global_batch < 1 or global_batch % device_count or global_batch % process_count:
-        raise ValueError(f"global {name}={global_batch} must be a positive multiple of the "
-                         f"device count {device_count} (and of the process count "
-                         f"{process_count})")
+        raise errors.ConfigError(f"global {name}={global_batch} must be a positive multiple of the "
+                                 f"device count {device_count} (and of the process count "
+                                 f"{process_count})")
     return global_batch // process_count
 
 

@@ -30,7 +30,7 @@ import re
 
 import numpy as np
 
-from resnet_v2_jax import models
+from resnet_v2_jax import errors, models
 
 # What big_vision's bit_paper networks are in `models.ResNetV2`'s options.
 BIG_VISION_OPTIONS = dict(stem="imagenet", stem_norm="after_pool", bottleneck=True,
@@ -102,9 +102,10 @@ def model_from_arrays(arrays, **options) -> models.ResNetV2:
     stages = sorted(sizes)
     if (not stages or stages != list(range(1, len(stages) + 1))
             or "root_block/conv_root/kernel" not in arrays):
-        raise ValueError("not a BiT checkpoint: need root_block/conv_root/kernel (or "
-                         "resnet/root_block/standardized_conv2d/kernel) and block{s}/unit{uu} "
-                         "arrays")
+        raise errors.WeightsError(
+            "not a BiT checkpoint: need root_block/conv_root/kernel (or "
+            "resnet/root_block/standardized_conv2d/kernel) and block{s}/unit{uu} "
+            "arrays")
     stem_width = arrays["root_block/conv_root/kernel"].shape[-1]
     head = arrays.get("head/bias")
     return models.ResNetV2(
@@ -128,9 +129,10 @@ def convert(arrays, model: models.ResNetV2):
     wanted = {k: v for k, v in BIG_VISION_OPTIONS.items() if k != "norm_groups"}
     differs = {k: getattr(model, k) for k, v in wanted.items() if getattr(model, k) != v}
     if differs:
-        raise ValueError("BiT checkpoints need models.ResNetV2 with "
-                         f"{', '.join(f'{k}={v!r}' for k, v in wanted.items())}; the model has "
-                         f"{', '.join(f'{k}={v!r}' for k, v in differs.items())}")
+        raise errors.WeightsError(
+            "BiT checkpoints need models.ResNetV2 with "
+            f"{', '.join(f'{k}={v!r}' for k, v in wanted.items())}; the model has "
+            f"{', '.join(f'{k}={v!r}' for k, v in differs.items())}")
     return models.variables_by_name(model, to_big_vision_names(arrays), _big_vision_name,
                                     _layout, "BiT", "checkpoint")
 

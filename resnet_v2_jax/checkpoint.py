@@ -13,7 +13,7 @@ Orbax decides which process writes what.
   one line naming what differs (`CheckpointMismatchError`); nothing is renamed. Checkpoints of
   release 0.1 (meta "model" instead of "network") are compared on what they recorded.
 * A checkpoint whose files cannot be read (a truncated file, a half-copied folder), or whose
-  arrays of a single run read back as NaN or Inf (no run saves such a state), is set aside as
+  arrays read back as NaN or Inf (no run saves such a state), is set aside as
   `<step>.unreadable` with a warning naming what is wrong, and the one before it is used. A workdir whose
   checkpoints are all unreadable is refused rather than trained from scratch.
 """
@@ -31,17 +31,9 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_v2_jax import models
+from resnet_v2_jax import errors, models
 
 UNREADABLE_SUFFIX = ".unreadable"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for this run."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A readable checkpoint of another model, optimiser or dtype than this run builds."""
 
 
 def tree_structure(tree: Any) -> Dict[str, str]:
@@ -103,7 +95,9 @@ class Checkpoints:
         self.read_only = read_only
         # The folder is made by the first save (create=False): a run stopped before it, say
         # while compiling, leaves no empty checkpoints/ to be read as a run that saved nothing.
-        options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
+        # read_only comes with the options it implies, which Orbax would otherwise warn it sets.
+        options = (ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                save_interval_steps=0) if read_only else
                    ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                                 enable_async_checkpointing=True,
                                                 cleanup_tmp_directories=True))
@@ -139,7 +133,7 @@ class Checkpoints:
         if free < need:
             latest = self.manager.latest_step()
             then = f"to resume from step {latest}" if latest is not None else "to start again"
-            raise CheckpointError(
+            raise errors.CheckpointError(
                 f"no room for checkpoint {step} in {self.directory}: it needs about "
                 f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; free space and rerun "
                 f"the same command {then}")
@@ -156,7 +150,7 @@ class Checkpoints:
             cause = re.search(r"No space left on device|Permission denied|Read-only file system|"
                               r"Disk quota exceeded|Input/output error", text)
             cause = cause[0] if cause else (text.splitlines() or [type(e).__name__])[0][:200]
-            raise CheckpointError(
+            raise errors.CheckpointError(
                 f"writing a checkpoint{'' if step is None else f' (step {step})'} in "
                 f"{self.directory} failed: {cause}; fix that and rerun the same command to "
                 f"resume from the newest complete checkpoint") from e
@@ -196,11 +190,11 @@ class Checkpoints:
                            if meta.get("model", {}).get(k) != current[k]]
         if differences:
             shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, a, b in differences)
-            raise CheckpointMismatchError(
+            raise errors.CheckpointMismatchError(
                 f"{self.directory} holds a checkpoint of another network ({shown}); use a new "
                 "--workdir or the matching config")
         if meta.get("num_runs", 1) != self.num_runs:
-            raise CheckpointMismatchError(
+            raise errors.CheckpointMismatchError(
                 f"checkpoint {step} in {self.directory} holds {meta.get('num_runs', 1)} run(s), "
                 f"this config trains {self.num_runs} (num_runs): resume with "
                 f"--config.num_runs={meta.get('num_runs', 1)} or use a new --workdir")
@@ -211,7 +205,7 @@ class Checkpoints:
         for layout in layouts():
             if _castable(saved) == _castable(tree_structure(layout.abstract_state)):
                 return layout
-        raise CheckpointMismatchError(
+        raise errors.CheckpointMismatchError(
             f"checkpoint {step} in {self.directory} does not fit the state this config "
             f"builds ({_structure_diff(saved, tree_structure(abstract_state))}); resume with the "
             "settings of the run that wrote it or use a new --workdir")
@@ -224,8 +218,8 @@ class Checkpoints:
         another network or state structure; Orbax's own errors if its files cannot be read.
         """
         if step not in self.manager.all_steps():
-            raise CheckpointError(f"no checkpoint of step {step} in {self.directory} (steps "
-                                  f"{sorted(self.manager.all_steps())})")
+            raise errors.CheckpointError(f"no checkpoint of step {step} in {self.directory} (steps "
+                                         f"{sorted(self.manager.all_steps())})")
         layout = self.check_fits(step, self.meta(step), abstract_state, layouts)
         return self._converted(layout, self._read_state(step, layout.abstract_state),
                                abstract_state)
@@ -238,7 +232,7 @@ class Checkpoints:
             return self.restore(step, abstract_state, layouts), step
         state, step, _ = self.restore_latest(abstract_state, layouts)
         if state is None:
-            raise CheckpointError(
+            raise errors.CheckpointError(
                 f"no checkpoint in {self.directory}: the run has not saved one yet")
         return state, step
 
@@ -247,9 +241,10 @@ class Checkpoints:
         """`layout.convert(state)`, checked to have exactly the run's structure."""
         state = layout.convert(state)
         if _castable(tree_structure(state)) != _castable(tree_structure(abstract_state)):
-            raise CheckpointError("a checkpoint of another layout did not convert into this "
-                                  "run's state; resume with the settings of the run that wrote "
-                                  "it or use a new --workdir")
+            raise errors.CheckpointError(
+                "a checkpoint of another layout did not convert into this "
+                "run's state; resume with the settings of the run that wrote "
+                "it or use a new --workdir")
         return state
 
     def _read_state(self, step: int, abstract_state: Any) -> Any:
@@ -279,16 +274,16 @@ class Checkpoints:
                 state = self._read_state(step, layout.abstract_state)
             except Exception as e:
                 if "structure" not in meta:  # written before structures were saved: unsure
-                    raise CheckpointError(
+                    raise errors.CheckpointError(
                         f"checkpoint {step} in {self.directory} cannot be restored into this "
                         f"run's state ({type(e).__name__}); use a new --workdir or the config of "
                         "the run that wrote it") from e
                 self._set_aside(step, e)
                 continue
-            if self.num_runs == 1 and not _all_finite(state):
-                # A run never saves a state that is not finite (a diverged one of several runs
-                # may be): its array files decoded to NaN or Inf, so they are damaged.
-                self._set_aside(step, CheckpointError(
+            if not _all_finite(state):
+                # No run saves a state that is not finite (a diverged run is frozen at its last
+                # finite one): its array files decoded to NaN or Inf, so they are damaged.
+                self._set_aside(step, errors.CheckpointError(
                     "its arrays hold NaN or Inf, which no run saves: their files are damaged"))
                 continue
             logging.info("restored checkpoint of step %d from %s", step, self.directory)
@@ -296,7 +291,7 @@ class Checkpoints:
         set_aside = sorted(p.name for p in self.directory.glob(f"*{UNREADABLE_SUFFIX}")) \
             if self.directory.exists() else []
         if steps or set_aside:
-            raise CheckpointError(
+            raise errors.CheckpointError(
                 f"no readable checkpoint in {self.directory} (unreadable: "
                 f"{', '.join(set_aside) or steps}); a run does not start from scratch over "
                 "checkpoints it could not use: move the folder away to start afresh")
@@ -330,7 +325,7 @@ class Checkpoints:
         failed_before = self._failed
         try:
             self.wait()
-        except CheckpointError:
+        except errors.CheckpointError:
             if not failed_before:
                 raise
         finally:

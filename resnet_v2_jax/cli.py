@@ -4,80 +4,90 @@ libraries, one line instead of a traceback for user errors, and the process-wide
 config needs (`prepare_process`). Everything that changes the process happens here, in the
 commands, never when a library module is imported.
 
-A user error (bad config value, missing data, unusable checkpoint or workdir, diverged
-training) ends the command with `error: <what is wrong and what to do>` on stderr and exit
-code 1; bad flags or config files with exit code 2; Ctrl-C with exit code 130. Set
-RESNET_V2_JAX_TRACEBACK=1 to see the traceback as well.
+A user error, one of the package's own `errors.Error` (bad config value, missing or bad data,
+unusable checkpoint, weights or workdir, a run that cannot start, diverged training), ends the
+command with `error: <what is wrong and what to do>` on stderr and exit code 1; bad flags or
+config files with exit code 2; Ctrl-C with exit code 130, SIGTERM with 143. Set
+RESNET_V2_JAX_TRACEBACK=1 to see the traceback of a user error as well. Any other exception is a
+bug (of this package or a library): its traceback is printed, then one `error:` line saying so
+and where to report it (`BUG_REPORTS`), with exit code 1.
 
-Library lines that carry no information for a user and read like errors are dropped
-(`LIBRARY_NOISE`); warnings that do carry information are kept.
+Library lines that carry no information for a user and read like errors are dropped, by the
+libraries' own logger levels where they have them (`quiet_libraries`); warnings that do carry
+information are kept.
 """
 
 import contextlib
 import importlib.util
 import logging as std_logging
 import os
-import re
 import signal
 import sys
+import traceback
 import types
-from typing import Callable, Sequence, Tuple, Type
+from typing import Callable, Sequence, Tuple
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 
-from resnet_v2_jax import configuration, inputs
+from resnet_v2_jax import configuration, errors, inputs
 
 TRACEBACK_VARIABLE = "RESNET_V2_JAX_TRACEBACK"
 # What `pip install 'resnet_v2_jax[train]'` adds to the core install (setup.py's TRAIN).
 TRAIN_EXTRA = ("tensorflow", "tensorflow_datasets", "tensorboardX", "tensorboard", "matplotlib")
 
-# (logger name prefix, message pattern) of library lines dropped from every command's log.
-LIBRARY_NOISE = (
-    # JAX probing for a TPU on every machine without one.
-    ("jax._src.xla_bridge", r"Unable to initialize backend 'tpu'"),
-    # tfds on a dataset folder an earlier failed preparation left behind.
-    ("absl", r"Variant folder .* has no dataset_info\.json"),
-    # TensorBoard's event reader (plot) moving through a run's event files.
-    ("tensorboard", r"No path found after|Directory watcher advancing"),
-    # Orbax opening a checkpoint folder read-only, which eval-only and export ask for.
-    ("absl", r"read_only=True|Given directory is read only"),
-)
+# Where a bug is reported: the line printed after an unexpected exception's traceback.
+BUG_REPORTS = "the issues of the resnet_v2_jax repository"
 
+# Loggers of libraries that log at INFO what a user of the commands need not read: JAX probing
+# for a TPU on every machine without one, TensorBoard's event reader moving through a run's
+# files (plot). Their warnings stay; a level the user set (JAX_LOGGING_LEVEL) is kept.
+_LIBRARY_LEVELS = {"jax": std_logging.WARNING, "tensorboard": std_logging.WARNING}
 
 # Libraries whose errors come with tracebacks of their own threads; the command reports what
 # went wrong in its `error:` line, so their records are cut to their first line.
-_TRACEBACK_LIBRARIES = ("orbax", "asyncio", "tensorstore", "etils")
+_TRACEBACK_LIBRARIES = ("orbax", "tensorstore", "etils")
 
 
-class _LibraryNoise(std_logging.Filter):
-    """Drops `LIBRARY_NOISE` and Orbax's INFO lines; cuts library errors to one line without
-    their traceback (all of it stays with RESNET_V2_JAX_TRACEBACK=1)."""
+class _AbslLibraryLines(std_logging.Filter):
+    """What a logger level cannot select: Orbax and tfds log through absl's one logger, whose
+    level (--verbosity) is also this package's, so their lines are told apart here, by the
+    file that logs them. Drops Orbax's INFO lines (every save and restore in detail; its
+    warnings stay) and two warnings of situations a command handles itself, for which neither
+    library has a setting: Orbax opening a checkpoint folder read-only (eval-only and export
+    ask for that; the warning is unconditional) and tfds passing over a dataset folder an
+    earlier failed preparation left behind. Cuts library errors to their first line, without
+    the traceback of their thread (all of it stays with RESNET_V2_JAX_TRACEBACK=1)."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         library = next((name for name in _TRACEBACK_LIBRARIES
-                        if name in record.pathname or record.name.startswith(name)), None)
+                        if f"{os.sep}{name}{os.sep}" in record.pathname), None)
         if record.levelno < std_logging.WARNING and library == "orbax":
-            return False  # Orbax logs every save in detail at INFO; keep its warnings
+            return False
         message = record.getMessage()
-        if any(record.name.startswith(name) and re.search(pattern, message)
-               for name, pattern in LIBRARY_NOISE):
+        if library == "orbax" and message.startswith("Given directory is read only"):
+            return False
+        if (f"{os.sep}tensorflow_datasets{os.sep}" in record.pathname
+                and message.startswith("Variant folder ") and " has no " in message):
             return False
         if library and not os.environ.get(TRACEBACK_VARIABLE):
-            if library == "asyncio":  # "Task exception was never retrieved" and kin
-                return False
             record.msg, record.args = message.splitlines()[0][:300], None
             record.exc_info = record.exc_text = record.stack_info = None
         return True
 
 
 def _unraisable(unraisable) -> None:
-    """Exceptions nobody can catch, raised in library threads after the fact (tensorstore's
-    callbacks into an asyncio loop Orbax has closed: "Event loop is closed"): consequences of
-    an error the command reports itself. Shown only with RESNET_V2_JAX_TRACEBACK=1."""
-    if os.environ.get(TRACEBACK_VARIABLE):
-        sys.__unraisablehook__(unraisable)
+    """Exceptions nobody can catch, raised in library threads after the fact: tensorstore's
+    callbacks into an asyncio loop Orbax has closed ("Event loop is closed"), consequences of
+    an error the command reports itself. Neither library has a setting for them and Python
+    offers only this hook, so it hides that one case (unless RESNET_V2_JAX_TRACEBACK=1) and
+    shows every other unraisable exception as Python does."""
+    error = unraisable.exc_value
+    if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+            and not os.environ.get(TRACEBACK_VARIABLE)):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 @contextlib.contextmanager
@@ -109,9 +119,18 @@ def native_stderr_quiet():
 
 
 def quiet_libraries() -> None:
-    """Drops `LIBRARY_NOISE` from absl's log and library tracebacks from stderr (`_LibraryNoise`,
-    `_unraisable`). (TensorFlow's C++ log goes with `import_tensorflow_quietly`.)"""
-    logging.get_absl_handler().addFilter(_LibraryNoise())
+    """Sets the library loggers' levels (`_LIBRARY_LEVELS`), then drops what no setting reaches
+    (`_AbslLibraryLines`, `_unraisable`). (TensorFlow's C++ log goes with
+    `import_tensorflow_quietly`.)"""
+    for name, level in _LIBRARY_LEVELS.items():
+        logger = std_logging.getLogger(name)
+        if logger.level == std_logging.NOTSET:
+            logger.setLevel(level)
+    if not os.environ.get(TRACEBACK_VARIABLE):
+        # asyncio's errors ("Task exception was never retrieved") come from Orbax's threads,
+        # consequences of an error the command reports itself.
+        std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    logging.get_absl_handler().addFilter(_AbslLibraryLines())
     sys.unraisablehook = _unraisable
 
 
@@ -223,7 +242,7 @@ def _root_cause(error: BaseException) -> BaseException:
     seen = set()
     while id(error) not in seen:
         seen.add(id(error))
-        nested = getattr(error, "_error", None) or error.__cause__ or error.__context__
+        nested = error.__cause__ or error.__context__
         if nested is None:
             break
         error = nested
@@ -290,13 +309,21 @@ def _terminate(signum, frame):
     raise _Terminated()
 
 
-def run(main: Callable, user_errors: Tuple[Type[BaseException], ...]) -> None:
-    """`app.run(main)` where `user_errors`, Ctrl-C and SIGTERM end in one line instead of a
-    traceback or a silent death. A training run replaces these handlers with its own for as long
-    as it runs (`train`), which stop it at a step boundary."""
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # `startup`'s, until now
+def report_bug(error: BaseException) -> None:
+    """Ends the command after an exception no check of this package foresaw: its traceback,
+    then one line saying it is a bug and where to report it; exit code 1."""
+    traceback.print_exception(error)
+    print(f"error: unexpected {type(error).__name__}: this is a bug in resnet_v2_jax or a "
+          f"library it uses, not in your input; please report it, with the command and the "
+          f"traceback above, in {BUG_REPORTS}", file=sys.stderr)
+    sys.exit(1)
 
+
+def guard(main: Callable) -> Callable:
+    """`main` where the package's own errors (`errors.Error`), Ctrl-C and SIGTERM end the
+    command in one line (exit code 1, 130 or 143) instead of a traceback or a silent death,
+    where a missing module of the [train] extra names the extra, and where any other exception
+    is a bug: its traceback and a line saying so (`report_bug`)."""
     def guarded(argv):
         try:
             main(argv)
@@ -306,15 +333,27 @@ def run(main: Callable, user_errors: Tuple[Type[BaseException], ...]) -> None:
         except _Terminated as e:
             fail("terminated (SIGTERM): stopped at once; rerun the same command to resume "
                  "from the last checkpoint", 143, e)
-        except user_errors as e:
+        except errors.Interrupted as e:
+            fail(str(e), 130 if e.signal_name == "SIGINT" else 143, e)
+        except errors.Error as e:
             fail(str(e), 1, e)
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
-                raise
+                report_bug(e)
             fail(_not_installed(e.name), 1, e)
+        except Exception as e:  # noqa: BLE001 (whatever it is, it is reported as a bug)
+            report_bug(e)
+    return guarded
 
+
+def run(main: Callable) -> None:
+    """`app.run(guard(main))`, the libraries quiet (`quiet_libraries`). A training run replaces
+    the signal handlers set here with its own for as long as it runs (`train`), which stop it
+    at a step boundary."""
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # `startup`'s, until now
     quiet_libraries()
-    app.run(guarded, flags_parser=parse_flags)
+    app.run(guard(main), flags_parser=parse_flags)
 
 
 def print_results(results: dict, dataset: str, split: str) -> None:

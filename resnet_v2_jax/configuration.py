@@ -5,7 +5,8 @@ with the behaviour they had (`migrate`: the one place that knows them).
 A config has top-level keys (data, optimisation, loop; the Flax ImageNet example's names where
 it has them) and one section, `model`, whose keys are the arguments of
 `models.create(**config.model)`: the network. `validate` checks every value before anything is
-compiled or written, and raises one ValueError naming the key, the value and what is allowed.
+compiled or written, and raises one `errors.ConfigError` naming the key, the value and what is
+allowed.
 """
 
 import inspect
@@ -17,7 +18,7 @@ from typing import Any, Dict, Optional
 import ml_collections
 from etils import epath
 
-from resnet_v2_jax import augment, base_config, datasets, inputs, models, parallel
+from resnet_v2_jax import augment, base_config, datasets, errors, inputs, models, parallel
 
 CONFIG_FILE = "config.json"
 RUNS_LAYOUTS = ("auto", "vmap", "unrolled")
@@ -59,16 +60,17 @@ def read(workdir: str) -> ml_collections.ConfigDict:
     """The config a training run saved as `<workdir>/config.json`, migrated (`migrate`)."""
     path = epath.Path(workdir) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a training run's folder "
-                                "(every run writes config.json); pass the run's "
-                                "--config=configs/<name>.py")
+        raise errors.NotFoundError(f"{path} not found: {workdir} is not a training run's folder "
+                                   "(every run writes config.json); pass the run's "
+                                   "--config=configs/<name>.py")
     try:
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a config a run wrote ({type(e).__name__}: {e}); restore "
-                         "it, or pass the run's --config=configs/<name>.py") from e
+        raise errors.ConfigError(
+            f"{path} is not a config a run wrote ({type(e).__name__}: {e}); restore "
+            "it, or pass the run's --config=configs/<name>.py") from e
     return ml_collections.ConfigDict(migrate(values))
 
 
@@ -168,44 +170,48 @@ RULES = {
 
 
 def validate(config: ml_collections.ConfigDict) -> models.ResNetV2:
-    """Raises one ValueError, naming the key, the value and what is allowed, unless every key
-    of `config` holds a value training can use; returns the network the config describes
-    (built, so every `model` key is checked by the network itself). Nothing is read or written."""
+    """Raises one `errors.ConfigError`, naming the key, the value and what is allowed, unless
+    every key of `config` holds a value training can use; returns the network the config
+    describes (built, so every `model` key is checked by the network itself). Nothing is read or
+    written."""
     unknown = sorted(set(config) - set(RULES) - {"model"})
     if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r} (see resnet_v2_jax/base_config.py)")
+        raise errors.ConfigError(
+            f"unknown config key {unknown[0]!r} (see resnet_v2_jax/base_config.py)")
     for key, (test, allowed) in RULES.items():
         if key not in config:
-            raise ValueError(f"the config has no {key!r}; start configs from "
-                             "resnet_v2_jax.base_config.get_config()")
+            raise errors.ConfigError(f"the config has no {key!r}; start configs from "
+                                     "resnet_v2_jax.base_config.get_config()")
         if not test(config[key]):
-            raise ValueError(f"config {key}={config[key]!r} is not allowed: expected {allowed}")
+            raise errors.ConfigError(
+                f"config {key}={config[key]!r} is not allowed: expected {allowed}")
     info = datasets.get(config.dataset)
     if config.input_pipeline == "device_resident" and config.parallelism == "pmap":
-        raise ValueError("input_pipeline='device_resident' needs parallelism='shard_map'")
+        raise errors.ConfigError("input_pipeline='device_resident' needs parallelism='shard_map'")
     if config.num_runs > 1 and config.parallelism == "pmap":
-        raise ValueError(f"num_runs={config.num_runs} needs parallelism='shard_map'")
+        raise errors.ConfigError(f"num_runs={config.num_runs} needs parallelism='shard_map'")
     if config.seed + config.num_runs > 2**31:
-        raise ValueError(f"seeds {config.seed}..{config.seed + config.num_runs - 1} of the "
-                         f"{config.num_runs} runs exceed 2^31 - 1: lower seed")
+        raise errors.ConfigError(f"seeds {config.seed}..{config.seed + config.num_runs - 1} of the "
+                                 f"{config.num_runs} runs exceed 2^31 - 1: lower seed")
     if config.float64 and config.half_precision:
-        raise ValueError("float64 and half_precision exclude each other; set one of them")
+        raise errors.ConfigError("float64 and half_precision exclude each other; set one of them")
     if config.num_train_steps == -1 and not config.num_epochs > 0:
-        raise ValueError(f"config num_epochs={config.num_epochs!r} trains nothing: set "
-                         "num_epochs > 0 or num_train_steps > 0")
+        raise errors.ConfigError(f"config num_epochs={config.num_epochs!r} trains nothing: set "
+                                 "num_epochs > 0 or num_train_steps > 0")
     if config.init_from is None:
-        raise ValueError("this config fine-tunes: set --config.init_from= to a run's workdir, a "
-                         "checkpoint step folder or a weights file (.safetensors, .npz, .pth)")
+        raise errors.ConfigError(
+            "this config fine-tunes: set --config.init_from= to a run's workdir, a "
+            "checkpoint step folder or a weights file (.safetensors, .npz, .pth)")
     if not (config.train_backbone or config.init_from):
-        raise ValueError("train_backbone=False trains only the classifier head: set "
-                         "--config.init_from= to the weights of the backbone")
+        raise errors.ConfigError("train_backbone=False trains only the classifier head: set "
+                                 "--config.init_from= to the weights of the backbone")
     if "model" not in config or not isinstance(config.model, ml_collections.ConfigDict):
-        raise ValueError("the config has no model section; start configs from "
-                         "resnet_v2_jax.base_config.get_config()")
+        raise errors.ConfigError("the config has no model section; start configs from "
+                                 "resnet_v2_jax.base_config.get_config()")
     try:
         return models.create(num_classes=info.num_classes, **config.model)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"config model: {e}") from e
+        raise errors.ConfigError(f"config model: {e}") from e
 
 
 # --- what the keys mean ---------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_v2_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -55,7 +57,7 @@ def get(dataset: str) -> DatasetInfo:
     """Returns the registry entry for a tfds name such as "cifar10" or "cifar10:3.0.2"."""
     name = dataset.split(":")[0]
     if name not in _REGISTRY:
-        raise ValueError(
+        raise errors.ConfigError(
             f"unknown dataset {dataset!r}: supported are {', '.join(sorted(_REGISTRY))}; add "
             "another tfds image classification dataset with resnet_v2_jax.datasets.register("
             "DatasetInfo(name, num_classes, mean, std, num_train_examples))")
@@ -75,10 +77,6 @@ def normalize(images, mean: Sequence[float], std: Sequence[float], dtype=jnp.flo
     return ((jnp.asarray(images, jnp.float32) - mean) * inv_std).astype(dtype)
 
 
-class DataError(ValueError):
-    """A dataset whose files do not hold what the config expects."""
-
-
 def check_examples(where: str, info: DatasetInfo, *, image_dtype, image_shape: Sequence,
                    num_images: Optional[int] = None, labels=None, label_dtype=None,
                    num_label_classes: Optional[int] = None,
@@ -92,37 +90,44 @@ def check_examples(where: str, info: DatasetInfo, *, image_dtype, image_shape: S
     shapes, dtypes and labels, never decodes an image.
     """
     if num_images == 0:
-        raise DataError(f"{where} holds no examples")
+        raise errors.DataError(f"{where} holds no examples")
     image_dtype = np.dtype(image_dtype)
     if image_dtype != np.uint8:
-        raise DataError(f"{where}: images are {image_dtype}, expected uint8 (0-255); write the "
-                        "unnormalised pixels, e.g. np.uint8(np.round(255 * x)) for x in [0, 1]")
+        raise errors.DataError(
+            f"{where}: images are {image_dtype}, expected uint8 (0-255); write the "
+            "unnormalised pixels, e.g. np.uint8(np.round(255 * x)) for x in [0, 1]")
     if len(image_shape) == 3 and image_shape[0] == 3 and image_shape[-1] != 3:
-        raise DataError(f"{where}: images have shape {tuple(image_shape)} per example, channels "
-                        "first; expected (height, width, 3): np.transpose(x, (0, 2, 3, 1))")
+        raise errors.DataError(
+            f"{where}: images have shape {tuple(image_shape)} per example, channels "
+            "first; expected (height, width, 3): np.transpose(x, (0, 2, 3, 1))")
     if len(image_shape) != 3 or image_shape[-1] != 3:
-        raise DataError(f"{where}: images have shape {tuple(image_shape)} per example, expected "
-                        "(height, width, 3) RGB; convert grayscale: np.repeat(x[..., None], 3, -1)")
+        raise errors.DataError(
+            f"{where}: images have shape {tuple(image_shape)} per example, expected "
+            "(height, width, 3) RGB; convert grayscale: np.repeat(x[..., None], 3, -1)")
     if image_size and image_shape[0] is not None and tuple(image_shape[:2]) != (image_size,) * 2:
-        raise DataError(f"{where}: images are {image_shape[0]}x{image_shape[1]}, but the config "
-                        f"has image_size={image_size}; set --config.image_size={image_shape[0]} "
-                        "(or resize the data)")
+        raise errors.DataError(
+            f"{where}: images are {image_shape[0]}x{image_shape[1]}, but the config "
+            f"has image_size={image_size}; set --config.image_size={image_shape[0]} "
+            "(or resize the data)")
     classes = info.num_classes
     if labels is not None:
         labels = np.asarray(labels)
         label_dtype = labels.dtype
     if label_dtype is not None and not np.issubdtype(np.dtype(label_dtype), np.integer):
-        raise DataError(f"{where}: labels are {np.dtype(label_dtype)}, expected integers "
-                        f"in [0, {classes})")
+        raise errors.DataError(f"{where}: labels are {np.dtype(label_dtype)}, expected integers "
+                               f"in [0, {classes})")
     if labels is not None:
         if labels.ndim != 1 or (num_images is not None and len(labels) != num_images):
-            raise DataError(f"{where}: {num_images} images but labels of shape {labels.shape}; "
-                            "expected one label per image")
+            raise errors.DataError(
+                f"{where}: {num_images} images but labels of shape {labels.shape}; "
+                "expected one label per image")
         bad = np.flatnonzero((labels < 0) | (labels >= classes))
         if bad.size:
-            raise DataError(f"{where}: label {labels[bad[0]]} at index {bad[0]} is outside "
-                            f"[0, {classes}) for {info.name} ({bad.size} such labels); is this "
+            raise errors.DataError(
+                f"{where}: label {labels[bad[0]]} at index {bad[0]} is outside "
+                f"[0, {classes}) for {info.name} ({bad.size} such labels); is this "
                             "another dataset's data?")
     if num_label_classes is not None and num_label_classes != classes:
-        raise DataError(f"{where}: labels have {num_label_classes} classes, but {info.name} has "
-                        f"{classes}; is this another dataset's data?")
+        raise errors.DataError(
+            f"{where}: labels have {num_label_classes} classes, but {info.name} has "
+            f"{classes}; is this another dataset's data?")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_v2_jax import batching, datasets
+from resnet_v2_jax import batching, datasets, errors
 
 
 # --- arrays ------------------------------------------------------------------------------------
@@ -41,8 +41,8 @@ def write_arrays(array_dir: str, dataset: str, split: str, images: np.ndarray,
     """Saves one split as `<array_dir>/<dataset>_<split>.npz`; returns the path."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
-        raise ValueError(f"expected uint8 images [N, H, W, C] and N labels, got "
-                         f"{images.dtype} {images.shape} and {labels.shape}")
+        raise errors.DataError(f"expected uint8 images [N, H, W, C] and N labels, got "
+                               f"{images.dtype} {images.shape} and {labels.shape}")
     os.makedirs(array_dir, exist_ok=True)
     path = array_path(array_dir, dataset, split)
     np.savez(path, image=images, label=labels.astype(np.int32))
@@ -76,14 +76,14 @@ def _read_npz(config, split: str, *, with_images: bool):
     info = datasets.get(config.dataset)  # registered: normalisation needs its statistics
     path = array_path(config.array_dir, config.dataset, split)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: write it with `python -m "
-                                f"resnet_v2_jax.write_arrays --dataset={config.dataset} "
-                                f"--array_dir={config.array_dir}` or device_input.write_arrays")
+        raise errors.NotFoundError(f"{path} not found: write it with `python -m "
+                                   f"resnet_v2_jax.write_arrays --dataset={config.dataset} "
+                                   f"--array_dir={config.array_dir}` or device_input.write_arrays")
     try:
         with np.load(path) as data:
             missing = sorted({"image", "label"} - set(data.files))
             if missing:
-                raise datasets.DataError(
+                raise errors.DataError(
                     f"{path} has no {' or '.join(missing)} array (it has {data.files}); expected "
                     "'image' (uint8 [N, H, W, 3]) and 'label' ([N]), as device_input.write_arrays "
                     "writes them")
@@ -102,13 +102,13 @@ def _read_npz(config, split: str, *, with_images: bool):
                                    else np.lib.format.read_array_header_2_0)
                     shape, _, dtype = read_header(stream)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        if isinstance(e, datasets.DataError):
+        if isinstance(e, errors.DataError):
             raise
         first_line = str(e).splitlines()[0] if str(e) else ""
-        raise datasets.DataError(f"{path} cannot be read ({type(e).__name__}: {first_line}); "
+        raise errors.DataError(f"{path} cannot be read ({type(e).__name__}: {first_line}); "
                                  "it is damaged or truncated: write it again") from e
     if len(shape) < 1:
-        raise datasets.DataError(f"{path}: 'image' is a scalar, expected uint8 [N, H, W, 3]")
+        raise errors.DataError(f"{path}: 'image' is a scalar, expected uint8 [N, H, W, 3]")
     datasets.check_examples(path, info, image_dtype=dtype, image_shape=shape[1:],
                             num_images=shape[0], labels=labels, image_size=config.image_size)
     return images, labels
@@ -138,8 +138,8 @@ def create_train_iterator(config, sharding: NamedSharding, *,
     images, labels = load_arrays(config, config.train_split)
     shard_size = len(images) // num_shards
     if shard_size < shard_batch:
-        raise ValueError(f"{len(images)} training examples are too few for batches of "
-                         f"{shard_batch} on each of {num_shards} shards")
+        raise errors.DataError(f"{len(images)} training examples are too few for batches of "
+                               f"{shard_batch} on each of {num_shards} shards")
     keep = shard_size * num_shards
     data_spec = P(batch_axes)
     data = jax.tree.map(lambda x: jax.make_array_from_callback(
@@ -203,8 +203,9 @@ def create_eval_iterator(config, crop_size: Optional[int] = None, *,
                                           jax.device_count(), "eval_batch_size")
     images, labels = load_arrays(config, split or config.eval_split)
     if crop_size and crop_size != images.shape[1]:
-        raise ValueError(f"the device-resident input evaluates images as stored "
-                         f"({images.shape[1]}x{images.shape[2]}); got crop size {crop_size}")
+        raise errors.ConfigError(
+            f"the device-resident input evaluates images as stored "
+            f"({images.shape[1]}x{images.shape[2]}); got crop size {crop_size}")
     start, stop = batching.process_share(len(images), process_index, process_count)
     num_batches = batching.eval_num_batches(len(images), process_count, batch)
 

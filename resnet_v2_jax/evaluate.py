@@ -26,10 +26,9 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_v2_jax import cli, configuration, parallel, recipe, rundir, runs, train
+from resnet_v2_jax import cli, configuration, errors, parallel, recipe, rundir, runs, train
 
 FLAGS = flags.FLAGS
-USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError, DataError
 
 
 def eval_config(config: ml_collections.ConfigDict, *, split: Optional[str] = None,
@@ -95,8 +94,8 @@ def run(argv) -> None:
     path = FLAGS.checkpoint or FLAGS.workdir
     run_dir, step = runs.split_run_path(path)
     if FLAGS.checkpoint and step is None:
-        raise ValueError(f"--checkpoint={FLAGS.checkpoint} is not a step folder "
-                         "<workdir>/checkpoints/<step>")
+        raise errors.CheckpointError(f"--checkpoint={FLAGS.checkpoint} is not a step folder "
+                                     "<workdir>/checkpoints/<step>")
     config = FLAGS.config if FLAGS.config is not None else configuration.read(str(run_dir))
     output = (rundir.resolve(FLAGS.output) if FLAGS.output else
               rundir.resolve(FLAGS.workdir or str(run_dir)) / "eval_results.json")
@@ -148,4 +147,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, USER_ERRORS)
+    cli.run(main)

@@ -22,10 +22,9 @@ from typing import Optional
 
 from absl import flags
 
-from resnet_v2_jax import cli, configuration, models, rundir, runs
+from resnet_v2_jax import cli, configuration, errors, models, rundir, runs
 
 FLAGS = flags.FLAGS
-USER_ERRORS = (ValueError, FileNotFoundError)  # incl. CheckpointError
 
 
 def define_flags() -> None:
@@ -44,7 +43,7 @@ def export(workdir: str, out: str, unrolled: bool = False, run: Optional[int] = 
     """Writes `workdir`'s checkpoint (of run `run`, of several) to `out`; returns which
     checkpoint it was."""
     if not out.endswith(".safetensors"):
-        raise ValueError(f"--out={out} must end in .safetensors")
+        raise errors.ConfigError(f"--out={out} must end in .safetensors")
     rundir.check_output_file(rundir.resolve(out), "--out")
     loaded = runs.one_run(runs.read_run(workdir, run=run), "--run")
     model, variables, where = loaded.model, loaded.variables, loaded.checkpoint
@@ -67,4 +66,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, USER_ERRORS)
+    cli.run(main)

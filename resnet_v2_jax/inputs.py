@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_v2_jax import batching, datasets, device_input
+from resnet_v2_jax import batching, device_input, errors
 
 PIPELINES = ("tfds", "device_resident")
 
@@ -36,7 +36,7 @@ def check_data(config: ml_collections.ConfigDict) -> int:
     (`config.train_split`, e.g. "train[:90%]"), which is what an epoch counts."""
     examples = _pipeline(config).check_data(config)
     if examples < config.batch_size:
-        raise datasets.DataError(
+        raise errors.DataError(
             f"{config.dataset} {config.train_split} holds {examples} training examples, fewer "
             f"than one batch of {config.batch_size}: lower batch_size or use a larger split")
     return examples
@@ -106,7 +106,7 @@ def _pipeline(config: ml_collections.ConfigDict):
     try:
         from resnet_v2_jax import tfds_input
     except ImportError as e:
-        raise ValueError(
+        raise errors.SetupError(
             f"input_pipeline='tfds' needs TensorFlow and tensorflow-datasets ({e}): pip install "
             "'resnet_v2_jax[train]', or train CIFAR from .npz arrays with "
             "--config.input_pipeline=device_resident --config.array_dir=DIR") from e

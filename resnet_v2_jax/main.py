@@ -48,12 +48,6 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config"])
 
 
-# Errors that mean "the input is wrong", not "the program is wrong": one line, exit code 1.
-# ValueError covers bad config values, datasets.DataError, rundir.WorkdirError and
-# checkpoint.CheckpointError.
-USER_ERRORS = (ValueError, FileNotFoundError, train.NonFiniteLossError)
-
-
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
@@ -69,10 +63,7 @@ def main(argv):
     logging.info("JAX %s, process %d of %d, %d local / %d global devices (%s)",
                  jax.__version__, jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-    try:
-        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except train.Interrupted as e:
-        cli.fail(str(e), 130 if e.signal_name == "SIGINT" else 143)
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         cli.print_results(results, FLAGS.config.dataset, FLAGS.config.eval_split)
     if results.get("stop_signal") == "SIGINT":
@@ -86,4 +77,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, USER_ERRORS)
+    cli.run(main)

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from resnet_v2_jax import errors
+
 Array = jax.Array
 ModuleDef = Any
 
@@ -350,25 +352,30 @@ class ResNetV2(nn.Module):
                     or any(c % self.norm_groups for c in channels)):
                 common = math.gcd(*channels)
                 fits = [g for g in range(1, common + 1) if common % g == 0]
-                raise ValueError(f"norm_groups={self.norm_groups} must divide every normalised "
-                                 f"channel count {tuple(channels)}: one of {fits}")
+                raise errors.ConfigError(
+                    f"norm_groups={self.norm_groups} must divide every normalised "
+                    f"channel count {tuple(channels)}: one of {fits}")
         if len(self.stage_sizes) != len(self.widths) or min(self.stage_sizes, default=0) < 1:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} "
                 "must have the same length and at least one unit per stage")
         if self.bottleneck and any(w % 4 for w in self.widths):
-            raise ValueError(f"bottleneck widths must divide by 4, got {tuple(self.widths)}")
+            raise errors.ConfigError(
+                f"bottleneck widths must divide by 4, got {tuple(self.widths)}")
         if min(self.widths) < 1 or self.stem_width < 1:
-            raise ValueError(f"widths {tuple(self.widths)} and stem_width {self.stem_width} must "
-                             "be positive")
+            raise errors.ConfigError(
+                f"widths {tuple(self.widths)} and stem_width {self.stem_width} must "
+                "be positive")
         if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be positive (or None), got {self.num_classes}")
+            raise errors.ConfigError(
+                f"num_classes must be positive (or None), got {self.num_classes}")
         if self.stem == "cifar" and (self.stem_norm, self.stem_pool_pad) != ("before_pool",
                                                                                "-inf"):
-            raise ValueError("stem_norm and stem_pool_pad apply to the imagenet stem only; the "
-                             "cifar stem has no pool")
+            raise errors.ConfigError(
+                "stem_norm and stem_pool_pad apply to the imagenet stem only; the "
+                "cifar stem has no pool")
         if self.stem_norm == "after_pool" and not UNIT_PLACEMENTS[self.unit]["before_conv"]:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"stem_norm='after_pool' needs a pre-activation unit, not {self.unit!r}")
         _check_number("bn_momentum", self.bn_momentum, 0.0, 1.0)
         _check_number("bn_epsilon", self.bn_epsilon, 0.0, None, open_low=True)
@@ -469,7 +476,8 @@ UNIT_OPTIONS = tuple(f.name for f in dataclasses.fields(ResidualUnit)
 
 def _check_choice(name: str, value, choices):
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+        raise errors.ConfigError(
+            f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
 def _check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
@@ -477,13 +485,13 @@ def _check_number(name: str, value, low: Optional[float] = None, high: Optional[
     """Raises a one-line ValueError unless `value` is a finite real in [low, high] (open ends
     where asked); None bounds are unbounded."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise errors.ConfigError(f"{name} must be a number, got {value!r}")
     if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise errors.ConfigError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if open_low else value < low):
-        raise ValueError(f"{name} must be {'>' if open_low else '>='} {low}, got {value}")
+        raise errors.ConfigError(f"{name} must be {'>' if open_low else '>='} {low}, got {value}")
     if high is not None and (value >= high if open_high else value > high):
-        raise ValueError(f"{name} must be {'<' if open_high else '<='} {high}, got {value}")
+        raise errors.ConfigError(f"{name} must be {'<' if open_high else '<='} {high}, got {value}")
 
 
 def _check_unit_options(module):
@@ -521,8 +529,8 @@ def cifar_resnet(depth: int, num_classes: Optional[int] = 10, *, block: str = "b
     layers = 3 if block == "bottleneck" else 2
     if (not isinstance(depth, (int, np.integer)) or isinstance(depth, bool)
             or depth < 3 * layers + 2 or (depth - 2) % (3 * layers)):
-        raise ValueError(f"CIFAR {block} ResNet depth must be {3 * layers}n+2 (e.g. "
-                         f"{'164, 1001' if layers == 3 else '20, 56, 110'}), got {depth}")
+        raise errors.ConfigError(f"CIFAR {block} ResNet depth must be {3 * layers}n+2 (e.g. "
+                                 f"{'164, 1001' if layers == 3 else '20, 56, 110'}), got {depth}")
     n = (depth - 2) // (3 * layers)
     return ResNetV2(stage_sizes=(n, ) * 3, widths=CIFAR_WIDTHS[block], num_classes=num_classes,
                     stem="cifar", stem_width=16, bottleneck=block == "bottleneck",
@@ -536,7 +544,7 @@ def imagenet_resnet(depth: int, num_classes: Optional[int] = 1000, **options) ->
     the stride on the 3x3 conv. `options` are further `ResNetV2` attributes.
     """
     if depth not in IMAGENET_STAGES:
-        raise ValueError(
+        raise errors.ConfigError(
             f"ImageNet ResNet depth must be one of {sorted(IMAGENET_STAGES)}, got {depth}")
     _refuse_set_by_factory("imagenet_resnet", options)
     bottleneck = depth >= 50
@@ -553,8 +561,9 @@ SET_BY_FACTORIES = ("stage_sizes", "widths", "stem", "stem_width", "bottleneck")
 def _refuse_set_by_factory(factory: str, options) -> None:
     fixed = [name for name in SET_BY_FACTORIES if name in options]
     if fixed:
-        raise ValueError(f"{factory} sets {', '.join(fixed)} from the depth (the paper's "
-                         f"architecture); for another, build ResNetV2({fixed[0]}=...) directly")
+        raise errors.ConfigError(
+            f"{factory} sets {', '.join(fixed)} from the depth (the paper's "
+            f"architecture); for another, build ResNetV2({fixed[0]}=...) directly")
 
 
 ARCHITECTURES = {"cifar": cifar_resnet, "imagenet": imagenet_resnet}
@@ -567,7 +576,7 @@ def create(arch: str, depth: int, num_classes: Optional[int], **options) -> ResN
     try:
         return ARCHITECTURES[arch](depth, num_classes, **options)
     except TypeError as e:  # an option the factory does not take
-        raise ValueError(f"{arch} networks take no such option ({e})") from e
+        raise errors.ConfigError(f"{arch} networks take no such option ({e})") from e
 
 
 _UNROLLED = re.compile(r"stage(\d+)_unit(\d+)$")
@@ -649,8 +658,9 @@ def variables_by_name(model: "ResNetV2", arrays, name_of: Callable[[list], str],
             return None
         used.add(name)
         given = np.asarray(arrays[name])
-        misfit = ValueError(f"{source} {name} of shape {given.shape} ({given.dtype}) does not "
-                            f"fit the model's {'/'.join(keys)}: expected {spec.shape} numbers")
+        misfit = errors.WeightsError(
+            f"{source} {name} of shape {given.shape} ({given.dtype}) does not fit the model's "
+            f"{'/'.join(keys)}: expected {spec.shape} numbers")
         if not (np.issubdtype(given.dtype, np.number) or given.dtype == np.bool_) \
                 or given.size != np.prod(spec.shape, dtype=np.int64):
             raise misfit
@@ -665,8 +675,9 @@ def variables_by_name(model: "ResNetV2", arrays, name_of: Callable[[list], str],
     variables = jax.tree_util.tree_map_with_path(take, expected)
     unexpected = sorted(set(arrays) - used)
     if missing or unexpected:
-        raise ValueError(f"{source} {kind} does not fit the model: missing {_some(missing)}; "
-                         f"unexpected {_some(unexpected)}")
+        raise errors.WeightsError(
+            f"{source} {kind} does not fit the model: missing {_some(missing)}; "
+            f"unexpected {_some(unexpected)}")
     return unrolled_to_scanned(variables) if model.scan_units else variables
 
 
@@ -759,10 +770,11 @@ def load(path: str, **overrides):
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+        raise errors.WeightsError(f"{path} is not a readable safetensors file ({e})") from e
     if metadata.get("format") != FILE_FORMAT:
-        raise ValueError(f"{path} is not a resnet_v2_jax weights file (its metadata has no "
-                         f"format {FILE_FORMAT!r}); write one with python -m resnet_v2_jax.export")
+        raise errors.WeightsError(
+            f"{path} is not a resnet_v2_jax weights file (its metadata has no "
+            f"format {FILE_FORMAT!r}); write one with python -m resnet_v2_jax.export")
     values = {**json.loads(metadata["options"]), **overrides}
     for key, value in values.items():
         if key in ("dtype", "param_dtype") and isinstance(value, str):

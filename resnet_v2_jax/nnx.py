@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resnet_v2_jax import models
+from resnet_v2_jax import errors, models
 
 
 class ResNetV2(nnx.Module):
@@ -160,8 +160,9 @@ def from_linen(network: models.ResNetV2, variables: Dict[str, Any], *,
     params = variables.get("params", {})
     if models.HEAD in params and network.num_classes is None:
         if not drop_head:
-            raise ValueError(f"these params hold a classifier ({models.HEAD!r}) and the network "
-                             "is headless (num_classes=None): pass drop_head=True to leave it out")
+            raise errors.WeightsError(
+                f"these params hold a classifier ({models.HEAD!r}) and the network "
+                "is headless (num_classes=None): pass drop_head=True to leave it out")
         variables = {**variables, "params": {k: v for k, v in params.items()
                                              if k != models.HEAD}}
     collections = ("params", "batch_stats")  # no "batch_stats" without BatchNorm
@@ -199,5 +200,5 @@ def _check_same_layout(collection: str, expected, given) -> None:
         parts = [f"missing {missing[:3]}" if missing else "",
                  f"unexpected {extra[:3]}" if extra else "",
                  ", ".join(f"{k} is {have[k]}, the network has {want[k]}" for k in shapes[:3])]
-        raise ValueError(f"these {collection} do not fit the network: "
-                         + "; ".join(p for p in parts if p))
+        raise errors.WeightsError(f"these {collection} do not fit the network: "
+                                  + "; ".join(p for p in parts if p))

@@ -35,7 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_v2_jax import batching
+from resnet_v2_jax import batching, errors
 
 EXECUTORS = ("shard_map", "pmap")
 
@@ -78,9 +78,10 @@ class DataParallel:
                  devices: Optional[Sequence[jax.Device]] = None, num_runs: int = 1,
                  share_batches: bool = False):
         if executor not in EXECUTORS:
-            raise ValueError(f"unknown parallelism {executor!r}; choose one of {', '.join(EXECUTORS)}")
+            raise errors.ConfigError(
+                f"unknown parallelism {executor!r}; choose one of {', '.join(EXECUTORS)}")
         if num_runs > 1 and executor != "shard_map":
-            raise ValueError(f"num_runs={num_runs} needs parallelism='shard_map'")
+            raise errors.ConfigError(f"num_runs={num_runs} needs parallelism='shard_map'")
         self.executor = executor
         self.devices = list(devices if devices is not None else jax.devices())
         # The processes this program is for: JAX's own for its devices; for compile-only
@@ -92,8 +93,9 @@ class DataParallel:
         per_run = n // self.run_groups
         group = bn_group_size or per_run
         if group < 1 or per_run % group:
-            raise ValueError(f"bn_group_size={bn_group_size} must divide the {per_run} devices "
-                             "of a run (0 = all of them, 1 = per device)")
+            raise errors.ConfigError(
+                f"bn_group_size={bn_group_size} must divide the {per_run} devices "
+                "of a run (0 = all of them, 1 = per device)")
         self.bn_group_size = group
         self.devices_per_run = per_run
         grid = np.array(self.devices).reshape(self.run_groups, per_run // group, group)

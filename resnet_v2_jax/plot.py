@@ -24,7 +24,7 @@ import numpy as np
 from absl import flags
 from etils import epath
 
-from resnet_v2_jax import cli
+from resnet_v2_jax import cli, errors
 
 TEST_PREFIX = "eval/top1_error_"
 Series = Tuple[np.ndarray, np.ndarray]  # (steps, values)
@@ -44,7 +44,7 @@ def read_scalars(workdir: str) -> Dict[str, Series]:
     """Every scalar tag in `workdir`'s event files, as (steps, values) sorted by step."""
     from tensorboard.backend.event_processing import event_accumulator  # imports TensorFlow
     if not epath.Path(workdir).exists():
-        raise FileNotFoundError(f"run folder {workdir} does not exist")
+        raise errors.NotFoundError(f"run folder {workdir} does not exist")
     events = event_accumulator.EventAccumulator(
         str(workdir), size_guidance={event_accumulator.SCALARS: 0})  # 0 = keep every point
     events.Reload()
@@ -71,8 +71,8 @@ def load_run(workdir: str, label: str, train: str = "loss",
     curves = Curves(label, series.get(f"train/{train}"), series.get(f"{TEST_PREFIX}{crop}"),
                     runs)
     if curves.train is None and curves.test is None:
-        raise ValueError(f"no train/{train} or {TEST_PREFIX}{crop or '<crop>'} scalars in "
-                         f"{workdir} (crops logged: {crops or 'none'})")
+        raise errors.WorkdirError(f"no train/{train} or {TEST_PREFIX}{crop or '<crop>'} scalars in "
+                                  f"{workdir} (crops logged: {crops or 'none'})")
     return curves
 
 
@@ -170,4 +170,4 @@ def main(argv: List[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, (ValueError, FileNotFoundError))
+    cli.run(main)

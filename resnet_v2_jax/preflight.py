@@ -510,4 +510,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, (ValueError,))
+    cli.run(main)

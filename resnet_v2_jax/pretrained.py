@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from resnet_v2_jax import big_vision_import, models, rundir, timm_import
+from resnet_v2_jax import big_vision_import, errors, models, rundir, timm_import
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -50,8 +50,8 @@ def load_source(source: str, target: Optional[models.ResNetV2] = None,
     anything."""
     path = rundir.resolve(source)
     if not path.exists():
-        raise FileNotFoundError(f"init_from {path} does not exist: give a run's workdir, a step "
-                                "folder <workdir>/checkpoints/<step> or a weights file")
+        raise errors.NotFoundError(f"init_from {path} does not exist: give a run's workdir, a step "
+                                   "folder <workdir>/checkpoints/<step> or a weights file")
     if path.is_dir():
         from resnet_v2_jax import runs  # the training stack: only for this source
         read = runs.one_run(runs.read_run(str(path), run=run), "--config.init_from_run")
@@ -66,8 +66,8 @@ def load_source(source: str, target: Optional[models.ResNetV2] = None,
 
 
 def check_finite(variables: Dict[str, Any], where: str) -> None:
-    """Raises a one-line ValueError naming the first tensor of `variables` that holds NaN or
-    Inf: such weights would train on silently (ReLU hides NaN) until the run diverged."""
+    """Raises a one-line `errors.WeightsError` naming the first tensor of `variables` that holds
+    NaN or Inf: such weights would train on silently (ReLU hides NaN) until the run diverged."""
     for name, value in traverse_util.flatten_dict(variables, sep="/").items():
         value = np.asarray(value)
         if not np.issubdtype(value.dtype, np.floating):
@@ -75,9 +75,10 @@ def check_finite(variables: Dict[str, Any], where: str) -> None:
         finite = np.isfinite(value)
         if not finite.all():
             bad = value.size - int(finite.sum())
-            raise ValueError(f"init_from {where}: {name} holds {bad} NaN or Inf value(s) of "
-                             f"{value.size}; these weights cannot start a run: give another "
-                             "checkpoint or file")
+            raise errors.WeightsError(
+                f"init_from {where}: {name} holds {bad} NaN or Inf value(s) of "
+                f"{value.size}; these weights cannot start a run: give another "
+                "checkpoint or file")
 
 
 def transfer_from(source: Source, variables: Dict[str, Any],
@@ -98,11 +99,12 @@ def initialize_from(source: str, variables: Dict[str, Any],
 
 def load_file(path: str) -> Tuple[models.ResNetV2, Dict[str, Any]]:
     """(model, variables) of a weights file: this project's export, a timm state dict or a BiT
-    checkpoint. Raises a one-line ValueError naming the file when it is none of them (a run's
-    folder included: `load_source` reads both)."""
+    checkpoint. Raises a one-line `errors.WeightsError` naming the file when it is none of them
+    (a run's folder included: `load_source` reads both)."""
     if rundir.resolve(path).is_dir():
-        raise ValueError(f"{path} is a folder, not a weights file: read a run with "
-                         "pretrained.load_source (or start from it with --config.init_from)")
+        raise errors.WeightsError(
+            f"{path} is a folder, not a weights file: read a run with "
+            "pretrained.load_source (or start from it with --config.init_from)")
     state_dict = _read_state_dict(path)
     if state_dict is None:
         return models.load(path)
@@ -110,8 +112,8 @@ def load_file(path: str) -> Tuple[models.ResNetV2, Dict[str, Any]]:
         if big_vision_import.is_big_vision(state_dict):
             return big_vision_import.load(state_dict)
         return timm_import.load(state_dict)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+    except (errors.WeightsError, errors.ConfigError) as e:
+        raise errors.WeightsError(f"{path}: {e}") from e
 
 
 def _read_state_dict(path: str) -> Optional[Dict[str, Any]]:
@@ -125,34 +127,38 @@ def _read_state_dict(path: str) -> Optional[Dict[str, Any]]:
                 ours = (f.metadata() or {}).get("format") == models.FILE_FORMAT
             return None if ours else read_tensors(path)
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+            raise errors.WeightsError(f"{path} is not a readable safetensors file ({e})") from e
     if path.endswith(".npz"):
         try:
             with np.load(path) as data:
                 return {k: data[k] for k in data.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path} is not a readable state dict of arrays "
-                             f"({str(e).splitlines()[0][:120]}); give timm weights saved with "
-                             "numpy.savez, .safetensors or .pth, or a BiT .npz") from e
+            raise errors.WeightsError(
+                f"{path} is not a readable state dict of arrays "
+                f"({str(e).splitlines()[0][:120]}); give timm weights saved with "
+                "numpy.savez, .safetensors or .pth, or a BiT .npz") from e
     if path.endswith(TORCH_SUFFIXES):
         try:
             import torch
         except ImportError as e:
-            raise ValueError(f"{path} is a PyTorch file and torch is not installed: pip install "
-                             "'resnet_v2_jax[timm]', or save the state dict as .safetensors") from e
+            raise errors.SetupError(
+                f"{path} is a PyTorch file and torch is not installed: pip install "
+                "'resnet_v2_jax[timm]', or save the state dict as .safetensors") from e
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         state_dict = state_dict.get("state_dict", state_dict)
         return {k: v.numpy() for k, v in state_dict.items()}
-    raise ValueError(f"{path}: weights files are .safetensors (resnet_v2_jax.export, or timm), "
-                     f".npz (timm state dicts, BiT checkpoints) or {'/'.join(TORCH_SUFFIXES)} "
-                     "(timm state dicts)")
+    raise errors.WeightsError(
+        f"{path}: weights files are .safetensors (resnet_v2_jax.export, or timm), "
+        f".npz (timm state dicts, BiT checkpoints) or {'/'.join(TORCH_SUFFIXES)} "
+        "(timm state dicts)")
 
 
 def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: models.ResNetV2,
              target_variables: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], str]:
     """`target_variables` with every backbone variable replaced by `source_variables`' (and the
     head too where its shape matches). Returns (variables, a one-line summary). Raises a
-    one-line ValueError naming what differs when `source` is another network (`check_fits`)."""
+    one-line `errors.WeightsError` naming what differs when `source` is another network
+    (`check_fits`)."""
     check_fits(source, target, where)
     if source.scan_units != target.scan_units:
         convert = models.unrolled_to_scanned if target.scan_units else models.scanned_to_unrolled
@@ -171,8 +177,9 @@ def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: 
                 if not fits:
                     continue
             elif not fits:  # same options, different tensors: a file that lies about its net
-                raise ValueError(f"init_from {where}: {collection}/{name} does not fit the "
-                                 "network (shapes differ)")
+                raise errors.WeightsError(
+                    f"init_from {where}: {collection}/{name} does not fit the "
+                    "network (shapes differ)")
             out[collection][name] = jax.tree.map(lambda t, s: jnp.asarray(s, t.dtype),
                                                  value, given[name])
             copied += len(jax.tree.leaves(value))
@@ -180,14 +187,14 @@ def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: 
 
 
 def check_fits(source: models.ResNetV2, target: models.ResNetV2, where: str) -> None:
-    """Raises a one-line ValueError naming what differs unless `source`'s weights can start
-    `target`: the same `models.signature` but the number of classes (the head is what
+    """Raises a one-line `errors.WeightsError` naming what differs unless `source`'s weights can
+    start `target`: the same `models.signature` but the number of classes (the head is what
     fine-tuning replaces)."""
     differ = [f"{k} {a!r} there vs {b!r} here" for k, a, b in models.signature_differences(
         models.signature(source), models.signature(target)) if k != "num_classes"]
     if differ:
-        raise ValueError(f"init_from {where} is another network ({'; '.join(differ)}); "
-                         "set the config's model section to the source's")
+        raise errors.WeightsError(f"init_from {where} is another network ({'; '.join(differ)}); "
+                                  "set the config's model section to the source's")
 
 
 def _shapes(tree):

@@ -20,7 +20,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from resnet_v2_jax import augment, checkpoint, datasets, models, parallel
+from resnet_v2_jax import augment, checkpoint, datasets, errors, models, parallel
 
 
 class TrainState(train_state.TrainState):
@@ -51,8 +51,9 @@ def dtypes(config: ml_collections.ConfigDict) -> Tuple[Any, Any]:
     configs; a program of your own calls `jax.config.update("jax_enable_x64", True)` first."""
     if config.float64:
         if not jax.config.jax_enable_x64:
-            raise ValueError("float64=True needs 64-bit JAX: call jax.config.update("
-                             "'jax_enable_x64', True) before building (the command line does)")
+            raise errors.SetupError(
+                "float64=True needs 64-bit JAX: call jax.config.update("
+                "'jax_enable_x64', True) before building (the command line does)")
         return jnp.float64, jnp.float64
     return (jnp.bfloat16 if config.half_precision else jnp.float32), jnp.float32
 
@@ -82,8 +83,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
         boundaries = (list(config.lr_boundaries_steps) if config.lr_boundaries_steps else
                       [round(e * steps_per_epoch) for e in config.lr_boundaries_epochs])
         if any(b <= a for a, b in zip(boundaries, boundaries[1:])) or min(boundaries, default=1) <= 0:
-            raise ValueError(f"learning-rate boundaries must be positive and increasing, got "
-                             f"{boundaries}")
+            raise errors.ConfigError(
+                f"learning-rate boundaries must be positive and increasing, got "
+                f"{boundaries}")
         main = lambda offset: optax.piecewise_constant_schedule(
             peak, {b - offset: config.lr_decay_factor for b in boundaries})
     else:  # "cosine" (configuration.validate allows no other)
@@ -388,7 +390,7 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
     total_steps = (config.num_train_steps if config.num_train_steps > 0
                    else int(config.num_epochs * steps_per_epoch))
     if total_steps <= 0:
-        raise ValueError("set num_train_steps > 0 or num_epochs > 0")
+        raise errors.ConfigError("set num_train_steps > 0 or num_epochs > 0")
     model = create_model(config, info.num_classes, dp.axes)
     schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
     tx = create_optimizer(config, schedule)

@@ -30,20 +30,18 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from resnet_v2_jax import errors
+
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 60        # the holder rewrites the lock this often
 STALE_AFTER_S = 600     # a lock without heartbeat for this long belongs to a dead run
-
-
-class WorkdirError(ValueError):
-    """The workdir cannot be used (not writable, a file, or in use by another run)."""
 
 
 def resolve(path: str) -> epath.Path:
     """`path` made absolute once: `~` expanded, relative paths joined to the current directory,
     URLs such as gs://bucket/run kept as they are."""
     if not path or not str(path).strip():
-        raise WorkdirError("--workdir is empty: name a folder for checkpoints and logs")
+        raise errors.WorkdirError("--workdir is empty: name a folder for checkpoints and logs")
     path = str(path)
     if "://" in path:
         return epath.Path(path)
@@ -53,8 +51,9 @@ def resolve(path: str) -> epath.Path:
 def make(path: epath.Path) -> None:
     """Creates the folder (and parents), or raises WorkdirError saying why it cannot."""
     if path.exists() and not path.is_dir():
-        raise WorkdirError(f"cannot use --workdir={path}: it is a file, not a folder; choose "
-                           "another path")
+        raise errors.WorkdirError(
+            f"cannot use --workdir={path}: it is a file, not a folder; choose "
+            "another path")
     _make_writable(path, f"cannot use --workdir={path}", "choose a folder you can write to")
 
 
@@ -67,19 +66,19 @@ def _make_writable(folder: epath.Path, what: str, advice: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise WorkdirError(f"{what}: {e.strerror or type(e).__name__}; {advice}") from e
+        raise errors.WorkdirError(f"{what}: {e.strerror or type(e).__name__}; {advice}") from e
 
 
 def check_output_file(path: epath.Path, flag: str) -> None:
     """Raises WorkdirError, in one line naming `flag`, unless a file can be written at `path`
     (its folder made if needed): checked before a command does its work, not after."""
     if path.is_dir():
-        raise WorkdirError(f"cannot write {flag}={path}: it is a folder; name a file")
+        raise errors.WorkdirError(f"cannot write {flag}={path}: it is a folder; name a file")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise WorkdirError(f"cannot write {flag}={path}: {folder} is a file, not a folder")
+        raise errors.WorkdirError(f"cannot write {flag}={path}: {folder} is a file, not a folder")
     _make_writable(path.parent, f"cannot write {flag}={path}", "choose a path you can write to")
 
 
@@ -153,14 +152,14 @@ class RunLock:
         if jax.process_index() == 0:
             try:
                 self._acquire()
-            except WorkdirError as e:
+            except errors.WorkdirError as e:
                 error = str(e)
         if jax.process_count() > 1:  # every process stops, or none does
             failed = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
             if failed and not error:
                 error = f"process 0 could not lock {self.path} (see its log)"
         if error:
-            raise WorkdirError(error)
+            raise errors.WorkdirError(error)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -194,12 +193,13 @@ class RunLock:
             return not _process_alive(int(holder.get("pid", -1)))
         return False
 
-    def _in_use(self, holder: Optional[dict]) -> WorkdirError:
+    def _in_use(self, holder: Optional[dict]) -> errors.WorkdirError:
         if not holder:
-            return WorkdirError(f"{self.path.parent} is in use by another run that is starting: "
-                                "wait for it or use another --workdir")
+            return errors.WorkdirError(
+                f"{self.path.parent} is in use by another run that is starting: "
+                "wait for it or use another --workdir")
         started = datetime.datetime.fromtimestamp(float(holder.get("started", 0)))
-        return WorkdirError(
+        return errors.WorkdirError(
             f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
             f"{holder.get('host')}, started {started:%Y-%m-%d %H:%M:%S}): wait for it to end or "
             f"use another --workdir")
@@ -211,8 +211,8 @@ class RunLock:
         except OSError as e:  # a full or read-only disk: nothing of ours is left behind
             self.release()
             reason = e.strerror or type(e).__name__
-            raise WorkdirError(f"cannot write {self.path}: {reason}; free space or choose "
-                               "another --workdir") from e
+            raise errors.WorkdirError(f"cannot write {self.path}: {reason}; free space or choose "
+                                      "another --workdir") from e
 
     def _acquire_flock(self) -> bool:
         """Takes the OS lock on the file; False where the filesystem has no such locks."""
@@ -248,7 +248,8 @@ class RunLock:
             os.pwrite(fd, record, 0)
             os.fsync(fd)
             return True
-        raise WorkdirError(f"could not lock {self.path}: it keeps changing; use another --workdir")
+        raise errors.WorkdirError(
+            f"could not lock {self.path}: it keeps changing; use another --workdir")
 
     def _acquire_by_heartbeat(self) -> None:
         holder = self._holder()
@@ -260,8 +261,9 @@ class RunLock:
             self.path.unlink(missing_ok=True)
         self.path.write_text(json.dumps(self._record()))  # last writer wins; check who that was
         if (self._holder() or {}).get("token") != self.token:
-            raise WorkdirError(f"{self.path.parent} was locked by another run that started at "
-                               "the same moment: use another --workdir")
+            raise errors.WorkdirError(
+                f"{self.path.parent} was locked by another run that started at "
+                "the same moment: use another --workdir")
         self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="run.lock")
         self._thread.start()
 

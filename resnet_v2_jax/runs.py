@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from resnet_v2_jax import checkpoint, configuration, datasets, recipe, rundir
+from resnet_v2_jax import checkpoint, configuration, datasets, errors, recipe, rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +60,16 @@ def split_run_path(path: str) -> Tuple[epath.Path, Optional[int]]:
     workdir (its latest readable checkpoint is meant)."""
     path = rundir.resolve(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give a run's workdir or one of its step "
-                                "folders <workdir>/checkpoints/<step>")
+        raise errors.NotFoundError(
+            f"{path} does not exist: give a run's workdir or one of its step "
+            "folders <workdir>/checkpoints/<step>")
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)
     if (path / "checkpoints").is_dir():
         return path, None
-    raise ValueError(f"{path} is neither a run's workdir (with checkpoints/) nor a step folder "
-                     "<workdir>/checkpoints/<step>")
+    raise errors.WorkdirError(
+        f"{path} is neither a run's workdir (with checkpoints/) nor a step folder "
+        "<workdir>/checkpoints/<step>")
 
 
 def read_run(path: str, config: Optional[ml_collections.ConfigDict] = None,
@@ -75,15 +77,16 @@ def read_run(path: str, config: Optional[ml_collections.ConfigDict] = None,
     """The run at `path` (a workdir or a step folder): `config` (default: the run's own
     config.json) says what it trained; its checkpoint is restored read-only onto one device.
     Of a workdir of several runs (`config.num_runs`), `run` picks one; None keeps them all.
-    Raises one-line errors (FileNotFoundError, ValueError, CheckpointError) when there is
-    nothing to read."""
+    Raises one-line errors (`errors.NotFoundError`, `WorkdirError`, `CheckpointError`) when
+    there is nothing to read."""
     workdir, step = split_run_path(path)
     config = config if config is not None else configuration.read(str(workdir))
     configuration.validate(config)
     num_runs = config.num_runs
     if run is not None and not 0 <= run < num_runs:
-        raise ValueError(f"{workdir} holds {num_runs} run(s): choose a run in 0..{num_runs - 1}, "
-                         f"not {run}")
+        raise errors.ConfigError(
+            f"{workdir} holds {num_runs} run(s): choose a run in 0..{num_runs - 1}, "
+            f"not {run}")
     model = recipe.create_model(config, datasets.get(config.dataset).num_classes)
     tx = recipe.create_optimizer(config, optax.constant_schedule(0.0))  # the state's structure
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -105,10 +108,9 @@ def read_run(path: str, config: Optional[ml_collections.ConfigDict] = None,
 
 def one_run(run: Run, flag: str) -> Run:
     """`run` with the variables of its one network (the run axis taken off): of the run it
-    holds or the one chosen; raises a one-line ValueError asking for `flag` where it holds
-    several and none was chosen."""
-    count = len(jax.tree.leaves(run.variables)[0])
-    if count > 1:
-        raise ValueError(f"{run.checkpoint} holds {run.num_runs} runs: choose one with "
-                         f"{flag}=k (0..{run.num_runs - 1})")
+    holds or the one chosen; raises a one-line `errors.ConfigError` asking for `flag` where it
+    holds several and none was chosen."""
+    if len(jax.tree.leaves(run.variables)[0]) > 1:
+        raise errors.ConfigError(f"{run.checkpoint} holds {run.num_runs} runs: choose one with "
+                                 f"{flag}=k (0..{run.num_runs - 1})")
     return dataclasses.replace(run, variables=jax.tree.map(lambda x: x[0], run.variables))

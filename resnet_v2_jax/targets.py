@@ -21,6 +21,8 @@ import os
 import re
 from typing import Dict, List, NamedTuple, Tuple
 
+from resnet_v2_jax import errors
+
 GiB = 2**30
 
 
@@ -65,8 +67,9 @@ def gpu_memory_fraction() -> float:
     except ValueError:
         fraction = -1.0
     if not 0 < fraction <= 1:
-        raise ValueError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r}: give a share of the GPU's "
-                         "memory between 0 and 1 (JAX's default 0.75)")
+        raise errors.SetupError(
+            f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r}: give a share of the GPU's "
+            "memory between 0 and 1 (JAX's default 0.75)")
     return fraction
 
 
@@ -103,7 +106,7 @@ def _tpu(name: str, generation: str, number: int) -> Target:
     chips, slices = number // g.cores_counted, _slices(generation)
     if number % g.cores_counted or chips not in slices:
         sizes = ", ".join(f"{generation}-{c * g.cores_counted}" for c in slices)
-        raise ValueError(f"unknown TPU slice {name!r}: {generation} comes as {sizes}")
+        raise errors.ConfigError(f"unknown TPU slice {name!r}: {generation} comes as {sizes}")
     one_host = g.dims == 2 and chips <= 8
     return Target(name=name, platform="tpu", topology=f"{generation}:{slices[chips]}",
                   num_devices=chips, num_processes=1 if one_host else max(chips // 4, 1),
@@ -114,8 +117,9 @@ def _tpu(name: str, generation: str, number: int) -> Target:
 def _gpu(name: str, model: str, count: int) -> Target:
     spec, hbm, tflops, gbps = _GPU[model]
     if count < 1 or (count > GPUS_PER_HOST and count % GPUS_PER_HOST):
-        raise ValueError(f"unknown GPU target {name!r}: give 1 to {GPUS_PER_HOST} GPUs, or a "
-                         f"multiple of {GPUS_PER_HOST} (hosts of {GPUS_PER_HOST})")
+        raise errors.ConfigError(
+            f"unknown GPU target {name!r}: give 1 to {GPUS_PER_HOST} GPUs, or a "
+            f"multiple of {GPUS_PER_HOST} (hosts of {GPUS_PER_HOST})")
     hosts = max(count // GPUS_PER_HOST, 1)
     return Target(name=name, platform="cuda", topology=f"1x{hosts}x{count // hosts}",
                   num_devices=count, num_processes=hosts, hbm_bytes=hbm,
@@ -133,9 +137,10 @@ def get(name: str) -> Target:
     match = re.fullmatch(r"(h100|h200|a100-80gb)(?:x(\d+))?", key)
     if match:
         return _gpu(name, match.group(1), int(match.group(2) or 1))
-    raise ValueError(f"unknown target {name!r}: name a Cloud TPU accelerator type (v4-32, "
-                     f"v5litepod-16, v5p-64, v6e-8) or a GPU (h100, h100x8, a100-80gb, h200); "
-                     f"--target=list lists them")
+    raise errors.ConfigError(
+        f"unknown target {name!r}: name a Cloud TPU accelerator type (v4-32, "
+        f"v5litepod-16, v5p-64, v6e-8) or a GPU (h100, h100x8, a100-80gb, h200); "
+        f"--target=list lists them")
 
 
 def examples() -> List[Tuple[str, str]]:
@@ -152,15 +157,11 @@ def examples() -> List[Tuple[str, str]]:
 _COMPILER_MODULES = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}
 
 
-class MissingCompilerError(ValueError):
-    """The compiler of a target's platform is not installed."""
-
-
 def check_compiler(target: Target) -> None:
     """Raises MissingCompilerError, naming the extra to install (named as the platform),
     unless the target's compiler (libtpu; JAX's CUDA plugin) is importable."""
     if importlib.util.find_spec(_COMPILER_MODULES[target.platform]) is None:
-        raise MissingCompilerError(
+        raise errors.MissingCompilerError(
             f"compiling for {target.name} needs the {target.platform.upper()} compiler: "
             f"pip install 'resnet_v2_jax[{target.platform}]'")
 

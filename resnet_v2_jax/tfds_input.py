@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from resnet_v2_jax import batching, datasets
+from resnet_v2_jax import batching, datasets, errors
 
 # fb.resnet.torch (datasets/imagenet.lua), used by the paper for ImageNet: RandomScale(256, 480).
 SCALE_RANGE = (256, 480)
@@ -85,14 +85,14 @@ def _builder(config) -> tfds.core.DatasetBuilder:
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         manual = root / "downloads" / "manual"
         if not (manual.exists() and any(manual.iterdir())):
-            raise FileNotFoundError(
+            raise errors.NotFoundError(
                 f"{config.dataset} is not prepared in {root} and needs a manual download: put its "
                 f"archives in {manual}, then run `tfds build {config.dataset} --data_dir={root}` "
                 '(docs/running.md, "Preparing ImageNet"), or set config.data_dir to where it is '
                 "prepared")
     unreachable = _unreachable_hosts(builder)
     if unreachable:
-        raise FileNotFoundError(
+        raise errors.NotFoundError(
             f"{config.dataset} is not prepared in {root} and its download host "
             f"({', '.join(unreachable)}) cannot be reached; run `tfds build {config.dataset} "
             f"--data_dir={root}` on a machine with internet access and copy the folder here, or "
@@ -109,7 +109,7 @@ def _builder(config) -> tfds.core.DatasetBuilder:
             if folder.exists():
                 folder.rmtree()
                 break
-        raise FileNotFoundError(
+        raise errors.NotFoundError(
             f"{config.dataset} is not prepared in {root} and could not be downloaded "
             f"({type(e).__name__}); run `tfds build {config.dataset} --data_dir={root}` on a "
             "machine with internet access (copy the folder here if this one is offline), or set "
@@ -141,7 +141,7 @@ def _unreachable_hosts(builder, timeout_s: float = 10.0) -> list:
 def check_data(config) -> int:
     """Checks, from the dataset's metadata only (nothing is decoded), that the training and eval
     splits exist and hold uint8 RGB images of the config's size and labels of the dataset's
-    classes; raises `datasets.DataError` or FileNotFoundError in one line otherwise. Returns the
+    classes; raises `errors.DataError` or `errors.NotFoundError` in one line otherwise. Returns the
     number of examples in `config.train_split` (over all processes)."""
     builder = _builder(config)
     _check_augment(config, builder)
@@ -151,14 +151,14 @@ def check_data(config) -> int:
         try:
             sizes[split] = builder.info.splits[split].num_examples
         except (KeyError, ValueError) as e:
-            raise datasets.DataError(f"{where} has no split {split!r} ({e}); its splits "
+            raise errors.DataError(f"{where} has no split {split!r} ({e}); its splits "
                                          f"are {', '.join(builder.info.splits)}") from e
         if not sizes[split]:
-            raise datasets.DataError(f"{where}: split {split!r} holds no examples")
+            raise errors.DataError(f"{where}: split {split!r} holds no examples")
     features = builder.info.features
     missing = sorted({"image", "label"} - set(features.keys()))
     if missing:
-        raise datasets.DataError(f"{where} has no {' or '.join(missing)} feature; expected "
+        raise errors.DataError(f"{where} has no {' or '.join(missing)} feature; expected "
                                      "an image classification dataset with 'image' and 'label'")
     image, label = features["image"], features["label"]
     pad_crop_flip = config.augment == "pad_crop_flip"
@@ -185,8 +185,8 @@ def _check_augment(config, builder):
     augment = config.augment
     encoding = builder.info.features["image"].encoding_format
     if augment != "pad_crop_flip" and encoding != "jpeg":
-        raise ValueError(f"augment={augment!r} decodes JPEGs, but {config.dataset} stores "
-                         f"{encoding or 'png'} images; use augment='pad_crop_flip'")
+        raise errors.ConfigError(f"augment={augment!r} decodes JPEGs, but {config.dataset} stores "
+                                 f"{encoding or 'png'} images; use augment='pad_crop_flip'")
 
 
 def _read(builder, split, config, *, shuffle_files: bool) -> tf.data.Dataset:
@@ -270,8 +270,8 @@ def eval_preprocess(config, builder, crop_size: int) -> Callable:
     if config.augment == "pad_crop_flip":
         stored = builder.info.features["image"].shape[0]
         if crop_size != stored:
-            raise ValueError(f"augment='pad_crop_flip' evaluates images as stored "
-                             f"({stored}x{stored}); got crop size {crop_size}")
+            raise errors.ConfigError(f"augment='pad_crop_flip' evaluates images as stored "
+                                     f"({stored}x{stored}); got crop size {crop_size}")
         return lambda image: image
     return lambda jpeg: _to_uint8(decode_window(
         jpeg, center_window(tf.image.extract_jpeg_shape(jpeg), crop_size,

@@ -42,7 +42,7 @@ import re
 
 import numpy as np
 
-from resnet_v2_jax import models
+from resnet_v2_jax import errors, models
 
 # Flax module name -> timm module name, for the names that are not renamed by a pattern.
 _MODULES = {"stem_conv": "stem.conv", "final_bn": "norm", "head": "head.fc",
@@ -105,8 +105,9 @@ def model_from_state_dict(state_dict, **options) -> models.ResNetV2:
             sizes[int(m[1])] = max(sizes.get(int(m[1]), 0), int(m[2]) + 1)
     stages = sorted(sizes)
     if not stages or stages != list(range(len(stages))) or "stem.conv.weight" not in state_dict:
-        raise ValueError("not a timm ResNetV2 state dict with the 7x7 stem: need stem.conv.weight "
-                         "and stages.{i}.blocks.{j}.* keys")
+        raise errors.WeightsError(
+            "not a timm ResNetV2 state dict with the 7x7 stem: need stem.conv.weight "
+            "and stages.{i}.blocks.{j}.* keys")
     bottleneck = "stages.0.blocks.0.conv3.weight" in state_dict
     last = "conv3" if bottleneck else "conv2"
     widths = [np.shape(state_dict[f"stages.{s}.blocks.0.{last}.weight"])[0] for s in stages]
@@ -153,31 +154,35 @@ def _check_model(model, bit: bool):
             and model.shortcut == "identity" and model.stride_on == "3x3"
             and model.bn_epsilon == 1e-5)
     if not fits:
-        raise ValueError("timm's ResNetV2 needs models.ResNetV2(stem='imagenet', "
-                         "stem_norm='after_pool', unit='full_preact', shortcut='identity', "
-                         "stride_on='3x3', bn_epsilon=1e-5), e.g. "
-                         "models.imagenet_resnet(50, stem_norm='after_pool')")
+        raise errors.WeightsError(
+            "timm's ResNetV2 needs models.ResNetV2(stem='imagenet', "
+            "stem_norm='after_pool', unit='full_preact', shortcut='identity', "
+            "stride_on='3x3', bn_epsilon=1e-5), e.g. "
+            "models.imagenet_resnet(50, stem_norm='after_pool')")
     wanted = ({k: v for k, v in BIT_OPTIONS.items() if k != "norm_groups"} if bit else
               dict(norm="batch", conv="plain", stem_pool_pad="-inf"))
     differs = {k: getattr(model, k) for k, v in wanted.items() if getattr(model, k) != v}
     if differs:
         kind = "a BiT network (GroupNorm, StdConv2d)" if bit else "a BatchNorm network"
-        raise ValueError(f"the timm state dict is {kind}: the model needs "
-                         f"{', '.join(f'{k}={v!r}' for k, v in wanted.items())}, it has "
-                         f"{', '.join(f'{k}={v!r}' for k, v in differs.items())}")
+        raise errors.WeightsError(f"the timm state dict is {kind}: the model needs "
+                                  f"{', '.join(f'{k}={v!r}' for k, v in wanted.items())}, it has "
+                                  f"{', '.join(f'{k}={v!r}' for k, v in differs.items())}")
 
 
 def _check_supported(state_dict):
     """Refuses the timm ResNetV2s that this mapping does not fit, by what their keys show."""
     if "stem.conv1.weight" in state_dict:
-        raise ValueError("timm state dict has a deep 3x3 stem (resnetv2_50d, resnetv2_50t, ...), "
-                         "which is not supported; only the 7x7 stem (stem_type='') is")
+        raise errors.WeightsError(
+            "timm state dict has a deep 3x3 stem (resnetv2_50d, resnetv2_50t, ...), "
+            "which is not supported; only the 7x7 stem (stem_type='') is")
     if "stem.norm.weight" in state_dict:
-        raise ValueError("timm state dict has a BN after the stem conv: a post-activation ResNetV2 "
-                         "(preact=False), which is not supported; only pre-activation ones are")
+        raise errors.WeightsError(
+            "timm state dict has a BN after the stem conv: a post-activation ResNetV2 "
+            "(preact=False), which is not supported; only pre-activation ones are")
     norms = [k for k in state_dict if re.search(r"(^|\.)norm\d*\.weight$", k)]
     with_statistics = [k for k in norms if k.replace(".weight", ".running_mean") in state_dict]
     if 0 < len(with_statistics) < len(norms):
-        raise ValueError("timm state dict mixes norm layers with running statistics "
-                         "(BatchNorm) and without (GroupNorm): not a ResNetV2 this supports")
+        raise errors.WeightsError(
+            "timm state dict mixes norm layers with running statistics "
+            "(BatchNorm) and without (GroupNorm): not a ResNetV2 this supports")
 

@@ -22,12 +22,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from resnet_v2_jax import (checkpoint, configuration, inputs, parallel, pretrained, recipe,
-                           rundir)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf."""
+from resnet_v2_jax import (checkpoint, configuration, errors, inputs, parallel, pretrained,
+                           recipe, rundir)
 
 
 # --- the loop's parts ----------------------------------------------------------------------------
@@ -36,14 +32,6 @@ def is_time(step: int, every: int, last: int) -> bool:
     """Whether a periodic action (log, eval, checkpoint) runs after `step`: every `every`
     steps and after the last one."""
     return step == last or (every > 0 and step % every == 0)
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM before training started: nothing was trained."""
-
-    def __init__(self, signal_name: str, message: str):
-        super().__init__(message)
-        self.signal_name = signal_name
 
 
 class _StopSignals:
@@ -90,8 +78,8 @@ class _StopSignals:
     def check(self, phase: str) -> None:
         """Raises Interrupted if a signal came before training started (in `phase`)."""
         if self.received is not None:
-            raise Interrupted(self.received, f"interrupted ({self.received}) {phase}; nothing "
-                              "was trained: rerun the same command to start")
+            raise errors.Interrupted(self.received, f"interrupted ({self.received}) {phase}; "
+                                     "nothing was trained: rerun the same command to start")
 
     def reached(self, step: int, checkpoints: checkpoint.Checkpoints) -> Optional[str]:
         """The signal to stop for after `step`, or None."""
@@ -244,13 +232,14 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _diverged(checkpoints: checkpoint.Checkpoints, what: str, step: int) -> NonFiniteLossError:
+def _diverged(checkpoints: checkpoint.Checkpoints, what: str,
+              step: int) -> errors.NonFiniteLossError:
     checkpoints.wait()
     latest = checkpoints.latest_step()
     kept = ("no checkpoint was written yet" if latest is None else
             f"the last checkpoint (step {latest}) is intact")
-    return NonFiniteLossError(f"training diverged at step {step}: {what}; {kept}: lower "
-                              "learning_rate or use warmup='constant'")
+    return errors.NonFiniteLossError(f"training diverged at step {step}: {what}; {kept}: "
+                                     "lower learning_rate or use warmup='constant'")
 
 
 class _Divergence:
@@ -342,8 +331,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
     Writes into `workdir`: config.json (and config_history/<step>.json, the config of each
     start that changed settings), run.lock (while running), checkpoints/ (Orbax), TensorBoard
-    event files and results.json. Raises ValueError (DataError, WorkdirError, CheckpointError),
-    NonFiniteLossError or Interrupted with one-line messages; everything that can be checked
+    event files and results.json. Raises this package's `errors` (ConfigError, DataError,
+    WorkdirError, CheckpointError, NonFiniteLossError, Interrupted, ...) with one-line
+    messages; everything that can be checked
     at start (config, data, the `init_from` source) is checked before anything is written.
     """
     t_start = time.monotonic()
@@ -407,8 +397,8 @@ class _Trainer:
         try:
             state, step, meta = self.checkpoints.restore_latest(self.setup.abstract_state,
                                                                 self.setup.layouts)
-        except checkpoint.CheckpointMismatchError as e:
-            raise checkpoint.CheckpointMismatchError(
+        except errors.CheckpointMismatchError as e:
+            raise errors.CheckpointMismatchError(
                 f"{e}{_config_changes(self.workdir, self.config)}") from e
         self.checkpoints.prune()  # keep_checkpoints holds whatever an earlier run left
         if step >= self.setup.total_steps:

@@ -37,4 +37,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, (ValueError, FileNotFoundError))
+    cli.run(main)

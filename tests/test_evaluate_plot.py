@@ -18,7 +18,7 @@ from PIL import Image
 from tensorboardX import SummaryWriter
 
 from configs import cifar10_quick
-from resnet_v2_jax import checkpoint, configuration, evaluate, plot, runs, train
+from resnet_v2_jax import configuration, errors, evaluate, plot, runs, train
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ def second_run(tmp_path_factory, tfds_data_dir):
     return workdir
 
 
-# Library lines that read like errors and say nothing to a user (resnet_v2_jax.cli.LIBRARY_NOISE,
+# Library lines that read like errors and say nothing to a user (resnet_v2_jax.cli.quiet_libraries,
 # cli.native_stderr_quiet): none may reach a command's output.
 NOISE = ("Unable to initialize backend", "oneDNN custom operations", "absl::InitializeLog",
          "This TensorFlow binary is optimized", "No path found after", "read only",
@@ -131,7 +131,7 @@ def test_eval_only_refuses_another_models_checkpoint(run):
     config.model.depth = 20
     another = r"another network .stage_sizes: checkpoint \[1, 1, 1\] vs config \[3, 3, 3\]"
     for path in (workdir, workdir / "checkpoints" / str(STEPS)):
-        with pytest.raises(checkpoint.CheckpointError, match=another):
+        with pytest.raises(errors.CheckpointError, match=another):
             evaluate.evaluate(str(path), config)
 
 

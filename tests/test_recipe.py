@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from resnet_v2_jax import base_config
-from resnet_v2_jax import checkpoint, inputs, models, parallel, recipe, train
+from resnet_v2_jax import checkpoint, errors, inputs, models, parallel, recipe, train
 
 
 def config_with(depth=164, unit="full_preact", dataset="cifar10", **overrides):
@@ -196,12 +196,12 @@ def test_checkpoint_check_compares_the_built_network(small_checkpoint):
 
     state, step, meta = restore(stride_on="1x1")  # the default, spelled out
     assert step == 1 and meta["structure"] == checkpoint.tree_structure(state)
-    with pytest.raises(checkpoint.CheckpointMismatchError,
+    with pytest.raises(errors.CheckpointMismatchError,
                        match="another network .stride_on: checkpoint '1x1' vs config '3x3'"):
         restore(stride_on="3x3")
-    with pytest.raises(checkpoint.CheckpointMismatchError,
+    with pytest.raises(errors.CheckpointMismatchError,
                        match="bn_epsilon: checkpoint 1e-05 vs config 0.001"):
         restore(bn_epsilon=1e-3)
-    with pytest.raises(checkpoint.CheckpointMismatchError,
+    with pytest.raises(errors.CheckpointMismatchError,
                        match="opt_state only in the checkpoint, e.g. opt_state/0;"):
         restore(weight_decay_bn_and_bias=False)

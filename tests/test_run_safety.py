@@ -16,7 +16,7 @@ import pytest
 
 from cli_runs import (CONFIG, N, assert_one_error_line, kill, run, saved_state, snapshot, start,
                       wait_for_checkpoint)
-from resnet_v2_jax import checkpoint, configuration, datasets, device_input, models, rundir
+from resnet_v2_jax import checkpoint, configuration, device_input, errors, models, rundir
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -186,7 +186,7 @@ def test_second_run_is_refused_while_the_first_runs_and_a_killed_runs_lock_is_ta
 COMPETITOR = r"""
 import os, sys, time
 import jax
-from resnet_v2_jax import rundir
+from resnet_v2_jax import errors, rundir
 workdir, results, t0, rounds = rundir.resolve(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 jax.process_index()  # the backend starts before the rounds do
 for r in range(rounds):
@@ -195,7 +195,7 @@ for r in range(rounds):
     lock = rundir.RunLock(workdir)
     try:
         lock.__enter__()
-    except rundir.WorkdirError:
+    except errors.WorkdirError:
         continue
     with open(results, "a") as f:
         f.write(f"{r} {os.getpid()}\n")
@@ -230,7 +230,7 @@ def test_a_live_runs_lock_is_kept_and_a_killed_runs_taken_over(tmp_path):
                           stdout=subprocess.PIPE,
                           env=dict(os.environ, JAX_PLATFORMS="cpu")) as holder:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(rundir.WorkdirError, match=f"in use by another run .pid {holder.pid} "):
+        with pytest.raises(errors.WorkdirError, match=f"in use by another run .pid {holder.pid} "):
             rundir.RunLock(rundir.resolve(str(tmp_path))).__enter__()
         holder.kill()
         holder.wait()
@@ -250,7 +250,7 @@ def test_heartbeat_locks_where_the_filesystem_has_no_file_locks(tmp_path, monkey
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as sleeper:
         holder = rundir.RunLock(workdir)._record()
         path.write_text(json.dumps(dict(holder, pid=sleeper.pid)))
-        with pytest.raises(rundir.WorkdirError, match=f"pid {sleeper.pid}"):
+        with pytest.raises(errors.WorkdirError, match=f"pid {sleeper.pid}"):
             rundir.RunLock(workdir).__enter__()
         sleeper.kill()
         sleeper.wait()
@@ -258,11 +258,11 @@ def test_heartbeat_locks_where_the_filesystem_has_no_file_locks(tmp_path, monkey
             assert json.loads(path.read_text())["token"] == lock.token
         assert not path.exists()
     path.write_text("")
-    with pytest.raises(rundir.WorkdirError, match="in use by another run that is starting"):
+    with pytest.raises(errors.WorkdirError, match="in use by another run that is starting"):
         rundir.RunLock(workdir).__enter__()
     elsewhere = dict(holder, host="another-host", pid=1)
     path.write_text(json.dumps(elsewhere))
-    with pytest.raises(rundir.WorkdirError, match="another-host"):
+    with pytest.raises(errors.WorkdirError, match="another-host"):
         rundir.RunLock(workdir).__enter__()
     path.write_text(json.dumps(dict(elsewhere, heartbeat=time.time() - rundir.STALE_AFTER_S - 1)))
     with rundir.RunLock(workdir):
@@ -506,11 +506,11 @@ def test_tfds_metadata_checks(tfds_data_dir, tmp_path):
     config.train_split = "train[:90%]"
     assert inputs.check_data(config) == 45_000
     config.image_size = 48
-    with pytest.raises(datasets.DataError, match="images are 32x32, but the config has "
+    with pytest.raises(errors.DataError, match="images are 32x32, but the config has "
                                              "image_size=48"):
         inputs.check_data(config)
     config.image_size, config.eval_split = 32, "validation"
-    with pytest.raises(datasets.DataError, match="has no split 'validation'"):
+    with pytest.raises(errors.DataError, match="has no split 'validation'"):
         inputs.check_data(config)
     imagenet = base_config.imagenet(50)
     imagenet.data_dir = str(tmp_path / "tfds")
@@ -613,7 +613,7 @@ def test_a_failed_checkpoint_write_is_one_line(tmp_path, monkeypatch):
                          "device [os_error_code='28']")
     monkeypatch.setattr(checkpoints.manager, "save", failing)
     monkeypatch.setattr(checkpoints.manager, "wait_until_finished", failing)
-    with pytest.raises(checkpoint.CheckpointError, match=r"^writing a checkpoint \(step 2\) in "
+    with pytest.raises(errors.CheckpointError, match=r"^writing a checkpoint \(step 2\) in "
                        rf"{tmp_path}/checkpoints failed: No space left on device; fix that"):
         checkpoints.save(2, {"x": np.zeros(3)})
     checkpoints.close()  # the failure was reported already
