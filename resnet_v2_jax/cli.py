@@ -43,6 +43,8 @@ LIBRARY_NOISE = (
     ("tensorboard", r"No path found after|Directory watcher advancing"),
     # Orbax opening a checkpoint folder read-only, which eval-only and export ask for.
     ("absl", r"read_only=True|Given directory is read only"),
+    # gcsfs opening a gs:// file for reading (fsspec's read-ahead cache).
+    ("fsspec", r"AdaptiveReadaheadCache enabled"),
 )
 
 
