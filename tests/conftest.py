@@ -112,7 +112,11 @@ def gcs_server(tmp_path_factory):
         yield url
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)

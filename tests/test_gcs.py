@@ -44,6 +44,16 @@ def objects(prefix):
     return {name.removeprefix(f"{BUCKET}/{prefix}/") for name in fs.find(f"{BUCKET}/{prefix}")}
 
 
+def test_gs_paths_without_the_clients_are_one_line(monkeypatch):
+    find_spec = rundir.importlib.util.find_spec
+    monkeypatch.setattr(rundir.importlib.util, "find_spec",
+                        lambda name: None if name == "gcsfs" else find_spec(name))
+    with pytest.raises(rundir.WorkdirError, match=r"^cannot use gs://b/r: gs:// paths need gcsfs "
+                                                  r"and google-cloud-storage; pip install "):
+        rundir.resolve("gs://b/r")
+    assert str(rundir.resolve("/tmp/r")) == "/tmp/r"
+
+
 # --- the run lock ------------------------------------------------------------------------------
 
 def race(path, n=8):
