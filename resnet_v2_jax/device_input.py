@@ -17,7 +17,6 @@ contract as the tfds pipeline's (`batching.EvalBatches`).
 
 import functools
 import math
-import os
 import zipfile
 import zlib
 from typing import Iterator, Optional, Tuple
@@ -25,6 +24,7 @@ from typing import Iterator, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resnet_v2_jax import batching, datasets, errors
@@ -32,20 +32,22 @@ from resnet_v2_jax import batching, datasets, errors
 
 # --- arrays ------------------------------------------------------------------------------------
 
-def array_path(array_dir: str, dataset: str, split: str) -> str:
-    return os.path.join(array_dir, f"{dataset.split(':')[0]}_{split}.npz")
+def array_path(array_dir: str, dataset: str, split: str) -> epath.Path:
+    """`<array_dir>/<dataset>_<split>.npz`; array_dir local or gs://."""
+    return epath.Path(array_dir) / f"{dataset.split(':')[0]}_{split}.npz"
 
 
 def write_arrays(array_dir: str, dataset: str, split: str, images: np.ndarray,
-                 labels: np.ndarray) -> str:
+                 labels: np.ndarray) -> epath.Path:
     """Saves one split as `<array_dir>/<dataset>_<split>.npz`; returns the path."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
         raise errors.DataError(f"expected uint8 images [N, H, W, C] and N labels, got "
                                f"{images.dtype} {images.shape} and {labels.shape}")
-    os.makedirs(array_dir, exist_ok=True)
     path = array_path(array_dir, dataset, split)
-    np.savez(path, image=images, label=labels.astype(np.int32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        np.savez(f, image=images, label=labels.astype(np.int32))
     return path
 
 
@@ -75,12 +77,12 @@ def _read_npz(config, split: str, *, with_images: bool):
     """(images or None, labels) of `<array_dir>/<dataset>_<split>.npz`, checked."""
     info = datasets.get(config.dataset)  # registered: normalisation needs its statistics
     path = array_path(config.array_dir, config.dataset, split)
-    if not os.path.exists(path):
+    if not path.exists():
         raise errors.NotFoundError(f"{path} not found: write it with `python -m "
                                    f"resnet_v2_jax.write_arrays --dataset={config.dataset} "
                                    f"--array_dir={config.array_dir}` or device_input.write_arrays")
     try:
-        with np.load(path) as data:
+        with path.open("rb") as f, np.load(f) as data:
             missing = sorted({"image", "label"} - set(data.files))
             if missing:
                 raise errors.DataError(

