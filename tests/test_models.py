@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from resnet_v2_jax import models
+from resnet_v2_jax import models, unit_layout, weights
 
 EPS = 1e-5
 UNITS = tuple(models.UNIT_PLACEMENTS)
@@ -251,7 +251,7 @@ def test_scanned_and_unrolled_layouts_have_the_same_parameters():
     unrolled, scanned = (init_shapes(models.cifar_resnet, 164, scan_units=scan)
                          for scan in (False, True))
     assert "stage2_repeat" in scanned["params"] and "stage2_unit2" not in scanned["params"]
-    converted = jax.eval_shape(models.unrolled_to_scanned, unrolled)
+    converted = jax.eval_shape(unit_layout.unrolled_to_scanned, unrolled)
     assert jax.tree.map(lambda a: a.shape, converted) == jax.tree.map(lambda a: a.shape, scanned)
 
 
@@ -556,11 +556,11 @@ def tiny_setup():
 
 
 def layout(variables, scan_units):
-    return models.unrolled_to_scanned(variables) if scan_units else variables
+    return unit_layout.unrolled_to_scanned(variables) if scan_units else variables
 
 
 def unrolled(tree, collection):
-    return models.scanned_to_unrolled({collection: tree})[collection]
+    return unit_layout.scanned_to_unrolled({collection: tree})[collection]
 
 
 @functools.cache
@@ -594,10 +594,10 @@ def tiny_train_step(scan_units, remat_units):
 
 def test_scanned_unrolled_conversion_round_trips_exactly():
     _, v, _, _ = tiny_setup()
-    scanned = models.unrolled_to_scanned(v)
+    scanned = unit_layout.unrolled_to_scanned(v)
     assert scanned["params"]["stage1_repeat"]["unit"]["conv1"]["kernel"].shape == (2, 1, 1, 8, 2)
-    assert_trees_equal(models.scanned_to_unrolled(scanned), v)
-    assert_trees_equal(models.unrolled_to_scanned(models.scanned_to_unrolled(scanned)), scanned)
+    assert_trees_equal(unit_layout.scanned_to_unrolled(scanned), v)
+    assert_trees_equal(unit_layout.unrolled_to_scanned(unit_layout.scanned_to_unrolled(scanned)), scanned)
 
 
 def test_scanned_network_matches_unrolled_in_eval_mode():
@@ -867,11 +867,11 @@ def test_other_norms_run_scanned_rematerialised_and_on_nnx(norm):
     expected = model.apply(variables, x, train=False)
     np.testing.assert_array_equal(model.apply(variables, x, train=True), expected)  # no BN
     scanned = model.clone(scan_units=True, remat_units=True)
-    np.testing.assert_allclose(scanned.apply(models.unrolled_to_scanned(variables), x),
+    np.testing.assert_allclose(scanned.apply(unit_layout.unrolled_to_scanned(variables), x),
                                expected, atol=1e-5)
     twin = resnet_nnx.from_linen(model, variables, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(twin(x), expected)
-    assert models.signature(model)["norm"] == (
+    assert weights.signature(model)["norm"] == (
         norm if isinstance(norm, str) else f"callable {norm!r}")
 
 
@@ -882,20 +882,20 @@ def test_save_refuses_what_load_cannot_rebuild_and_round_trips_the_rest(tmp_path
     variables = bit.init(jax.random.key(0), x, train=False)
     umask = os.umask(0o022)
     try:
-        models.save(tmp_path / "bit.safetensors", bit, variables)
+        weights.save(tmp_path / "bit.safetensors", bit, variables)
     finally:
         os.umask(umask)
     assert (tmp_path / "bit.safetensors").stat().st_mode & 0o777 == 0o644  # follows the umask
-    loaded, same = models.load(tmp_path / "bit.safetensors")
-    assert models.signature(loaded) == models.signature(bit)
+    loaded, same = weights.load(tmp_path / "bit.safetensors")
+    assert weights.signature(loaded) == weights.signature(bit)
     np.testing.assert_array_equal(loaded.apply(same, x, train=False),
                                   bit.apply(variables, x, train=False))
-    with pytest.raises(ValueError, match=r"^models.save writes ResNetV2 networks \(whose options "
+    with pytest.raises(ValueError, match=r"^weights.save writes ResNetV2 networks \(whose options "
                        r"load\(\) rebuilds\), not Dense$"):
-        models.save(tmp_path / "dense.safetensors", nn.Dense(3), {})
+        weights.save(tmp_path / "dense.safetensors", nn.Dense(3), {})
     custom = bit.clone(norm=functools.partial(nn.GroupNorm, num_groups=2))
     with pytest.raises(ValueError, match="the network's norm is a constructor, which load"):
-        models.save(tmp_path / "custom.safetensors", custom, variables)
+        weights.save(tmp_path / "custom.safetensors", custom, variables)
     assert not (tmp_path / "custom.safetensors").exists()
 
 
