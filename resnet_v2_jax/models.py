@@ -115,6 +115,10 @@ HEAD = "head"
 """The classifier's module name: what fine-tuning replaces or trains alone."""
 
 
+# What an option is to a network's identity (`Option.role`).
+ROLES = ("network", "runtime", "caller")
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """What the declaration of a network option says beside its type and default (`option`).
@@ -135,6 +139,9 @@ class Option:
     check: Optional[Callable[[str, Any], None]] = None
     used_when: Optional[Tuple[str, Tuple]] = None
     role: str = "network"
+
+    def __post_init__(self):
+        one_of(ROLES)("role", self.role)
 
 
 def option(default, meaning: str, **declaration):

@@ -670,6 +670,50 @@ def test_per_stage_feature_maps_have_expected_shapes(build, size, expected, scan
         assert inter[f"stage{s}"][0].shape == (2, hw, hw, channels)
 
 
+def test_a_scanned_stage_carries_any_collection_a_caller_adds_one_slice_per_unit():
+    """The network names no tool's collection: one a caller adds (here sown by an interceptor,
+    as `analyze` does) comes back from a scanned stage stacked, one slice per unit."""
+    model = models.cifar_resnet(20, block="basic", scan_units=True)
+    x = jnp.zeros((2, 32, 32, 3))
+
+    def probe(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, models.ResidualUnit) and context.method_name == "__call__":
+            context.module.sow("probe", "output", out)
+        return out
+
+    def probed():
+        variables = model.init(jax.random.key(0), x, train=False)
+        with nn.intercept_methods(probe):
+            return model.apply(variables, x, train=False, mutable=["probe"])[1]["probe"]
+
+    outputs = jax.eval_shape(probed)
+    assert outputs["stage1_unit1"]["output"][0].shape == (2, 32, 32, 16)
+    assert outputs["stage2_repeat"]["unit"]["output"][0].shape == (2, 2, 16, 16, 32)
+
+
+def test_a_network_hands_each_unit_option_to_every_unit():
+    """The unit options are declared once (`models.UnitOptions`) and reach every unit,
+    scanned ones included."""
+    options = dict(bottleneck=False, stride_on="1x1", unit="original", shortcut="scaling",
+                   shortcut_scale=0.3, residual_scale=0.7, gate_bias_init=-1.0,
+                   shortcut_dropout_rate=0.2)
+    assert set(options) == set(models.UNIT_OPTIONS)
+    model = models.ResNetV2(stage_sizes=(1, 3), widths=(8, 16), stem="cifar", stem_width=8,
+                            num_classes=3, scan_units=True, **options)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, models.ResidualUnit):
+            seen.append({name: getattr(context.module, name) for name in options})
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                                          train=False))
+    assert seen and all(unit == options for unit in seen)
+
+
 def test_train_defaults_to_training_mode():
     """No `train` means training mode (the Flax examples' convention), and without a mutable
     "batch_stats" such a call fails loudly rather than silently using running averages."""
