@@ -743,6 +743,23 @@ def test_batch_stats_update_in_train_mode_only_with_momentum():
     np.testing.assert_allclose(stats["var"], 0.8 + 0.2 * stem.var((0, 1, 2)), rtol=1e-4)
 
 
+def test_the_networks_and_their_layouts_import_nothing_of_the_package_above_them():
+    """docs/design.md: `models` and `unit_layout` import nothing of the package, `weights` and
+    `name_mapping` only those two."""
+    import ast
+    import pathlib
+    package = pathlib.Path(models.__file__).parent
+
+    def imported(module):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        return {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "resnet_v2_jax" for alias in node.names}
+
+    assert imported("models") == imported("unit_layout") == set()
+    assert imported("weights") == {"models"}
+    assert imported("name_mapping") == {"models", "unit_layout"}
+
+
 def test_import_pulls_in_neither_tensorflow_nor_tfds():
     code = ("import sys, resnet_v2_jax.models; "
             "print(sorted({m.split('.')[0] for m in sys.modules} "
