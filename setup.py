@@ -39,7 +39,7 @@ setup(
         "absl-py>=2.1",
         "etils[epath]>=1.5",
         "numpy>=1.26",
-        "safetensors>=0.4",    # weights files (models.save/load, export, timm's hub files)
+        "safetensors>=0.4",    # weights files (weights.save/load, export, timm's hub files)
     ],
     extras_require={
         # Training's host input, logs and figures: the command lines need these (they say so in

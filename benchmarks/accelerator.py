@@ -196,7 +196,7 @@ def part_config(part: Part, smoke: bool):
 
 def initial_state(config, setup, dp):
     """The part's initial train state on the devices. An unrolled network is initialised in its
-    scanned twin's layout and converted (`models.scanned_to_unrolled`): the unrolled init
+    scanned twin's layout and converted (`unit_layout.scanned_to_unrolled`): the unrolled init
     program (one set of random initialisers per unit) compiles about as long as the train step
     itself, and a throughput figure does not depend on which random weights it starts from."""
     from resnet_v2_jax import recipe

@@ -7,8 +7,10 @@ Keys that the Flax ImageNet example also has keep its names (`dataset`, `batch_s
 GLOBAL batch, `learning_rate`, `momentum`, `num_epochs`, `num_train_steps`, `log_every_steps`,
 `steps_per_eval`, `half_precision`, `cache`). The network is its own section, `config.model`,
 handed to `resnet_v2_jax.models.create(**config.model)`: every key of it is an argument of the
-network (override one with `--config.model.depth=110`). Defaults are the paper's CIFAR recipe
-(docs/paper.md, "Training recipes"): ResNet-164 with full pre-activation, batch 128, lr 0.1.
+network (override one with `--config.model.depth=110`), and what it means is the network's own
+declaration of it (`models.ResNetV2`, `models.FACTORY_ARGUMENTS`; `--print_config` prints it).
+Defaults are the paper's CIFAR recipe (docs/paper.md, "Training recipes"): ResNet-164 with full
+pre-activation, batch 128, lr 0.1.
 
 The pieces below build the other configs: `cifar_model` / `imagenet_model` (a network),
 `imagenet_data` (ImageNet's input keys), and the recipes `cifar` and `imagenet`.
@@ -97,20 +99,18 @@ def get_config():
 
 
 def _unit_options(model, unit: str):
-    model.unit = unit                     # Fig. 4: original | bn_after_add | relu_before_add |
-                                          #         relu_preact | full_preact
-    model.shortcut = "identity"           # Fig. 2: identity | scaling | exclusive_gate |
-                                          #         shortcut_gate | conv | dropout
-    model.shortcut_scale = 0.5            # "scaling" only: lambda on the shortcut
-    model.residual_scale = 1.0            # "scaling" only: lambda on F
-    model.gate_bias_init = 0.0            # gating only: b_g
-    model.shortcut_dropout_rate = 0.5     # "dropout" only
-    model.norm = "batch"                  # "batch" (the paper) | "group" (BiT) | "layer"
-    model.norm_groups = 32                # norm="group" only: GroupNorm's groups
-    model.conv = "plain"                  # "plain" | "weight_standardized" (BiT)
-    model.conv_epsilon = 1e-8             # weight_standardized only: timm's 1e-8, BiT's 1e-10
-    model.bn_momentum = 0.9               # norm="batch" only: Torch's BN momentum 0.1
-    model.bn_epsilon = 1e-5               # the norm layers' epsilon (Torch's BN default)
+    model.unit = unit
+    model.shortcut = "identity"
+    model.shortcut_scale = 0.5
+    model.residual_scale = 1.0
+    model.gate_bias_init = 0.0
+    model.shortcut_dropout_rate = 0.5
+    model.norm = "batch"
+    model.norm_groups = 32
+    model.conv = "plain"
+    model.conv_epsilon = 1e-8
+    model.bn_momentum = 0.9
+    model.bn_epsilon = 1e-5
 
 
 def cifar_model(depth: int, unit: str = "full_preact", **options):
@@ -118,13 +118,13 @@ def cifar_model(depth: int, unit: str = "full_preact", **options):
     them ("CIFAR networks"): basic units up to ResNet-110, bottlenecks above (ResNet-164,
     ResNet-1001, whose units run scanned so that compile time does not grow with depth)."""
     model = ml_collections.ConfigDict()
-    model.arch = "cifar"                  # "cifar" or "imagenet" (docs/paper.md)
-    model.depth = depth                   # CIFAR: 6n+2 basic, 9n+2 bottleneck; ImageNet: 18..200
-    model.block = "basic" if depth <= 110 else "bottleneck"  # CIFAR only: "basic" | "bottleneck"
-    model.stride_on = "1x1"               # conv that strides in a bottleneck: "1x1" | "3x3"
+    model.arch = "cifar"
+    model.depth = depth
+    model.block = "basic" if depth <= 110 else "bottleneck"
+    model.stride_on = "1x1"
     _unit_options(model, unit)
-    model.scan_units = depth >= 1001      # nn.scan over the identical units of a stage
-    model.remat_units = False             # nn.remat each unit (memory for compute)
+    model.scan_units = depth >= 1001
+    model.remat_units = False
     return _override(model, options)
 
 
@@ -134,9 +134,8 @@ def imagenet_model(depth: int, unit: str = "full_preact", **options):
     model = ml_collections.ConfigDict()
     model.arch = "imagenet"
     model.depth = depth
-    model.stem_norm = "before_pool"       # ImageNet only: "before_pool" (paper) | "after_pool" (timm)
-    model.stem_pool_pad = "-inf"          # ImageNet only: the stem max-pool's padding, "-inf"
-                                          # (paper, timm) | "zero" (BiT)
+    model.stem_norm = "before_pool"
+    model.stem_pool_pad = "-inf"
     model.stride_on = "3x3"
     _unit_options(model, unit)
     model.scan_units = False

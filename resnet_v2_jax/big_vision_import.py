@@ -30,7 +30,7 @@ import re
 
 import numpy as np
 
-from resnet_v2_jax import errors, models
+from resnet_v2_jax import errors, models, name_mapping
 
 # What big_vision's bit_paper networks are in `models.ResNetV2`'s options.
 BIG_VISION_OPTIONS = dict(stem="imagenet", stem_norm="after_pool", bottleneck=True,
@@ -129,12 +129,11 @@ def convert(arrays, model: models.ResNetV2):
     wanted = {k: v for k, v in BIG_VISION_OPTIONS.items() if k != "norm_groups"}
     differs = {k: getattr(model, k) for k, v in wanted.items() if getattr(model, k) != v}
     if differs:
-        raise errors.WeightsError(
-            "BiT checkpoints need models.ResNetV2 with "
-            f"{', '.join(f'{k}={v!r}' for k, v in wanted.items())}; the model has "
-            f"{', '.join(f'{k}={v!r}' for k, v in differs.items())}")
-    return models.variables_by_name(model, to_big_vision_names(arrays), _big_vision_name,
-                                    _layout, "BiT", "checkpoint")
+        raise errors.WeightsError("BiT checkpoints need models.ResNetV2 with "
+                         f"{', '.join(f'{k}={v!r}' for k, v in wanted.items())}; the model has "
+                         f"{', '.join(f'{k}={v!r}' for k, v in differs.items())}")
+    return name_mapping.variables_by_name(model, to_big_vision_names(arrays),
+                                          _big_vision_name, _layout, "BiT", "checkpoint")
 
 
 def _layout(name: str, value: np.ndarray, shape: tuple) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Orbax checkpoints of the training state, with the checks a long run needs.
 
 Each step directory holds two items: "state" (the train state as global arrays, written
-asynchronously) and "meta" (JSON: the step, the network's `models.signature`, the state's
-structure and the run's training metrics at that step). Every process takes part in saving and restoring;
-Orbax decides which process writes what.
+asynchronously) and "meta" (JSON: the step, the network's `weights.signature`, the state's
+structure and the run's training metrics at that step). Every process takes part in saving
+and restoring; Orbax decides which process writes what.
 
 * Restoring onto another device count works: the state is restored into the shardings of the
   current run, whatever wrote it. Floating-point leaves are cast to the run's dtypes, and a
@@ -14,8 +14,8 @@ Orbax decides which process writes what.
   release 0.1 (meta "model" instead of "network") are compared on what they recorded.
 * A checkpoint whose files cannot be read (a truncated file, a half-copied folder), or whose
   arrays read back as NaN or Inf (no run saves such a state), is set aside as
-  `<step>.unreadable` with a warning naming what is wrong, and the one before it is used. A workdir whose
-  checkpoints are all unreadable is refused rather than trained from scratch.
+  `<step>.unreadable` with a warning naming what is wrong, and the one before it is used. A
+  workdir whose checkpoints are all unreadable is refused rather than trained from scratch.
 """
 
 import contextlib
@@ -31,7 +31,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from resnet_v2_jax import errors, models
+from resnet_v2_jax import errors, models, weights
 
 UNREADABLE_SUFFIX = ".unreadable"
 
@@ -76,7 +76,7 @@ class Checkpoints:
     Args:
       workdir: the run's folder (an absolute local path or gs://; see `rundir.resolve`).
       model: the network the state's parameters belong to; a checkpoint of a network with
-        another `models.signature` is refused.
+        another `weights.signature` is refused.
       keep: how many checkpoints to keep.
       read_only: never write, create, clean up or set aside anything: safe on a run that is
         still training (eval-only).
@@ -88,7 +88,7 @@ class Checkpoints:
                  read_only: bool = False, num_runs: int = 1):
         self.directory = epath.Path(workdir) / "checkpoints"
         self.model = model
-        self.signature = models.signature(model)
+        self.signature = weights.signature(model)
         self.keep = keep
         self.num_runs = num_runs
         self._failed = False
@@ -183,7 +183,7 @@ class Checkpoints:
         CheckpointMismatchError, naming what differs, if it holds another network or a state
         of another structure (the widths of dtypes aside: restoring casts them)."""
         if "network" in meta:
-            differences = models.signature_differences(meta["network"], self.signature)
+            differences = weights.signature_differences(meta["network"], self.signature)
         else:  # release 0.1
             current = _signature_of_0_1(self.model)
             differences = [(k, meta.get("model", {}).get(k), current[k]) for k in current

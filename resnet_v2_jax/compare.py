@@ -81,4 +81,4 @@ def main(argv: List[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main, (ValueError, FileNotFoundError))
+    cli.run(main)

@@ -1,6 +1,7 @@
-"""The config of a run: what each key may hold (`validate`), what each key means (`key_help`,
-from the comments of `base_config`), and the config.json files of older releases, read
-with the behaviour they had (`migrate`: the one place that knows them).
+"""The config of a run: what each key may hold (`validate`), what each key means (`key_help`:
+the comments of `base_config` for the top-level keys, the network's declaration for the model
+section's), and the config.json files of older releases, read with the behaviour they had
+(`migrate`: the one place that knows them).
 
 A config has top-level keys (data, optimisation, loop; the Flax ImageNet example's names where
 it has them) and one section, `model`, whose keys are the arguments of
@@ -217,25 +218,32 @@ def validate(config: ml_collections.ConfigDict) -> models.ResNetV2:
 # --- what the keys mean ---------------------------------------------------------------------------
 
 def key_help() -> Dict[str, str]:
-    """{"key" or "model.key": its one-line meaning}, in the order of `base_config`, from the
-    comments at the end of its `config.<key> = ...` and `model.<key> = ...` lines (and the
-    comment lines aligned under them). {} where its source is not installed."""
+    """{"key" or "model.key": its one-line meaning}: the top-level keys in the order of
+    `base_config.get_config`, then the model section's, whose meanings are the network's own
+    declaration (`models.FACTORY_ARGUMENTS`, then each option's `models.Option.meaning`)."""
+    model = {**models.FACTORY_ARGUMENTS,
+             **{name: declared.meaning for name, declared in models.OPTIONS.items()}}
+    return {**_top_level_help(), **{f"model.{k}": v for k, v in model.items()}}
+
+
+def _top_level_help() -> Dict[str, str]:
+    """{"key": meaning} from the comments at the end of `base_config.get_config`'s
+    `config.<key> = ...` lines (and the comment lines aligned under them). {} where its source
+    is not installed."""
     try:
-        source = inspect.getsource(base_config)
+        source = inspect.getsource(base_config.get_config)
     except OSError:
         return {}
     meanings: Dict[str, str] = {}
     key: Optional[str] = None
     for line in source.splitlines():
-        assignment = re.match(r"\s*(config|model)\.(\w+)\s*=[^#]*(?:#\s*(.*))?$", line)
+        assignment = re.match(r"\s*config\.(\w+)\s*=[^#]*(?:#\s*(.*))?$", line)
         continued = re.match(r"\s{30,}#\s*(.*)$", line)
-        if assignment:  # the first assignment of a key is the documented one
-            name = assignment[2] if assignment[1] == "config" else f"model.{assignment[2]}"
-            key = name if name not in meanings else None
-            if key:
-                meanings[key] = (assignment[3] or "").strip()
+        if assignment and assignment[1] != "model":
+            key = assignment[1]
+            meanings[key] = (assignment[2] or "").strip()
         elif continued and key:
             meanings[key] = f"{meanings[key]} {continued[1].strip()}".strip()
         else:
             key = None
-    return {k: v for k, v in meanings.items() if k != "model"}
+    return meanings

@@ -7,7 +7,7 @@ r"""Weights out: a run's checkpoint as one safetensors file that needs no config
 The file holds the parameters and BN statistics (one tensor per variable, named
 "params/stage1_unit1/conv1/kernel") and, in its metadata, the network's options. Read it with
 
-    model, variables = models.load("/tmp/resnet14.safetensors")
+    model, variables = weights.load("/tmp/resnet14.safetensors")
     logits = model.apply(variables, images, train=False)
 
 or start a fine-tuning run from it (`--config.init_from=/tmp/resnet14.safetensors`). The latest
@@ -22,7 +22,7 @@ from typing import Optional
 
 from absl import flags
 
-from resnet_v2_jax import cli, configuration, errors, models, rundir, runs
+from resnet_v2_jax import cli, configuration, errors, rundir, runs, unit_layout, weights
 
 FLAGS = flags.FLAGS
 
@@ -51,8 +51,9 @@ def export(workdir: str, out: str, unrolled: bool = False, run: Optional[int] = 
         divergence = loaded.divergence()
         where = f"{where}, run {run}" + (f"; {divergence}" if divergence else "")
     if unrolled and model.scan_units:
-        model, variables = model.clone(scan_units=False), models.scanned_to_unrolled(variables)
-    models.save(out, model, variables)
+        model = model.clone(scan_units=False)
+        variables = unit_layout.scanned_to_unrolled(variables)
+    weights.save(out, model, variables)
     return where
 
 

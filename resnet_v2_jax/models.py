@@ -27,22 +27,25 @@ The stem's and each stage's feature maps are sown into the "intermediates" colle
         state["intermediates"]["stage3"]     # a 1-tuple holding the stage-3 output, NHWC
         state["intermediates"]["stem"]       # the stem's output (before the first unit)
 
+Each network option is declared once, as an attribute made by `option` (its default, meaning,
+allowed values and role in what defines a network); what else needs the options reads that
+declaration (`OPTIONS`): the checks of a network's arguments, the options a network hands its
+units (those of `UnitOptions`), `weights.signature` and `weights.options`, and the meanings
+`--print_config` prints. Weights files and a network's identity are `resnet_v2_jax.weights`, the
+scanned and unrolled layouts `resnet_v2_jax.unit_layout`.
+
 This module imports neither TensorFlow nor tfds.
 """
 
 import dataclasses
 import functools
-import json
 import math
-import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
 from resnet_v2_jax import errors
 
@@ -84,16 +87,6 @@ SHORTCUTS = (
     "dropout",         # (f) dropout(x) + F
 )
 
-# The options only some settings use: option -> (the attribute that decides, the values that
-# use it). A network with another value ignores the option (and `signature` leaves it out).
-DEPENDENT_OPTIONS = {"shortcut_scale": ("shortcut", ("scaling",)),
-                     "residual_scale": ("shortcut", ("scaling",)),
-                     "gate_bias_init": ("shortcut", ("exclusive_gate", "shortcut_gate")),
-                     "shortcut_dropout_rate": ("shortcut", ("dropout",)),
-                     "bn_momentum": ("norm", ("batch",)),
-                     "norm_groups": ("norm", ("group",)),
-                     "conv_epsilon": ("conv", ("weight_standardized",))}
-
 # The normalisation layers by name. BatchNorm is the paper's; GroupNorm with weight-standardised
 # convs is BiT's (big_vision, timm's resnetv2_50x1_bit); LayerNorm normalises each position over
 # its channels. A callable with the constructor interface of these (module attributes, `name`)
@@ -124,12 +117,79 @@ HEAD = "head"
 """The classifier's module name: what fine-tuning replaces or trains alone."""
 
 
-def runtime(default):
-    """Declares a `ResNetV2` attribute that changes how the network runs (dtypes, layout, BN
-    reduction axes) but not the function it computes from its weights: `signature` leaves it
-    out, so checkpoints and weights files move between its values (converted where the layout
-    differs, see `unrolled_to_scanned`). Every other attribute defines the network."""
-    return dataclasses.field(default=default, metadata={"runtime": True})
+# What an option is to a network's identity (`Option.role`).
+ROLES = ("network", "runtime", "caller")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """What the declaration of a network option says beside its type and default (`option`).
+
+    Attributes:
+        meaning: one line, the one `--print_config` prints for `model.<name>`.
+        check: (name, value) -> None, raising a one-line ValueError for a value the option
+            cannot take (`one_of`, `number`); None accepts any value.
+        used_when: (another option, its values) for an option that has an effect only then:
+            other networks ignore it, and their `weights.signature` leaves it out.
+        role: what it is to a network's identity: "network" (it defines the function the
+            network computes from its weights: part of `weights.signature`), "runtime" (how the
+            network runs, not what it computes: dtypes, unit layout; saved with the weights so
+            that `weights.load` rebuilds the same network) or "caller" (set by whoever runs the
+            network on several devices; never saved).
+    """
+    meaning: str
+    check: Optional[Callable[[str, Any], None]] = None
+    used_when: Optional[Tuple[str, Tuple]] = None
+    role: str = "network"
+
+    def __post_init__(self):
+        one_of(ROLES)("role", self.role)
+
+
+def option(default, meaning: str, **declaration):
+    """Declares a module attribute as a network option: its default (`dataclasses.MISSING` for
+    a required one), its meaning and the rest of `Option`. Options are keyword-only."""
+    return dataclasses.field(default=default, kw_only=True,
+                             metadata={"option": Option(meaning, **declaration)})
+
+
+def one_of(choices, *, or_constructor: bool = False):
+    """An `Option.check`: the value is one of `choices` (or, `or_constructor`, a callable)."""
+    def check(name: str, value) -> None:
+        if not (or_constructor and callable(value)) and value not in choices:
+            raise errors.ConfigError(f"unknown {name} {value!r}; choose one of "
+                                     f"{', '.join(map(str, choices))}")
+    return check
+
+
+def number(low: Optional[float] = None, high: Optional[float] = None, *, open_low: bool = False,
+           open_high: bool = False):
+    """An `Option.check`: the value is a finite real in [low, high] (open ends where asked;
+    None bounds are unbounded)."""
+    def check(name: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise errors.ConfigError(f"{name} must be a number, got {value!r}")
+        if not np.isfinite(value):
+            raise errors.ConfigError(f"{name} must be finite, got {value}")
+        if low is not None and (value <= low if open_low else value < low):
+            raise errors.ConfigError(
+                f"{name} must be {'>' if open_low else '>='} {low}, got {value}")
+        if high is not None and (value >= high if open_high else value > high):
+            raise errors.ConfigError(
+                f"{name} must be {'<' if open_high else '<='} {high}, got {value}")
+    return check
+
+
+def declared_options(module_class) -> Dict[str, Option]:
+    """{name: its `Option`} of the options a module class declares, in declaration order."""
+    return {f.name: f.metadata["option"] for f in dataclasses.fields(module_class)
+            if "option" in f.metadata}
+
+
+def _check_options(module: nn.Module) -> None:
+    for name, declared in declared_options(type(module)).items():
+        if declared.check is not None:
+            declared.check(name, getattr(module, name))
 
 
 class StandardizedConv(nn.Conv):
@@ -157,45 +217,57 @@ def _conv(features: int, kernel: int, strides: int = 1, use_bias: bool = False, 
                       **kwargs)
 
 
-class ResidualUnit(nn.Module):
-    """One residual unit, x_{l+1} = f(h(x_l) + F(x_l)) (eq. 1-2), basic or bottleneck.
+class UnitOptions(nn.Module):
+    """The options of a residual unit that a network sets alike in all its units: the
+    attributes `ResidualUnit` and `ResNetV2` share (a network hands its own to every unit)."""
+    bottleneck: bool = option(True, "1x1-3x3-1x1 bottleneck units (True) or 3x3-3x3 basic units")
+    # Basic units always stride on their first 3x3.
+    stride_on: str = option("3x3", 'conv that strides in a bottleneck: "1x1" (authors\' CIFAR '
+                            'code) | "3x3" (fb.resnet.torch, timm)', check=one_of(("1x1", "3x3")))
+    unit: str = option("full_preact", "Fig. 4: original | bn_after_add | relu_before_add | "
+                       "relu_preact | full_preact", check=one_of(UNIT_PLACEMENTS))
+    shortcut: str = option("identity", "Fig. 2: identity | scaling | exclusive_gate | "
+                           "shortcut_gate | conv | dropout", check=one_of(SHORTCUTS))
+    shortcut_scale: float = option(1.0, '"scaling" only: lambda on the shortcut (Fig. 2b)',
+                                   check=number(), used_when=("shortcut", ("scaling",)))
+    residual_scale: float = option(1.0, '"scaling" only: lambda on F (Fig. 2b)', check=number(),
+                                   used_when=("shortcut", ("scaling",)))
+    gate_bias_init: float = option(0.0, "gating only: b_g, the gate's initial bias (Fig. 2c-d)",
+                                   check=number(),
+                                   used_when=("shortcut", ("exclusive_gate", "shortcut_gate")))
+    shortcut_dropout_rate: float = option(0.5, '"dropout" only: drop rate (Fig. 2f)',
+                                          check=number(0.0, 1.0, open_high=True),
+                                          used_when=("shortcut", ("dropout",)))
+
+    def __post_init__(self):
+        _check_options(self)
+        super().__post_init__()
+
+
+class ResidualUnit(UnitOptions):
+    """One residual unit, x_{l+1} = f(h(x_l) + F(x_l)) (eq. 1-2), basic or bottleneck, with the
+    options of `UnitOptions` (each one's meaning is its declaration).
 
     Attributes:
         features: output channels. A bottleneck unit's inner width is features // 4.
         norm: normalisation constructor with its options (for BatchNorm `use_running_average`)
             already bound; called with `name=` only.
         conv: Conv constructor with dtype bound (see `_conv` for its interface and defaults).
-        bottleneck: 1x1-3x3-1x1 layers (True) or 3x3-3x3 (False).
         strides: spatial stride of the unit.
-        stride_on: "1x1" puts the stride on the first 1x1 conv (authors' CIFAR code), "3x3" on the
-            3x3 conv (fb.resnet.torch, timm). Basic units always stride on their first 3x3.
-        unit: a key of `UNIT_PLACEMENTS`.
-        shortcut: one of `SHORTCUTS`.
         preact: one of `PREACT_MODES`.
-        shortcut_scale, residual_scale: the lambdas of the "scaling" shortcut (Fig. 2b).
-        gate_bias_init: b_g of the gating shortcuts (Fig. 2c-d).
-        shortcut_dropout_rate: drop rate of the "dropout" shortcut (Fig. 2f).
         deterministic: disables the dropout shortcut (evaluation).
     """
     features: int
     norm: ModuleDef
     conv: ModuleDef = _conv
-    bottleneck: bool = True
     strides: int = 1
-    stride_on: str = "3x3"
-    unit: str = "full_preact"
-    shortcut: str = "identity"
     preact: str = "branch"
-    shortcut_scale: float = 1.0
-    residual_scale: float = 1.0
-    gate_bias_init: float = 0.0
-    shortcut_dropout_rate: float = 0.5
     deterministic: bool = True
 
     def __post_init__(self):
-        _check_unit_options(self)
-        _check_choice("preact", self.preact, PREACT_MODES)
+        one_of(PREACT_MODES)("preact", self.preact)
         super().__post_init__()
+
 
     def _layers(self):
         """(kernel, features, strides) of each weight layer of F."""
@@ -264,87 +336,67 @@ class _ScanBody(nn.Module):
         return self.unit(name="unit")(x), None
 
 
-class ResNetV2(nn.Module):
+class ResNetV2(UnitOptions):
     """A residual network of `ResidualUnit`s in stages.
 
     stem -> stages (the first unit of each stage may change shape, the rest are identical)
     -> the units' own pre-activation (the paper's extra BN-ReLU after the last unit) -> global
     average pool -> linear classifier.
 
-    The attributes are the one declaration of a network's options: configs pass theirs as
-    `create(**config.model)`, and checkpoints, `init_from` and weights files compare or store
-    `signature` / `options` of the built network. Those marked `runtime(...)` change how it runs,
-    not what it computes.
-
-    Attributes:
-        stage_sizes: units per stage.
-        widths: output channels per stage.
-        num_classes: classifier outputs; None gives a headless backbone returning pooled features.
-        stem: "cifar" (3x3 conv, 16 channels) or "imagenet" (7x7/2 conv 64, BN, ReLU, 3x3/2 max-pool).
-        stem_norm: ImageNet only. "before_pool" is preresnet.lua (conv-BN-ReLU-pool, then the first
-            unit has no pre-activation). "after_pool" is timm's ResNetV2 (conv-pool, then the first
-            unit pre-activates and shares it with its projection); needs a pre-activation unit.
-        stem_width: channels of the stem conv.
-        stem_pool_pad: ImageNet only: how the stem's max-pool pads, one of `STEM_POOL_PADS`.
-        bottleneck, stride_on, unit, shortcut, shortcut_scale, residual_scale, gate_bias_init,
-            shortcut_dropout_rate: passed to every `ResidualUnit` (`UNIT_OPTIONS`).
-        norm: the normalisation layer, one of `NORMS` or a constructor (see `NORMS`).
-        norm_groups: GroupNorm's number of groups (norm="group"; BiT's 32).
-        conv: the convolution, one of `CONVS` or a constructor (see `CONVS`).
-        conv_epsilon: weight standardisation's epsilon (conv="weight_standardized"): timm's
-            `StdConv2d` uses 1e-8, the original BiT and big_vision 1e-10.
-        bn_momentum: BatchNorm running-average momentum (Torch's 0.1 is 0.9 here).
-        bn_epsilon: the normalisation layers' epsilon.
-        dtype: compute dtype (e.g. jnp.bfloat16); params and BN statistics stay `param_dtype`,
-            logits are returned as float32 (as `param_dtype` when that is float64).
-        param_dtype: dtype of parameters and BN statistics: float32, or float64 for exact
-            equivalence tests (needs jax_enable_x64, which the caller turns on).
-        bn_axis_name: mapped axis name (or tuple of names) over which BN batch statistics are
-            averaged in training; None = over the batch this call sees (per device under pmap or
-            shard_map; the whole global batch under jax.jit over sharded arrays).
-        bn_axis_index_groups: axis_index_groups for that reduction (pmap only).
-        scan_units: run the identical units of each stage with nn.scan, so compile time does not
-            grow with depth. Parameters of units 2..n of stage s are stacked under "stage{s}_repeat";
-            see `scanned_to_unrolled` / `unrolled_to_scanned`.
-        remat_units: rematerialise each unit in the backward pass (nn.remat).
+    Its attributes are the network's options, each declared once with its meaning (`option`):
+    those of `UnitOptions`, handed to every unit, and the network's own below. Configs pass
+    theirs as `create(**config.model)`; checkpoints, `init_from` and weights files compare or
+    store `weights.signature` / `weights.options` of the built network.
     """
-    stage_sizes: Sequence[int]
-    widths: Sequence[int]
-    num_classes: Optional[int] = 1000
-    stem: str = "imagenet"
-    stem_norm: str = "before_pool"
-    stem_width: int = 64
-    stem_pool_pad: str = "-inf"
-    bottleneck: bool = True
-    stride_on: str = "3x3"
-    unit: str = "full_preact"
-    shortcut: str = "identity"
-    shortcut_scale: float = 1.0
-    residual_scale: float = 1.0
-    gate_bias_init: float = 0.0
-    shortcut_dropout_rate: float = 0.5
-    norm: Any = "batch"
-    norm_groups: int = 32
-    conv: Any = "plain"
-    conv_epsilon: float = 1e-8
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = runtime(jnp.float32)
-    param_dtype: Any = runtime(jnp.float32)
-    bn_axis_name: Any = runtime(None)
-    bn_axis_index_groups: Any = runtime(None)
-    scan_units: bool = runtime(False)
-    remat_units: bool = runtime(False)
+    stage_sizes: Sequence[int] = option(dataclasses.MISSING, "units per stage")
+    widths: Sequence[int] = option(dataclasses.MISSING, "output channels per stage")
+    num_classes: Optional[int] = option(
+        1000, "classifier outputs; None: a headless backbone returning pooled features")
+    stem: str = option("imagenet", '"cifar" (3x3 conv) | "imagenet" (7x7/2 conv, 3x3/2 max-pool)',
+                       check=one_of(("cifar", "imagenet")))
+    # "before_pool" is preresnet.lua (conv-BN-ReLU-pool, then the first unit has no
+    # pre-activation); "after_pool" is timm's ResNetV2 (conv-pool, then the first unit
+    # pre-activates and shares it with its projection).
+    stem_norm: str = option("before_pool", 'ImageNet only: "before_pool" (paper) | "after_pool" '
+                            "(timm; needs a pre-activation unit)",
+                            check=one_of(("before_pool", "after_pool")))
+    stem_width: int = option(64, "channels of the stem conv")
+    stem_pool_pad: str = option("-inf", 'ImageNet only: the stem max-pool\'s padding, "-inf" '
+                                '(paper, timm) | "zero" (BiT)', check=one_of(STEM_POOL_PADS))
+    norm: Any = option("batch", '"batch" (the paper) | "group" (BiT) | "layer", or a constructor',
+                       check=one_of(NORMS, or_constructor=True))
+    norm_groups: int = option(32, 'norm="group" only: GroupNorm\'s groups (BiT\'s 32)',
+                              used_when=("norm", ("group",)))
+    conv: Any = option("plain", '"plain" | "weight_standardized" (BiT), or a constructor',
+                       check=one_of(CONVS, or_constructor=True))
+    conv_epsilon: float = option(1e-8, "weight_standardized only: timm's 1e-8, BiT's 1e-10",
+                                 check=number(0.0, open_low=True),
+                                 used_when=("conv", ("weight_standardized",)))
+    bn_momentum: float = option(0.9, 'norm="batch" only: running-average momentum (Torch\'s '
+                                "BN momentum 0.1)", check=number(0.0, 1.0),
+                                used_when=("norm", ("batch",)))
+    bn_epsilon: float = option(1e-5, "the norm layers' epsilon (Torch's BN default)",
+                               check=number(0.0, open_low=True))
+    # Logits are returned as float32 (as `param_dtype` when that is float64).
+    dtype: Any = option(jnp.float32, "compute dtype (e.g. bfloat16); params and BN statistics "
+                        "stay param_dtype", role="runtime")
+    param_dtype: Any = option(jnp.float32, "dtype of parameters and BN statistics: float32, or "
+                              "float64 for exact equivalence tests (needs jax_enable_x64)",
+                              role="runtime")
+    # None: over the batch this call sees (per device under pmap or shard_map; the whole global
+    # batch under jax.jit over sharded arrays).
+    bn_axis_name: Any = option(None, "mapped axis name(s) over which training averages BN batch "
+                               "statistics", role="caller")
+    bn_axis_index_groups: Any = option(None, "axis_index_groups of that average (pmap only)",
+                                       role="caller")
+    # Parameters of units 2..n of stage s are stacked under "stage{s}_repeat"
+    # (`unit_layout.scanned_to_unrolled` / `unrolled_to_scanned`).
+    scan_units: bool = option(False, "nn.scan over the identical units of a stage (compile time "
+                              "does not grow with depth)", role="runtime")
+    remat_units: bool = option(False, "nn.remat each unit (memory for compute)", role="runtime")
 
     def __post_init__(self):
-        _check_unit_options(self)
-        _check_choice("stem", self.stem, ("cifar", "imagenet"))
-        _check_choice("stem_norm", self.stem_norm, ("before_pool", "after_pool"))
-        _check_choice("stem_pool_pad", self.stem_pool_pad, STEM_POOL_PADS)
-        if not callable(self.norm):
-            _check_choice("norm", self.norm, NORMS)
-        if not callable(self.conv):
-            _check_choice("conv", self.conv, CONVS)
+        super().__post_init__()  # each option's own check first
         if self.norm == "group":
             inner = [w // 4 for w in self.widths] if self.bottleneck else []
             channels = sorted({self.stem_width, *self.widths, *inner})
@@ -377,10 +429,7 @@ class ResNetV2(nn.Module):
         if self.stem_norm == "after_pool" and not UNIT_PLACEMENTS[self.unit]["before_conv"]:
             raise errors.ConfigError(
                 f"stem_norm='after_pool' needs a pre-activation unit, not {self.unit!r}")
-        _check_number("bn_momentum", self.bn_momentum, 0.0, 1.0)
-        _check_number("bn_epsilon", self.bn_epsilon, 0.0, None, open_low=True)
-        _check_number("conv_epsilon", self.conv_epsilon, 0.0, None, open_low=True)
-        super().__post_init__()
+
 
     def _norm(self, train: bool) -> Callable[..., nn.Module]:
         """The normalisation constructor the units call with `name=` only."""
@@ -438,14 +487,9 @@ class ResNetV2(nn.Module):
                      preact=first_preact if s == 1 else "shared", name=f"stage{s}_unit1")(x)
             identical = functools.partial(unit, features=width, preact="branch")
             if self.scan_units and size > 1:
-                # One slice per iteration also for what analysis tools add (resnet_v2_jax.analyze:
-                # sown unit outputs, perturbations); absent collections cost nothing.
-                x, _ = nn.scan(_ScanBody, variable_axes={
-                    "params": 0,
-                    "batch_stats": 0,
-                    "intermediates": 0,
-                    "perturbations": 0,
-                }, split_rngs={
+                # Every variable collection has one slice per iteration (True: all of them),
+                # whatever the collections are: the units' own, and any a caller adds.
+                x, _ = nn.scan(_ScanBody, variable_axes={True: 0}, split_rngs={
                     "params": True,
                     "dropout": True
                 }, length=size - 1)(identical, name=f"stage{s}_repeat")(x, None)
@@ -468,41 +512,10 @@ class ResNetV2(nn.Module):
         return x.astype(out_dtype)
 
 
-# The attributes a network hands to each of its units: those the two declare alike.
-UNIT_OPTIONS = tuple(f.name for f in dataclasses.fields(ResidualUnit)
-                     if f.name in {g.name for g in dataclasses.fields(ResNetV2)}
-                     and f.name not in ("parent", "name", "norm", "conv"))  # built by ResNetV2
-
-
-def _check_choice(name: str, value, choices):
-    if value not in choices:
-        raise errors.ConfigError(
-            f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
-
-
-def _check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
-                  *, open_low: bool = False, open_high: bool = False):
-    """Raises a one-line ValueError unless `value` is a finite real in [low, high] (open ends
-    where asked); None bounds are unbounded."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise errors.ConfigError(f"{name} must be a number, got {value!r}")
-    if not np.isfinite(value):
-        raise errors.ConfigError(f"{name} must be finite, got {value}")
-    if low is not None and (value <= low if open_low else value < low):
-        raise errors.ConfigError(f"{name} must be {'>' if open_low else '>='} {low}, got {value}")
-    if high is not None and (value >= high if open_high else value > high):
-        raise errors.ConfigError(f"{name} must be {'<' if open_high else '<='} {high}, got {value}")
-
-
-def _check_unit_options(module):
-    """The checks a unit's options need, shared by `ResidualUnit` and `ResNetV2`."""
-    _check_choice("unit", module.unit, UNIT_PLACEMENTS)
-    _check_choice("shortcut", module.shortcut, SHORTCUTS)
-    _check_choice("stride_on", module.stride_on, ("1x1", "3x3"))
-    for name in ("shortcut_scale", "residual_scale", "gate_bias_init"):
-        _check_number(name, getattr(module, name))
-    _check_number("shortcut_dropout_rate", module.shortcut_dropout_rate, 0.0, 1.0,
-                  open_high=True)
+# The options a network hands to each of its units.
+UNIT_OPTIONS = tuple(declared_options(UnitOptions))
+# Every option of a network, in declaration order: the one table the rest reads.
+OPTIONS = declared_options(ResNetV2)
 
 
 CIFAR_WIDTHS = {"bottleneck": (64, 128, 256), "basic": (16, 32, 64)}
@@ -524,7 +537,7 @@ def cifar_resnet(depth: int, num_classes: Optional[int] = 10, *, block: str = "b
     depth = 6n+2 (ResNet-110: n=18). The stride sits on the first 1x1 conv as in the authors'
     code; `stride_on="3x3"` moves it. `options` are further `ResNetV2` attributes.
     """
-    _check_choice("block", block, CIFAR_WIDTHS)
+    one_of(CIFAR_WIDTHS)("block", block)
     _refuse_set_by_factory("cifar_resnet", options)
     layers = 3 if block == "bottleneck" else 2
     if (not isinstance(depth, (int, np.integer)) or isinstance(depth, bool)
@@ -567,220 +580,20 @@ def _refuse_set_by_factory(factory: str, options) -> None:
 
 
 ARCHITECTURES = {"cifar": cifar_resnet, "imagenet": imagenet_resnet}
+# The meanings of the arguments of `create` that are not options of `ResNetV2`: with `OPTIONS`,
+# every key a config's model section can hold.
+FACTORY_ARGUMENTS = {
+    "arch": '"cifar" or "imagenet": the factory (docs/paper.md)',
+    "depth": "CIFAR: 6n+2 basic, 9n+2 bottleneck; ImageNet: 18, 34, 50, 101, 152, 200",
+    "block": 'CIFAR only: "basic" | "bottleneck" units',
+}
 
 
 def create(arch: str, depth: int, num_classes: Optional[int], **options) -> ResNetV2:
     """The network a config's `model` section names: `create(num_classes=10, **config.model)`.
     `arch` picks the factory (`ARCHITECTURES`), the rest are its arguments."""
-    _check_choice("arch", arch, ARCHITECTURES)
+    one_of(ARCHITECTURES)("arch", arch)
     try:
         return ARCHITECTURES[arch](depth, num_classes, **options)
     except TypeError as e:  # an option the factory does not take
         raise errors.ConfigError(f"{arch} networks take no such option ({e})") from e
-
-
-_UNROLLED = re.compile(r"stage(\d+)_unit(\d+)$")
-_SCANNED = re.compile(r"stage(\d+)_repeat$")
-
-
-def holds_units(tree) -> bool:
-    """Whether `tree` is a dict keyed by the network's modules (params, BN statistics, or an
-    optimiser's tree shaped like them): one with unit entries, unrolled or scanned."""
-    return isinstance(tree, dict) and any(
-        isinstance(k, str) and (_UNROLLED.match(k) or _SCANNED.match(k)) for k in tree)
-
-
-def unrolled_to_scanned(variables):
-    """Converts variables of a `scan_units=False` network to the `scan_units=True` layout.
-
-    `variables` maps collection names to trees, as `model.init` returns them ({"params": ...,
-    "batch_stats": ...}). Units 2..n of stage s are stacked on a new leading axis under
-    "stage{s}_repeat/unit", so a checkpoint trained one way loads the other way.
-    """
-    return {col: _to_scanned(tree) for col, tree in variables.items()}
-
-
-def scanned_to_unrolled(variables):
-    """The inverse of `unrolled_to_scanned`."""
-    return {col: _to_unrolled(tree) for col, tree in variables.items()}
-
-
-def _to_scanned(tree):
-    out, repeated = {}, {}
-    for name, value in tree.items():
-        m = _UNROLLED.match(name)
-        if m and int(m.group(2)) > 1:
-            repeated.setdefault(int(m.group(1)), {})[int(m.group(2))] = value
-        else:
-            out[name] = value
-    for stage, units in repeated.items():
-        ordered = [units[u] for u in sorted(units)]
-        out[f"stage{stage}_repeat"] = {"unit": jax.tree.map(lambda *a: jnp.stack(a), *ordered)}
-    return out
-
-
-def _to_unrolled(tree):
-    out = {}
-    for name, value in tree.items():
-        m = _SCANNED.match(name)
-        if not m:
-            out[name] = value
-            continue
-        stacked = value["unit"]
-        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
-            out[f"stage{m.group(1)}_unit{i + 2}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
-    return out
-
-
-
-def variables_by_name(model: "ResNetV2", arrays, name_of: Callable[[list], str],
-                      layout: Callable[[str, np.ndarray, tuple], np.ndarray], source: str,
-                      kind: str, channels: int = 3):
-    """`model`'s variables taken from another library's named arrays (the weight importers').
-
-    Every variable of the unrolled network is `arrays[name_of(path)]`, `path` its keys from the
-    collection on, as float32 put into the variable's shape by `layout(name, value, shape)`;
-    returned scanned where `model.scan_units`. `source` and `kind` name the arrays in messages
-    ("timm", "state dict"). `channels`: the input channels of the network to build.
-
-    Raises:
-        ValueError (one line): arrays are missing or left over, or one does not fit its variable.
-    """
-    expected = jax.eval_shape(lambda: model.clone(scan_units=False).init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, channels)), train=False))
-    missing, used = [], set()
-
-    def take(path, spec):
-        keys = [p.key for p in path]
-        name = name_of(keys)
-        if name not in arrays:
-            missing.append(name)
-            return None
-        used.add(name)
-        given = np.asarray(arrays[name])
-        misfit = errors.WeightsError(
-            f"{source} {name} of shape {given.shape} ({given.dtype}) does not fit the model's "
-            f"{'/'.join(keys)}: expected {spec.shape} numbers")
-        if not (np.issubdtype(given.dtype, np.number) or given.dtype == np.bool_) \
-                or given.size != np.prod(spec.shape, dtype=np.int64):
-            raise misfit
-        try:
-            value = layout(name, given.astype(np.float32), spec.shape)
-        except ValueError as error:   # a layout (transpose, reshape) that the array cannot take
-            raise misfit from error
-        if value.shape != spec.shape:
-            raise misfit
-        return jnp.asarray(value)
-
-    variables = jax.tree_util.tree_map_with_path(take, expected)
-    unexpected = sorted(set(arrays) - used)
-    if missing or unexpected:
-        raise errors.WeightsError(
-            f"{source} {kind} does not fit the model: missing {_some(missing)}; "
-            f"unexpected {_some(unexpected)}")
-    return unrolled_to_scanned(variables) if model.scan_units else variables
-
-
-def _some(keys, shown=3) -> str:
-    """The first `shown` keys, and how many more, for a one-line message."""
-    if not keys:
-        return "none"
-    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
-    return ", ".join(keys[:shown]) + more
-
-
-# --- what defines a network, and weights files ----------------------------------------------------
-
-FILE_FORMAT = "resnet_v2_jax/1"
-# Never part of the weights: set by whoever runs the network on several devices.
-_CALLER_OPTIONS = ("parent", "name", "bn_axis_name", "bn_axis_index_groups")
-
-
-def _json_value(name: str, value):
-    if name in ("dtype", "param_dtype"):
-        return jnp.dtype(value).name
-    if callable(value):  # a user's norm or conv constructor: named, but not rebuildable
-        return f"callable {getattr(value, '__qualname__', None) or repr(value)}"
-    return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def options(model: ResNetV2) -> dict:
-    """The attributes that rebuild `model` (`ResNetV2(**options)`), as JSON values: `signature`
-    plus the runtime options that travel with weights (dtypes, scan/remat layout)."""
-    return {f.name: _json_value(f.name, getattr(model, f.name))
-            for f in dataclasses.fields(model) if f.name not in _CALLER_OPTIONS}
-
-
-def signature(model: ResNetV2) -> dict:
-    """What the network computes from its weights: every attribute not declared `runtime`, as
-    JSON values, but the options its settings ignore (`DEPENDENT_OPTIONS`). Two
-    networks with equal signatures are the same function of the same weights (converted
-    between scan layouts and dtypes)."""
-    return {f.name: _json_value(f.name, getattr(model, f.name))
-            for f in dataclasses.fields(model)
-            if f.name not in _CALLER_OPTIONS and not f.metadata.get("runtime")
-            and _used(model, f.name)}
-
-
-def _used(model: ResNetV2, name: str) -> bool:
-    decider, values = DEPENDENT_OPTIONS.get(name, (None, None))
-    return decider is None or getattr(model, decider) in values
-
-
-def signature_differences(saved: dict, current: dict) -> list:
-    """[(attribute, saved value, current value)] where two signatures differ. An attribute one
-    of them lacks (written before the attribute existed) counts as its default."""
-    defaults = {f.name: _json_value(f.name, f.default) for f in dataclasses.fields(ResNetV2)
-                if f.default is not dataclasses.MISSING}
-    saved, current = {**defaults, **saved}, {**defaults, **current}
-    return [(k, saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
-            if saved.get(k) != current.get(k)]
-
-
-def save(path: str, model: ResNetV2, variables) -> None:
-    """Writes `variables` ({"params", "batch_stats"}; no "batch_stats" without BatchNorm) as a
-    safetensors file, one tensor per
-    variable named "params/stage1_unit1/conv1/kernel", with `options(model)` in its metadata:
-    `load(path)` rebuilds the network without a config or Orbax. timm's and Hugging Face's
-    tools read the file too."""
-    from safetensors.numpy import save
-    if not isinstance(model, ResNetV2):
-        raise ValueError(f"models.save writes ResNetV2 networks (whose options load() rebuilds), "
-                         f"not {type(model).__name__}")
-    for name in ("norm", "conv"):
-        if callable(getattr(model, name)):
-            raise ValueError(f"the network's {name} is a constructor, which load() cannot "
-                             f"rebuild from a file; save networks whose {name} is one of "
-                             f"{NORMS if name == 'norm' else CONVS}")
-    tensors = {name: np.asarray(value)
-               for name, value in traverse_util.flatten_dict(variables, sep="/").items()}
-    # Written as ordinary bytes: the file follows the umask (safetensors' own writer makes it
-    # private), and any path etils reads (gs:// too) works.
-    epath.Path(path).write_bytes(save(tensors, metadata={"format": FILE_FORMAT,
-                                                         "options": json.dumps(options(model))}))
-
-
-def load(path: str, **overrides):
-    """(model, variables) from a file written by `save` (or `python -m resnet_v2_jax.export`),
-    ready for `model.apply(variables, images, train=False)`. `overrides` replace options, e.g.
-    `dtype=jnp.bfloat16` or `bn_axis_name="batch"` for training on several devices."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise errors.WeightsError(f"{path} is not a readable safetensors file ({e})") from e
-    if metadata.get("format") != FILE_FORMAT:
-        raise errors.WeightsError(
-            f"{path} is not a resnet_v2_jax weights file (its metadata has no "
-            f"format {FILE_FORMAT!r}); write one with python -m resnet_v2_jax.export")
-    values = {**json.loads(metadata["options"]), **overrides}
-    for key, value in values.items():
-        if key in ("dtype", "param_dtype") and isinstance(value, str):
-            values[key] = jnp.dtype(value)
-        elif isinstance(value, list):
-            values[key] = tuple(value)
-    variables = traverse_util.unflatten_dict(
-        {name: jnp.asarray(value) for name, value in tensors.items()}, sep="/")
-    return ResNetV2(**values), variables

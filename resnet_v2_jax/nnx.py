@@ -30,7 +30,7 @@ BN statistics in place, so the module graph never changes and `nnx.cached_partia
 paper's units have one implementation, and the NNX and linen forms give the same logits on the
 same weights. The variables keep the linen names (`model.params["stage1_unit1"]["conv1"]`)
 and convert both ways with `to_linen` / `from_linen`: a checkpoint of a training run
-(`models.load` of an exported file, or `resnet_v2_jax.export`), or timm weights
+(`weights.load` of an exported file, or `resnet_v2_jax.export`), or timm weights
 (`resnet_v2_jax.timm_import.load`), load into NNX, and NNX-trained weights go back to linen.
 The jitted NNX train step compiles to the linen one. Around it, nnx.jit's traversal of the
 module costs about 3 ms per call on a 2-core CPU (ResNet-20), `nnx.cached_partial` removes it
@@ -151,7 +151,7 @@ def to_linen(model: ResNetV2) -> Tuple[models.ResNetV2, Dict[str, Any]]:
 
 def from_linen(network: models.ResNetV2, variables: Dict[str, Any], *,
                rngs: Optional[nnx.Rngs] = None, drop_head: bool = False) -> ResNetV2:
-    """The NNX form of `network` holding `variables` (linen layout, e.g. from `models.load`,
+    """The NNX form of `network` holding `variables` (linen layout, e.g. from `weights.load`,
     `timm_import.load` or a checkpoint). Every variable must be there, with the network's
     shapes; anything else is refused with a one-line ValueError naming the difference.
     `drop_head=True` lets a headless `network` (num_classes=None) take a classifier's

@@ -4,7 +4,7 @@ Sources (`initialize_from` takes any of them; `load_file` reads files, `runs.rea
 
 * a run's workdir or one of its checkpoint step folders;
 
-* a file written by `python -m resnet_v2_jax.export` (`models.save`): safetensors holding the
+* a file written by `python -m resnet_v2_jax.export` (`weights.save`): safetensors holding the
   network's options;
 * a timm ResNetV2 state dict (`resnetv2_50`, `resnetv2_101`, `resnetv2_50x1_bit`, ...; see
   `timm_import`): `.safetensors` (what the Hugging Face hub serves as `model.safetensors`),
@@ -31,7 +31,8 @@ from absl import logging
 from etils import epath
 from flax import traverse_util
 
-from resnet_v2_jax import big_vision_import, errors, models, rundir, timm_import
+from resnet_v2_jax import (big_vision_import, errors, models, rundir, timm_import, unit_layout,
+                           weights)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -118,7 +119,7 @@ def load_file(path: str) -> Tuple[models.ResNetV2, Dict[str, Any]]:
                 raise type(e)(str(e).replace(local, path)) from e
     state_dict = _read_state_dict(path)
     if state_dict is None:
-        return models.load(path)
+        return weights.load(path)
     try:
         if big_vision_import.is_big_vision(state_dict):
             return big_vision_import.load(state_dict)
@@ -135,7 +136,7 @@ def _read_state_dict(path: str) -> Optional[Dict[str, Any]]:
         from safetensors.numpy import load_file as read_tensors
         try:
             with safe_open(path, framework="numpy") as f:
-                ours = (f.metadata() or {}).get("format") == models.FILE_FORMAT
+                ours = (f.metadata() or {}).get("format") == weights.FILE_FORMAT
             return None if ours else read_tensors(path)
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise errors.WeightsError(f"{path} is not a readable safetensors file ({e})") from e
@@ -172,7 +173,8 @@ def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: 
     (`check_fits`)."""
     check_fits(source, target, where)
     if source.scan_units != target.scan_units:
-        convert = models.unrolled_to_scanned if target.scan_units else models.scanned_to_unrolled
+        convert = (unit_layout.unrolled_to_scanned if target.scan_units
+                   else unit_layout.scanned_to_unrolled)
         source_variables = convert(source_variables)
 
     copied, head = 0, "none"
@@ -199,10 +201,10 @@ def transfer(source: models.ResNetV2, source_variables: Dict[str, Any], target: 
 
 def check_fits(source: models.ResNetV2, target: models.ResNetV2, where: str) -> None:
     """Raises a one-line `errors.WeightsError` naming what differs unless `source`'s weights can
-    start `target`: the same `models.signature` but the number of classes (the head is what
+    start `target`: the same `weights.signature` but the number of classes (the head is what
     fine-tuning replaces)."""
-    differ = [f"{k} {a!r} there vs {b!r} here" for k, a, b in models.signature_differences(
-        models.signature(source), models.signature(target)) if k != "num_classes"]
+    differ = [f"{k} {a!r} there vs {b!r} here" for k, a, b in weights.signature_differences(
+        weights.signature(source), weights.signature(target)) if k != "num_classes"]
     if differ:
         raise errors.WeightsError(f"init_from {where} is another network ({'; '.join(differ)}); "
                                   "set the config's model section to the source's")

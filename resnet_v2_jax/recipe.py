@@ -20,7 +20,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from resnet_v2_jax import augment, checkpoint, datasets, errors, models, parallel
+from resnet_v2_jax import augment, checkpoint, datasets, errors, models, parallel, unit_layout
 
 
 class TrainState(train_state.TrainState):
@@ -151,9 +151,10 @@ def abstract_train_state(model: models.ResNetV2, tx: optax.GradientTransformatio
 def in_layout(state: TrainState, scan_units: bool) -> TrainState:
     """`state` with its parameters, BN statistics and the optimiser's parameter-shaped trees
     (momentum) in the scanned (`scan_units`) or unrolled layout of the network's units."""
-    convert = models.unrolled_to_scanned if scan_units else models.scanned_to_unrolled
-    return jax.tree.map(lambda x: convert({"tree": x})["tree"] if models.holds_units(x) else x,
-                        state, is_leaf=models.holds_units)
+    convert = unit_layout.unrolled_to_scanned if scan_units else unit_layout.scanned_to_unrolled
+    return jax.tree.map(
+        lambda x: convert({"tree": x})["tree"] if unit_layout.holds_units(x) else x,
+        state, is_leaf=unit_layout.holds_units)
 
 
 def other_layouts(model: models.ResNetV2, tx: optax.GradientTransformation, image_size: int,

@@ -42,7 +42,7 @@ import re
 
 import numpy as np
 
-from resnet_v2_jax import errors, models
+from resnet_v2_jax import errors, models, name_mapping
 
 # Flax module name -> timm module name, for the names that are not renamed by a pattern.
 _MODULES = {"stem_conv": "stem.conv", "final_bn": "norm", "head": "head.fc",
@@ -76,8 +76,8 @@ def convert_state_dict(state_dict, model: models.ResNetV2):
     _check_supported(state_dict)
     _check_model(model, _is_bit(state_dict))
     channels = state_dict["stem.conv.weight"].shape[1] if "stem.conv.weight" in state_dict else 3
-    return models.variables_by_name(model, state_dict, _timm_key, _layout, "timm", "state dict",
-                                    channels)
+    return name_mapping.variables_by_name(model, state_dict, _timm_key, _layout, "timm",
+                                          "state dict", channels)
 
 
 def _layout(key: str, value: np.ndarray, shape: tuple) -> np.ndarray:

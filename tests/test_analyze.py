@@ -27,7 +27,7 @@ import pytest
 
 from cli_runs import ROOT, environment
 from resnet_v2_jax import base_config
-from resnet_v2_jax import analyze, datasets, models
+from resnet_v2_jax import analyze, datasets, models, unit_layout
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -83,13 +83,13 @@ def test_bottleneck_networks_original_units_amplify_more_than_full_preactivation
 
 
 def test_scanned_and_unrolled_give_the_same_profile():
-    """The same weights in both layouts (`models.unrolled_to_scanned`) give the same entries."""
+    """The same weights in both layouts (`unit_layout.unrolled_to_scanned`) give the same entries."""
     unrolled, scanned = (models.cifar_resnet(20, block="basic", scan_units=scan)
                          for scan in (False, True))
     images = datasets.normalize(IMAGES, (125.0,) * 3, (64.0,) * 3)
     variables = unrolled.init(jax.random.PRNGKey(0), images, train=False)
     a = analyze.unit_signals(unrolled, variables, images, LABELS)
-    b = analyze.unit_signals(scanned, models.unrolled_to_scanned(variables), images, LABELS)
+    b = analyze.unit_signals(scanned, unit_layout.unrolled_to_scanned(variables), images, LABELS)
     assert a["units"] == b["units"] == [f"stage{s}_unit{u}" for s in (1, 2, 3) for u in (1, 2, 3)]
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
     np.testing.assert_allclose(a["forward_rms"], b["forward_rms"], rtol=1e-4)

@@ -130,7 +130,7 @@ def test_unrolled_parts_start_from_the_scanned_twins_weights():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import accelerator  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
-    from resnet_v2_jax import models, parallel, recipe  # pylint: disable=import-outside-toplevel
+    from resnet_v2_jax import parallel, recipe, unit_layout  # pylint: disable=import-outside-toplevel
 
     config = accelerator.part_config(accelerator.PARTS["cifar164_b128"], smoke=True)
     assert not config.model.scan_units
@@ -143,5 +143,5 @@ def test_unrolled_parts_start_from_the_scanned_twins_weights():
         [(x.shape, x.dtype) for x in jax.tree.leaves(reference)]
     config.model.scan_units = True
     twin = recipe.build(config, dp).init_state(0)
-    converted = models.scanned_to_unrolled({"params": twin.params})["params"]
+    converted = unit_layout.scanned_to_unrolled({"params": twin.params})["params"]
     jax.tree.map(np.testing.assert_array_equal, state.params, converted)

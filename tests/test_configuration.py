@@ -6,7 +6,7 @@ import math
 import pytest
 
 from resnet_v2_jax import base_config
-from resnet_v2_jax import configuration, train
+from resnet_v2_jax import configuration, models, train
 
 NAN, INF = float("nan"), math.inf
 # key -> values that must be refused (wrong where they are wrong: nan, inf, negative, zero,
@@ -135,3 +135,19 @@ def test_a_run_with_such_a_value_writes_nothing(tmp_path, key, value):
     with pytest.raises(ValueError, match=key.split(".")[-1]):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_every_key_has_one_meaning_the_model_section_s_from_the_network_s_declaration():
+    """--print_config's meanings: the top-level keys' from the base config's comments (aligned
+    continuation lines included), the model section's from `models` itself, never a copy."""
+    meanings = configuration.key_help()
+    keys = list(configuration.flatten(base_config.get_config()))
+    assert [k for k in keys if not meanings.get(k)] == []
+    assert meanings["eval_batch_size"] == ("global (a power of two: splits over any slice); the "
+                                           "last batch is padded and masked")
+    model_keys = [k for k in keys if k.startswith("model.")]
+    assert model_keys and all(
+        meanings[k] == models.FACTORY_ARGUMENTS.get(k[6:]) or
+        meanings[k] == models.OPTIONS[k[6:]].meaning for k in model_keys)
+    assert meanings["model.unit"] == ("Fig. 4: original | bn_after_add | relu_before_add | "
+                                      "relu_preact | full_preact")

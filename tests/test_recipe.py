@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from resnet_v2_jax import base_config
-from resnet_v2_jax import checkpoint, errors, inputs, models, parallel, recipe, train
+from resnet_v2_jax import checkpoint, errors, inputs, parallel, recipe, train, weights
 
 
 def config_with(depth=164, unit="full_preact", dataset="cifar10", **overrides):
@@ -157,7 +157,7 @@ def test_signature_is_the_network_as_built():
     """What a checkpoint must match is the network as built: options its shortcut ignores and
     runtime options (dtype, scan layout) do not count; every other option does."""
     def signature(**overrides):
-        return models.signature(recipe.create_model(config_with(**overrides), 10))
+        return weights.signature(recipe.create_model(config_with(**overrides), 10))
     assert signature() == signature(shortcut_scale=0.9, gate_bias_init=-3.0,
                                     shortcut_dropout_rate=0.1)  # identity shortcuts ignore them
     assert signature() == signature(scan_units=True, half_precision=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cli_runs import ROOT, assert_one_error_line, environment, run, snapshot
-from resnet_v2_jax import configuration, evaluate, models
+from resnet_v2_jax import configuration, evaluate, weights
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_it_resumes_evaluates_and_exports(tmp_path, array_dir):
                               env=environment(), capture_output=True, text=True, cwd=ROOT,
                               timeout=300)
     assert exported.returncode == 0, exported.stderr[-3000:]
-    model, variables = models.load(str(out))
+    model, variables = weights.load(str(out))
     assert model.stage_sizes == (1, 1, 1) and not model.bottleneck
     assert np.isfinite(np.asarray(variables["params"]["head"]["kernel"])).all()
 

@@ -14,7 +14,7 @@ import pytest
 
 from cli_runs import (N, ROOT, assert_one_error_line, environment, run, saved_state, snapshot)
 from resnet_v2_jax import base_config
-from resnet_v2_jax import checkpoint, inputs, models, parallel, recipe, runs
+from resnet_v2_jax import checkpoint, inputs, parallel, recipe, runs, weights
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -174,7 +174,7 @@ def test_evaluate_export_and_plot_take_a_run(three_runs, tmp_path):
                              timeout=300)
     assert_one_error_line(refused, f"holds {RUNS} runs: choose one with --run=k (0..{RUNS - 1})")
     command("export", f"--workdir={workdir}", "--run=2", f"--out={tmp_path}/w.safetensors")
-    model, variables = models.load(str(tmp_path / "w.safetensors"))
+    model, variables = weights.load(str(tmp_path / "w.safetensors"))
     state = saved_state(workdir)[0]
     np.testing.assert_array_equal(variables["params"]["head"]["kernel"],
                                   state["state"]["params"]["head"]["kernel"][2])
