@@ -71,6 +71,8 @@ def kill(process, sig=signal.SIGKILL):
 
 
 def saved_state(workdir, step=None):
+    """(the train state of a checkpoint's runs, stacked on the run axis, as numpy; its step):
+    of `step`, or the latest."""
     directory = epath.Path(workdir) / "checkpoints"  # local or gs://
     step = step if step is not None else max(int(p.name) for p in directory.iterdir()
                                              if p.name.isdigit())
@@ -81,7 +83,7 @@ def saved_state(workdir, step=None):
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
                               checkpointer.metadata(path).item_metadata.tree)
         state = jax.tree.map(np.asarray, checkpointer.restore(path, target))
-    return state, step
+    return state["state"], step
 
 
 def assert_same_params(a, b, **tolerance):

@@ -19,7 +19,7 @@ from etils import epath
 
 from cli_runs import (N, ROOT, assert_one_error_line, assert_only_our_info_lines,
                       assert_same_params, environment, run, saved_state, start)
-from resnet_v2_jax import device_input, rundir
+from resnet_v2_jax import device_input, errors, rundir
 
 BUCKET = "runs"
 
@@ -48,7 +48,7 @@ def test_gs_paths_without_the_clients_are_one_line(monkeypatch):
     find_spec = rundir.importlib.util.find_spec
     monkeypatch.setattr(rundir.importlib.util, "find_spec",
                         lambda name: None if name == "gcsfs" else find_spec(name))
-    with pytest.raises(rundir.WorkdirError, match=r"^cannot use gs://b/r: gs:// paths need gcsfs "
+    with pytest.raises(errors.WorkdirError, match=r"^cannot use gs://b/r: gs:// paths need gcsfs "
                                                   r"and google-cloud-storage; pip install "):
         rundir.resolve("gs://b/r")
     assert str(rundir.resolve("/tmp/r")) == "/tmp/r"
@@ -66,7 +66,7 @@ def race(path, n=8):
         try:
             lock.__enter__()
             held.append(lock)
-        except rundir.WorkdirError as e:
+        except errors.WorkdirError as e:
             refused.append(str(e))
 
     threads = [threading.Thread(target=enter) for _ in range(n)]
@@ -103,7 +103,7 @@ def test_exactly_one_of_many_takes_a_gs_lock_fresh_or_from_a_dead_run(bucket):
 def test_a_live_gs_lock_is_kept_and_names_its_holder(bucket):
     workdir = epath.Path(f"gs://{BUCKET}/live")
     with rundir.RunLock(workdir) as lock:
-        with pytest.raises(rundir.WorkdirError, match=r"^gs://runs/live is in use by another run "
+        with pytest.raises(errors.WorkdirError, match=r"^gs://runs/live is in use by another run "
                                                       rf"\(pid {lock._record()['pid']} on "):
             rundir.RunLock(workdir).__enter__()
         assert lock._refresh()  # the heartbeat: a write at the generation this run wrote last
@@ -144,6 +144,7 @@ def finished(gcs_arrays):
     return workdir, done
 
 
+@pytest.mark.slow  # command lines on a trained gs:// run
 def test_of_simultaneous_starters_on_one_gs_workdir_exactly_one_trains(finished):
     workdir, done = finished
     trained = [r for r in done if r.returncode == 0]
@@ -154,6 +155,7 @@ def test_of_simultaneous_starters_on_one_gs_workdir_exactly_one_trains(finished)
     assert_only_our_info_lines(trained[0])  # no client library's lines in the log
 
 
+@pytest.mark.slow  # command lines on a trained gs:// run
 def test_a_gs_run_leaves_its_results_config_history_checkpoints_and_events(finished):
     names = objects("finished")
     assert {"config.json", "config_history/0.json", "results.json"} <= names
@@ -196,6 +198,7 @@ def succeeded(commands, name):
     return output
 
 
+@pytest.mark.slow  # command lines on a trained gs:// run
 def test_evaluate_a_gs_run_reproduces_its_error(finished, commands):
     output = succeeded(commands, "evaluate")
     logged = json.loads(epath.Path(finished[0], "results.json").read_text())["eval"]
@@ -205,12 +208,14 @@ def test_evaluate_a_gs_run_reproduces_its_error(finished, commands):
         assert evaluated[crop]["top1_error"] == logged[crop]["top1_error"]
 
 
+@pytest.mark.slow  # command lines on a trained gs:// run
 def test_plot_reads_the_event_files_of_a_gs_run(commands):
     """TensorBoard's reader (without TensorFlow: through fsspec) reads the event files that
     tensorboardX wrote to the bucket, and the figure is written there."""
     assert epath.Path(succeeded(commands, "plot")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # command lines on a trained gs:// run
 def test_analyze_a_gs_run(finished, commands):
     analysis, = json.loads(epath.Path(succeeded(commands, "analyze")).read_text())["results"]
     assert f"step {2 * N} in {finished[0]}" in analysis["weights"]
@@ -221,6 +226,7 @@ def exported(commands):
     return succeeded(commands, "export")
 
 
+@pytest.mark.slow  # command lines on a trained gs:// run
 @pytest.mark.parametrize("source", ["export", "run"])
 def test_init_from_a_gs_export_or_run(finished, exported, gcs_arrays, source):
     from_path = exported if source == "export" else finished[0]
@@ -242,6 +248,7 @@ def read_until(process, text):
     raise AssertionError(f"{text!r} never came:\n{''.join(lines)[-3000:]}")
 
 
+@pytest.mark.slow  # command lines on a trained gs:// run
 def test_preempted_killed_and_resumed_gs_run_is_bitwise_the_uninterrupted_one(finished,
                                                                                gcs_arrays):
     """SIGTERM after the first step: saved, exit 143; resumed and SIGKILLed at a random moment

@@ -744,8 +744,8 @@ def test_batch_stats_update_in_train_mode_only_with_momentum():
 
 
 def test_the_networks_and_their_layouts_import_nothing_of_the_package_above_them():
-    """docs/design.md: `models` and `unit_layout` import nothing of the package, `weights` and
-    `name_mapping` only those two."""
+    """docs/design.md: `models` and `unit_layout` import nothing of the package but its error
+    types (`errors`, which imports nothing), `weights` and `name_mapping` only those."""
     import ast
     import pathlib
     package = pathlib.Path(models.__file__).parent
@@ -755,9 +755,10 @@ def test_the_networks_and_their_layouts_import_nothing_of_the_package_above_them
         return {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 and node.module == "resnet_v2_jax" for alias in node.names}
 
-    assert imported("models") == imported("unit_layout") == set()
-    assert imported("weights") == {"models"}
-    assert imported("name_mapping") == {"models", "unit_layout"}
+    assert imported("errors") == imported("unit_layout") == set()
+    assert imported("models") == {"errors"}
+    assert imported("weights") == {"errors", "models"}
+    assert imported("name_mapping") == {"errors", "models", "unit_layout"}
 
 
 def test_import_pulls_in_neither_tensorflow_nor_tfds():

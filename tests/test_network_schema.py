@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cli_runs import N, assert_one_error_line, run, saved_state, snapshot
-from resnet_v2_jax import checkpoint, models, pretrained, recipe, weights
+from resnet_v2_jax import checkpoint, errors, models, pretrained, recipe, weights
 
 TINY = dict(stage_sizes=(1, 2), widths=(8, 16), stem="cifar", stem_width=8, num_classes=5,
             stride_on="1x1")
@@ -72,7 +72,7 @@ def test_a_changed_attribute_is_refused_on_resume_and_init_from_by_name(name, tm
     abstract = jax.eval_shape(lambda: init(changed))
     checkpoints = checkpoint.Checkpoints(tmp_path, changed, read_only=True)
     meta = {"network": weights.signature(saved)}
-    with pytest.raises(checkpoint.CheckpointMismatchError,
+    with pytest.raises(errors.CheckpointMismatchError,
                        match=rf"another network \({name}: checkpoint "):
         checkpoints.check_fits(1, meta, abstract)
     checkpoints.close()

@@ -126,7 +126,7 @@ def test_evaluator_prefetches_onto_the_devices_and_fetches_once(array_dir, monke
     monkeypatch.setattr(dp, "to_host", lambda tree: fetches.append(tree) or to_host(tree))
     step = lambda *args: events.append(("step", threading.current_thread().name)) or \
         setup.eval_step(*args)
-    variables = recipe.variables_of(state)
+    variables = recipe.variables_of(state.state)
     threads = set(threading.enumerate())
     results = train.Evaluator(config, dp, step)(variables)
     main = threading.main_thread().name

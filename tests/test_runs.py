@@ -177,7 +177,7 @@ def test_evaluate_export_and_plot_take_a_run(three_runs, tmp_path):
     model, variables = weights.load(str(tmp_path / "w.safetensors"))
     state = saved_state(workdir)[0]
     np.testing.assert_array_equal(variables["params"]["head"]["kernel"],
-                                  state["state"]["params"]["head"]["kernel"][2])
+                                  state["params"]["head"]["kernel"][2])
     command("plot", f"--workdir={workdir}", f"--out={tmp_path}/band.png")
     from PIL import Image
     assert Image.open(tmp_path / "band.png").size[0] > 500
