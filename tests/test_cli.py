@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,8 +19,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cli_runs import (CONFIG, N, ROOT, assert_one_error_line, assert_only_our_info_lines,
-                      assert_same_params, environment, kill, run, saved_state, start,
-                      wait_for_checkpoint)
+                      assert_same_params, environment, kill, run, saved_state, snapshot,
+                      start, wait_for_checkpoint)
 from resnet_v2_jax import cli, configuration
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
@@ -142,9 +143,16 @@ def test_a_signal_during_start_up_or_compilation_ends_cleanly(tmp_path, array_di
     assert "Traceback" not in resumed.stderr
 
 
-def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, array_dir):
-    workdir = str(tmp_path)
-    run(workdir, array_dir)
+def copy_of(workdir, tmp_path):
+    """A copy of a finished run, for a test to spoil."""
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, array_dir,
+                                                                uninterrupted):
+    workdir = copy_of(uninterrupted, tmp_path)
     state_dir = os.path.join(workdir, "checkpoints", str(2 * N), "state")
     data_files = [os.path.join(root, f) for root, _, files in os.walk(state_dir) for f in files
                   if os.path.getsize(os.path.join(root, f)) > 10_000]
@@ -265,15 +273,16 @@ def test_bad_input_ends_with_one_line_and_nonzero_exit(tmp_path, array_dir, name
         assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_workdir_with_another_models_checkpoint_is_refused(tmp_path, array_dir):
-    workdir = str(tmp_path)
-    run(workdir, array_dir, f"--config.num_train_steps={N}")
-    result = run(workdir, array_dir, "--config.model.depth=14", check=False)
+def test_workdir_with_another_models_checkpoint_is_refused(tmp_path, array_dir, uninterrupted):
+    workdir = copy_of(uninterrupted, tmp_path)
+    before = snapshot(workdir)
+    result = run(workdir, array_dir, f"--config.num_train_steps={3 * N}",
+                 "--config.model.depth=14", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: " in result.stderr and "checkpoint of another network" in result.stderr
     assert "stage_sizes: checkpoint [3, 3, 3] vs config [2, 2, 2]" in result.stderr
     assert "model.depth=20 there vs 14 now" in result.stderr
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(N)))  # nothing lost
+    assert snapshot(workdir) == before  # nothing lost
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, array_dir):
