@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli_runs import N, assert_one_error_line, run, saved_state, snapshot
+from cli_runs import N, assert_one_error_line, run, saved_state, snapshot, stopped_at
 from resnet_v2_jax import checkpoint, models, pretrained, recipe
 
 TINY = dict(stage_sizes=(1, 2), widths=(8, 16), stem="cifar", stem_width=8, num_classes=5,
@@ -145,15 +145,17 @@ def test_the_issues_example_a_shortcut_scale_changed_on_resume_is_refused(tmp_pa
 @pytest.mark.slow
 def test_a_bit_network_trains_and_resumes_exactly_through_the_command_line(tmp_path, array_dir):
     """GroupNorm + weight-standardised convs (no BN statistics) from `config.model`: trained
-    N steps, resumed to 2N, equal to 2N straight (another norm is refused on resume like any
-    other attribute: test_a_changed_attribute_is_refused_on_resume_and_init_from_by_name)."""
+    2N steps straight; its checkpoint of step N, alone in a copy of the workdir (as a run
+    stopped there leaves it), resumes to 2N equal to the straight run (another norm is refused
+    on resume like any other attribute:
+    test_a_changed_attribute_is_refused_on_resume_and_init_from_by_name)."""
     bit = ["--config.model.norm=group", "--config.model.norm_groups=8",
            "--config.model.conv=weight_standardized"]
     halfway, straight = str(tmp_path / "halfway"), str(tmp_path / "straight")
-    run(halfway, array_dir, *bit, f"--config.num_train_steps={N}")
+    run(straight, array_dir, *bit)
+    stopped_at(straight, halfway, N)
     resumed = run(halfway, array_dir, *bit)
     assert f"resuming from step {N}" in resumed.stderr
-    run(straight, array_dir, *bit)
     ours, theirs = saved_state(halfway)[0], saved_state(straight)[0]
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)
     assert not jax.tree.leaves(ours["batch_stats"])
