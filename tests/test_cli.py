@@ -20,7 +20,7 @@ import pytest
 
 from cli_runs import (CONFIG, N, ROOT, assert_one_error_line, assert_only_our_info_lines,
                       assert_same_params, environment, kill, run, saved_state, snapshot,
-                      start, wait_for_checkpoint)
+                      start, stopped_at, wait_for_checkpoint)
 from resnet_v2_jax import cli, configuration
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
@@ -168,9 +168,12 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, array_
 
 
 @pytest.mark.parametrize("first, second", [(8, 1), (1, 8)])
-def test_restore_onto_another_device_count(tmp_path, array_dir, first, second):
-    workdir = str(tmp_path)
-    run(workdir, array_dir, f"--config.num_train_steps={N}", devices=first)
+def test_restore_onto_another_device_count(tmp_path, array_dir, uninterrupted, first, second):
+    workdir = str(tmp_path / "run")
+    if first == 1:  # the module's one-device run, as it was after its checkpoint N
+        stopped_at(uninterrupted, workdir, N)
+    else:
+        run(workdir, array_dir, f"--config.num_train_steps={N}", devices=first)
     saved, _ = saved_state(workdir, N)
     resumed = run(workdir, array_dir, devices=second)
     assert f"resuming from step {N}" in resumed.stderr
