@@ -259,8 +259,8 @@ BAD_INPUTS = [
      "tensorflow is not installed: training's input, logs and figures come with the [train] "
      "extra: pip install 'resnet_v2_jax[train]'"),
     # Diverged before the first checkpoint (step N): the message says there is none.
-    ("nan", ["--config.learning_rate=1e12"], "no checkpoint was written yet: lower "
-     "learning_rate"),
+    ("nan", ["--config.model.depth=8", "--config.learning_rate=1e12"], "no checkpoint was "
+     "written yet: lower learning_rate"),
 ]
 
 
@@ -290,7 +290,7 @@ def test_workdir_with_another_models_checkpoint_is_refused(tmp_path, array_dir, 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, array_dir):
     workdir = str(tmp_path)
-    result = run(workdir, array_dir, "--config.learning_rate=1e12",
+    result = run(workdir, array_dir, "--config.model.depth=8", "--config.learning_rate=1e12",
                  "--config.checkpoint_every_steps=1", check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
