@@ -3,6 +3,7 @@ subprocesses on small array datasets (device-resident input). TensorFlow cannot 
 them (tests/without_tensorflow): that path must run on machines without it."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,18 @@ def wait_for_checkpoint(workdir, step, process, timeout=300):
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
+
+
+def stopped_at(finished, copy, step):
+    """Copies a finished run's workdir to `copy` as it was when the run stopped right after its
+    checkpoint `step` (the later checkpoints and results.json removed): a resume of the copy
+    must reach the finished run's state."""
+    shutil.copytree(finished, copy)
+    for saved in os.listdir(os.path.join(copy, "checkpoints")):
+        if saved.isdigit() and int(saved) > step:
+            shutil.rmtree(os.path.join(copy, "checkpoints", saved))
+    os.remove(os.path.join(copy, "results.json"))
+    return copy
 
 
 def kill(process, sig=signal.SIGKILL):

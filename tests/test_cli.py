@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +20,8 @@ import pytest
 from absl import logging as absl_logging
 
 from cli_runs import (CONFIG, N, ROOT, assert_one_error_line, assert_only_our_info_lines,
-                      assert_same_params, command, environment, kill, run, saved_state, start,
-                      wait_for_checkpoint)
+                      assert_same_params, command, environment, kill, run, saved_state,
+                      snapshot, start, stopped_at, wait_for_checkpoint)
 from resnet_v2_jax import cli, configuration
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
@@ -145,9 +146,16 @@ def test_a_signal_during_start_up_or_compilation_ends_cleanly(tmp_path, array_di
     assert "Traceback" not in resumed.stderr
 
 
-def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, array_dir):
-    workdir = str(tmp_path)
-    run(workdir, array_dir)
+def copy_of(workdir, tmp_path):
+    """A copy of a finished run, for a test to spoil."""
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, array_dir,
+                                                                uninterrupted):
+    workdir = copy_of(uninterrupted, tmp_path)
     arrays = os.path.join(workdir, "checkpoints", str(2 * N), "state", "ocdbt.process_0", "d")
     data_files = [os.path.join(arrays, f) for f in os.listdir(arrays)
                   if os.path.getsize(os.path.join(arrays, f)) > 10_000]  # the arrays' data
@@ -210,9 +218,12 @@ def test_twenty_short_runs_in_a_row_all_exit_0(tmp_path, array_dir):
 
 
 @pytest.mark.parametrize("first, second", [(8, 1), (1, 8)])
-def test_restore_onto_another_device_count(tmp_path, array_dir, first, second):
-    workdir = str(tmp_path)
-    run(workdir, array_dir, f"--config.num_train_steps={N}", devices=first)
+def test_restore_onto_another_device_count(tmp_path, array_dir, uninterrupted, first, second):
+    workdir = str(tmp_path / "run")
+    if first == 1:  # the module's one-device run, as it was after its checkpoint N
+        stopped_at(uninterrupted, workdir, N)
+    else:
+        run(workdir, array_dir, f"--config.num_train_steps={N}", devices=first)
     saved, _ = saved_state(workdir, N)
     resumed = run(workdir, array_dir, devices=second)
     assert f"resuming from step {N}" in resumed.stderr
@@ -251,14 +262,17 @@ def two_process_runs(tmp_path, arrays, *overrides, steps):
 def test_two_processes_equal_one_process_with_eight_devices_in_float64(tmp_path, real_array_dir):
     """In float64 the only difference, the order of the cross-process sums (gloo vs XLA's
     in-process all-reduce), is far below anything a wrong data split, a missing reduction or a
-    wrong BN grouping would change: parameters agree to 1e-10 after 2N steps on real images."""
+    wrong BN grouping would change: parameters agree to 1e-10 after 2 steps on real images (a
+    float64 step takes seconds on this CPU), each checkpointed."""
     (one, one_log), (two, two_log) = two_process_runs(tmp_path, real_array_dir,
-                                                      "--config.float64=True", steps=2 * N)
-    assert len(step_losses(one_log)) == 2 * N
+                                                      "--config.float64=True",
+                                                      "--config.checkpoint_every_steps=1",
+                                                      steps=2)
+    assert len(step_losses(one_log)) == 2
     assert step_losses(two_log) == step_losses(one_log)  # as logged, to 4 decimals
     one_state, two_state = saved_state(one)[0], saved_state(two)[0]
     assert flat(one_state["params"]).dtype == np.float64
-    halfway = saved_state(one, N)[0]
+    halfway = saved_state(one, 1)[0]
     assert np.abs(flat(one_state["params"]) - flat(halfway["params"])).max() > 1e-3  # it trained
     assert_same_params(two_state, one_state, rtol=1e-10, atol=1e-10)
     chex.assert_trees_all_close(two_state["batch_stats"], one_state["batch_stats"], rtol=1e-6)
@@ -297,8 +311,8 @@ BAD_INPUTS = [
     ("no_tensorflow", ["--config.input_pipeline=tfds"],
      "tensorflow is not installed: reading tfds needs tensorflow and tensorflow_datasets"),
     # Diverged before the first checkpoint (step N): the message says there is none.
-    ("nan", ["--config.learning_rate=1e12"], "no checkpoint was written yet: lower "
-     "learning_rate"),
+    ("nan", ["--config.model.depth=8", "--config.learning_rate=1e12"], "no checkpoint was "
+     "written yet: lower learning_rate"),
 ]
 
 
@@ -314,20 +328,21 @@ def test_bad_input_ends_with_one_line_and_nonzero_exit(tmp_path, array_dir, name
         assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_workdir_with_another_models_checkpoint_is_refused(tmp_path, array_dir):
-    workdir = str(tmp_path)
-    run(workdir, array_dir, f"--config.num_train_steps={N}")
-    result = run(workdir, array_dir, "--config.model.depth=14", check=False)
+def test_workdir_with_another_models_checkpoint_is_refused(tmp_path, array_dir, uninterrupted):
+    workdir = copy_of(uninterrupted, tmp_path)
+    before = snapshot(workdir)
+    result = run(workdir, array_dir, f"--config.num_train_steps={3 * N}",
+                 "--config.model.depth=14", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: " in result.stderr and "checkpoint of another network" in result.stderr
     assert "stage_sizes: checkpoint [3, 3, 3] vs config [2, 2, 2]" in result.stderr
     assert "model.depth=20 there vs 14 now" in result.stderr
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(N)))  # nothing lost
+    assert snapshot(workdir) == before  # nothing lost
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, array_dir):
     workdir = str(tmp_path)
-    result = run(workdir, array_dir, "--config.learning_rate=1e12",
+    result = run(workdir, array_dir, "--config.model.depth=8", "--config.learning_rate=1e12",
                  "--config.checkpoint_every_steps=1", check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli_runs import N, assert_one_error_line, run, saved_state, snapshot
+from cli_runs import N, assert_one_error_line, run, saved_state, snapshot, stopped_at
 from resnet_v2_jax import checkpoint, errors, models, pretrained, recipe, weights
 
 TINY = dict(stage_sizes=(1, 2), widths=(8, 16), stem="cifar", stem_width=8, num_classes=5,
@@ -136,10 +136,11 @@ def test_the_issues_example_a_shortcut_scale_changed_on_resume_is_refused(tmp_pa
     """The command line: a run of constant-scaling shortcuts (lambda = 0.5) resumed with 0.9 and
     another BN epsilon ends in one line naming both, and changes nothing in the workdir."""
     workdir = str(tmp_path / "run")
-    scaling = ("--config.model.shortcut=scaling", "--config.model.shortcut_scale=0.5")
+    scaling = ("--config.model.depth=8", "--config.model.shortcut=scaling",
+               "--config.model.shortcut_scale=0.5")
     run(workdir, array_dir, *scaling, f"--config.num_train_steps={N}")
     before = snapshot(workdir)
-    result = run(workdir, array_dir, "--config.model.shortcut=scaling",
+    result = run(workdir, array_dir, "--config.model.depth=8", "--config.model.shortcut=scaling",
                  "--config.model.shortcut_scale=0.9", "--config.model.bn_epsilon=0.1",
                  check=False)
     assert_one_error_line(result, "holds a checkpoint of another network (bn_epsilon: "
@@ -152,15 +153,17 @@ def test_the_issues_example_a_shortcut_scale_changed_on_resume_is_refused(tmp_pa
 @pytest.mark.slow
 def test_a_bit_network_trains_and_resumes_exactly_through_the_command_line(tmp_path, array_dir):
     """GroupNorm + weight-standardised convs (no BN statistics) from `config.model`: trained
-    N steps, resumed to 2N, equal to 2N straight (another norm is refused on resume like any
-    other attribute: test_a_changed_attribute_is_refused_on_resume_and_init_from_by_name)."""
-    bit = ["--config.model.norm=group", "--config.model.norm_groups=8",
+    2N steps straight; its checkpoint of step N, alone in a copy of the workdir (as a run
+    stopped there leaves it), resumes to 2N equal to the straight run (another norm is refused
+    on resume like any other attribute:
+    test_a_changed_attribute_is_refused_on_resume_and_init_from_by_name)."""
+    bit = ["--config.model.depth=8", "--config.model.norm=group", "--config.model.norm_groups=8",
            "--config.model.conv=weight_standardized"]
     halfway, straight = str(tmp_path / "halfway"), str(tmp_path / "straight")
-    run(halfway, array_dir, *bit, f"--config.num_train_steps={N}")
+    run(straight, array_dir, *bit)
+    stopped_at(straight, halfway, N)
     resumed = run(halfway, array_dir, *bit)
     assert f"resuming from step {N}" in resumed.stderr
-    run(straight, array_dir, *bit)
     ours, theirs = saved_state(halfway)[0], saved_state(straight)[0]
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)
     assert not jax.tree.leaves(ours["batch_stats"])

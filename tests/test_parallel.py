@@ -43,9 +43,14 @@ def single_device_run():
     return run_steps(config, parallel.DataParallel("shard_map", 0, jax.devices()[:1]))
 
 
-def test_eight_devices_equal_one_device_with_all_device_bn(single_device_run):
+@pytest.fixture(scope="module")
+def eight_device_run():
+    return run_steps(tiny_config(), parallel.DataParallel("shard_map", 0))
+
+
+def test_eight_devices_equal_one_device_with_all_device_bn(single_device_run, eight_device_run):
     assert jax.device_count() == 8
-    state, metrics = run_steps(tiny_config(), parallel.DataParallel("shard_map", 0))
+    state, metrics = eight_device_run
     ref_state, ref_metrics = single_device_run
     assert_trees_close(state.params, ref_state.params)
     assert_trees_close(state.batch_stats, ref_state.batch_stats)
@@ -53,7 +58,7 @@ def test_eight_devices_equal_one_device_with_all_device_bn(single_device_run):
     assert int(state.step) == 2
 
 
-def test_augmentation_on_device_is_the_same_on_eight_devices_as_on_one():
+def test_augmentation_on_device_is_the_same_on_eight_devices_as_on_one(eight_device_run):
     """Flips and colour in the train step are keyed by each example's index in the global
     batch, not by device: 8 devices give the single device's result (and differ from no
     augmentation, so the test can fail)."""
@@ -63,7 +68,7 @@ def test_augmentation_on_device_is_the_same_on_eight_devices_as_on_one():
                                                                      jax.devices()[:1]))
     assert_trees_close(state.params, ref_state.params)
     assert_trees_close(metrics, ref_metrics)
-    plain_state, _ = run_steps(tiny_config(), parallel.DataParallel("shard_map", 0))
+    plain_state, _ = eight_device_run
     diff = jax.tree.map(lambda x, y: np.max(np.abs(x - y)), state.params, plain_state.params)
     assert max(jax.tree.leaves(diff)) > 1e-4
 
