@@ -183,8 +183,8 @@ def other_layouts(model: models.ResNetV2, tx: optax.GradientTransformation, imag
             return runs.replace(state=runs.state.replace(apply_fn=model.apply, tx=tx))
         return restore
 
-    layouts = []
-    for scan_units in (model.scan_units, not model.scan_units):
+    layouts = []  # the other unit layout with the run axis first
+    for scan_units in (not model.scan_units, model.scan_units):
         stacked = abstract_train_state(model.clone(scan_units=scan_units), tx, image_size,
                                        sharding, num_runs)
         single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(

@@ -359,16 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         with rundir.RunLock(workdir):
             checkpoints = checkpoint.Checkpoints(workdir, setup.model, config.keep_checkpoints,
                                                  num_runs=config.num_runs)
-            trainer = _Trainer(config, setup, dp, workdir, checkpoints, evaluator, signals)
+            trainer = _Trainer(config, setup, dp, workdir, checkpoints, evaluator, signals,
+                               t_start)
             try:
-                results = trainer.run(source)
+                return trainer.run(source)
             finally:
                 checkpoints.close()
-            results.update(wall_time_s=round(time.monotonic() - t_start, 1),
-                           devices=dp.describe(setup.model.norm))
-            if jax.process_index() == 0:
-                rundir.write_json(workdir / "results.json", results)
-    return results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,10 +386,12 @@ class _Trainer:
     checkpoints: checkpoint.Checkpoints
     evaluator: Evaluator
     signals: _StopSignals
+    started: float                    # time.monotonic() when the command began
 
     def run(self, source: Optional[pretrained.Source]) -> Dict[str, Any]:
         """Resumes from the latest checkpoint, or starts afresh (from `source`'s weights where
-        given), and trains to the end; a run with nothing left to train keeps its results."""
+        given), trains to the end and writes results.json once its checkpoints are on disk; a
+        run with nothing left to train keeps its results."""
         try:
             state, step, meta = self.checkpoints.restore_latest(self.setup.abstract_state,
                                                                 self.setup.layouts)
@@ -412,7 +410,13 @@ class _Trainer:
         self.signals.check("before training started")
         if jax.process_index() == 0:
             _record_config(self.workdir, self.config, step)
-        return self.loop(self.dp.put_state(state), step, meta.get("train", {}))
+        results = self.loop(self.dp.put_state(state), step, meta.get("train", {}))
+        self.checkpoints.wait()  # results.json never names a step whose checkpoint is not written
+        results.update(wall_time_s=round(time.monotonic() - self.started, 1),
+                       devices=self.dp.describe(self.setup.model.norm))
+        if jax.process_index() == 0:
+            rundir.write_json(self.workdir / "results.json", results)
+        return results
 
     def finished(self, state: recipe.Runs, step: int, meta: dict) -> Dict[str, Any]:
         """A rerun of a run that has nothing left to train: keeps its results.json."""

@@ -59,7 +59,7 @@ def test_config_builds_its_train_step_and_a_kind_of_each_trains(name):
     configuration.validate(config)
     if name in TRAINED:
         model, state, metrics = one_step(config)
-        assert np.isfinite(metrics["loss"]) and int(state.step) == 1
+        assert np.isfinite(metrics["loss"]) and int(state.run(0).step) == 1
     else:  # the step traced on abstract values: every shape and dtype of it, nothing compiled
         setup, dp, batch = setup_and_batch(config)
         model = setup.model

@@ -9,7 +9,7 @@ def trainer(total=6, log=2, save=3, evaluate=0, steps_per_epoch=4):
     config = types.SimpleNamespace(log_every_steps=log, checkpoint_every_steps=save,
                                    eval_every_steps=evaluate)
     setup = types.SimpleNamespace(total_steps=total, steps_per_epoch=steps_per_epoch)
-    return train._Trainer(config, setup, *[None] * 5)
+    return train._Trainer(config, setup, *[None] * 6)
 
 
 def actions(t, start=0, signal_at=None):
