@@ -143,5 +143,5 @@ def test_unrolled_parts_start_from_the_scanned_twins_weights():
         [(x.shape, x.dtype) for x in jax.tree.leaves(reference)]
     config.model.scan_units = True
     twin = recipe.build(config, dp).init_state(0)
-    converted = unit_layout.scanned_to_unrolled({"params": twin.params})["params"]
-    jax.tree.map(np.testing.assert_array_equal, state.params, converted)
+    converted = unit_layout.scanned_to_unrolled({"params": twin.run(0).params})["params"]
+    jax.tree.map(np.testing.assert_array_equal, state.run(0).params, converted)
