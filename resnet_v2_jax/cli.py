@@ -80,14 +80,17 @@ class _AbslLibraryLines(std_logging.Filter):
 
 
 def _unraisable(unraisable) -> None:
-    """Exceptions nobody can catch, raised in library threads after the fact: tensorstore's
-    callbacks into an asyncio loop Orbax has closed ("Event loop is closed"), consequences of
-    an error the command reports itself. Neither library has a setting for them and Python
-    offers only this hook, so it hides that one case (unless RESNET_V2_JAX_TRACEBACK=1) and
-    shows every other unraisable exception as Python does."""
-    error = unraisable.exc_value
-    if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-            and not os.environ.get(TRACEBACK_VARIABLE)):
+    """Exceptions nobody can catch, raised in library code after the fact, as consequences of
+    an error the command reports itself: tensorstore's callbacks into an asyncio loop Orbax has
+    closed ("Event loop is closed"), and Orbax's other array reads of a damaged checkpoint,
+    abandoned once the first failed (their coroutines are finalised with the error; the
+    command has set the checkpoint aside with a warning naming it). Neither library has a
+    setting for them and Python offers only this hook, so it hides these two cases (unless
+    RESNET_V2_JAX_TRACEBACK=1) and shows every other unraisable exception as Python does."""
+    error, source = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    abandoned_read = source is not None and f"{os.sep}orbax{os.sep}" in source.co_filename
+    if (closed_loop or abandoned_read) and not os.environ.get(TRACEBACK_VARIABLE):
         return
     sys.__unraisablehook__(unraisable)
 
