@@ -494,7 +494,7 @@ class _Trainer:
                 elif action == "log":
                     _log_train(writer, step, setup.total_steps, train_metrics,
                                float(setup.schedule(step - 1)),
-                               config.batch_size * config.num_runs, timer.seconds_per_step(step))
+                               config.batch_size * config.num_runs, timer.seconds_per_step())
                 elif action == "save":
                     self.save(step, state, train_metrics)
                 elif action == "evaluate":
@@ -540,7 +540,7 @@ class _Throughput:
     def paused(self) -> None:
         self.since, self.steps = time.monotonic(), 0
 
-    def seconds_per_step(self, step: int) -> Optional[float]:
+    def seconds_per_step(self) -> Optional[float]:
         """The mean since the last call (None right after compilation); restarts the count."""
         now = time.monotonic()
         seconds = (now - self.since) / self.steps if self.steps else None
