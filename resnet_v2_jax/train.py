@@ -435,13 +435,15 @@ class _Trainer:
             pass
         logging.warning("nothing to train: %s; results.json is missing or stale, so the "
                         "checkpoint is evaluated and results.json written", found)
-        diverged = [k for k, at in enumerate(np.asarray(state.diverged_at)) if at >= 0]
+        diverged_at = {k: int(at) for k, at in enumerate(np.asarray(state.diverged_at)) if at >= 0}
         results = {"step": step, "total_steps": total, "preempted": False,
                    "train": meta.get("train", {}),
                    "eval": self.evaluator(self.dp.put_state(recipe.variables_of(state.state)),
-                                          diverged),
+                                          sorted(diverged_at)),
                    "eval_step": step, "wall_time_s": None, "steps_this_run": 0,
-                   "num_runs": self.config.num_runs, "diverged": []}
+                   "num_runs": self.config.num_runs,
+                   "diverged": [{"run": k, "seed": self.config.seed + k, "step": at}
+                                for k, at in sorted(diverged_at.items())]}
         if jax.process_index() == 0:
             rundir.write_json(path, results)
         return results
