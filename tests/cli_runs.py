@@ -1,6 +1,8 @@
 """Helpers for tests that run the real command line, `python -m resnet_v2_jax.main`, as
 subprocesses on small array datasets (device-resident input). TensorFlow cannot be imported in
-them (tests/without_tensorflow): that path must run on machines without it."""
+them (tests/without_tensorflow): that path must run on machines without it. They train ResNet-8
+(one unit per stage: BN, projections and every collective of a deeper network at a fraction of
+its compile); what they check does not depend on depth."""
 import os
 import re
 import shutil
@@ -23,7 +25,7 @@ OUR_MODULES = {name for name in os.listdir(os.path.join(ROOT, "resnet_v2_jax"))
 
 def command(workdir, array_dir, *overrides, config=CONFIG):
     return [sys.executable, "-m", "resnet_v2_jax.main", f"--config={config}",
-            f"--workdir={workdir}", "--config.model.depth=20", "--config.input_pipeline=device_resident",
+            f"--workdir={workdir}", "--config.model.depth=8", "--config.input_pipeline=device_resident",
             f"--config.array_dir={array_dir}", "--config.batch_size=64",
             "--config.eval_batch_size=40", f"--config.num_train_steps={2 * N}",
             f"--config.checkpoint_every_steps={N}", "--config.log_every_steps=1",

@@ -194,7 +194,7 @@ def test_main_returns_with_no_thread_of_ours_alive(tmp_path, array_dir):
     """A thread of this package alive while the interpreter finalises once aborted finished runs
     (exit 134): none is left when `main` returns (the prefetcher has none; see also
     test_input_pipeline's half-read prefetcher)."""
-    arguments = command(str(tmp_path), array_dir, "--config.model.depth=8")[3:]
+    arguments = command(str(tmp_path), array_dir)[3:]
     result = subprocess.run([sys.executable, "-c", THREADS_AFTER_MAIN, *arguments], cwd=ROOT,
                             env=environment(), text=True, capture_output=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -208,7 +208,7 @@ def test_twenty_short_runs_in_a_row_all_exit_0(tmp_path, array_dir):
     failed = []
     for pair in range(10):
         processes = [start(str(tmp_path / f"run{2 * pair + k}"), array_dir,
-                           "--config.model.depth=8", "--config.num_train_steps=2",
+                           "--config.num_train_steps=2",
                            "--config.checkpoint_every_steps=2") for k in range(2)]
         for process in processes:
             _, stderr = process.communicate(timeout=300)
@@ -238,9 +238,7 @@ def test_restore_onto_another_device_count(tmp_path, array_dir, uninterrupted, f
 
 
 def two_process_runs(tmp_path, arrays, *overrides, steps):
-    """(one process x 8 devices, two processes x 4 devices): (workdir, stderr) of each, for
-    ResNet-8 (BN, projections and every collective of ResNet-20, at a third of the compile)."""
-    overrides = ("--config.model.depth=8",) + overrides
+    """(one process x 8 devices, two processes x 4 devices): (workdir, stderr) of each."""
     one = str(tmp_path / "one")
     one_run = run(one, arrays, f"--config.num_train_steps={steps}", *overrides, devices=8)
     two = str(tmp_path / "two")
@@ -311,7 +309,7 @@ BAD_INPUTS = [
     ("no_tensorflow", ["--config.input_pipeline=tfds"],
      "tensorflow is not installed: reading tfds needs tensorflow and tensorflow_datasets"),
     # Diverged before the first checkpoint (step N): the message says there is none.
-    ("nan", ["--config.model.depth=8", "--config.learning_rate=1e12"], "no checkpoint was "
+    ("nan", ["--config.learning_rate=1e12"], "no checkpoint was "
      "written yet: lower learning_rate"),
 ]
 
@@ -335,14 +333,14 @@ def test_workdir_with_another_models_checkpoint_is_refused(tmp_path, array_dir, 
                  "--config.model.depth=14", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: " in result.stderr and "checkpoint of another network" in result.stderr
-    assert "stage_sizes: checkpoint [3, 3, 3] vs config [2, 2, 2]" in result.stderr
-    assert "model.depth=20 there vs 14 now" in result.stderr
+    assert "stage_sizes: checkpoint [1, 1, 1] vs config [2, 2, 2]" in result.stderr
+    assert "model.depth=8 there vs 14 now" in result.stderr
     assert snapshot(workdir) == before  # nothing lost
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, array_dir):
     workdir = str(tmp_path)
-    result = run(workdir, array_dir, "--config.model.depth=8", "--config.learning_rate=1e12",
+    result = run(workdir, array_dir, "--config.learning_rate=1e12",
                  "--config.checkpoint_every_steps=1", check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]

@@ -174,7 +174,7 @@ def commands(finished, tmp_path_factory):
     arguments = {
         "evaluate": [f"--workdir={workdir}"],
         "plot": [f"--workdir={workdir}", f"--out=gs://{BUCKET}/plots/curves.png"],
-        "analyze": ["--config=configs/ablation.py:depth=20,unit=full_preact",
+        "analyze": ["--config=configs/ablation.py:depth=8,unit=full_preact",
                     f"--workdir={workdir}", "--batch=4", f"--out={out}"],
         "export": [f"--workdir={workdir}", f"--out=gs://{BUCKET}/exported/weights.safetensors"],
     }

@@ -136,11 +136,10 @@ def test_the_issues_example_a_shortcut_scale_changed_on_resume_is_refused(tmp_pa
     """The command line: a run of constant-scaling shortcuts (lambda = 0.5) resumed with 0.9 and
     another BN epsilon ends in one line naming both, and changes nothing in the workdir."""
     workdir = str(tmp_path / "run")
-    scaling = ("--config.model.depth=8", "--config.model.shortcut=scaling",
-               "--config.model.shortcut_scale=0.5")
+    scaling = ("--config.model.shortcut=scaling", "--config.model.shortcut_scale=0.5")
     run(workdir, array_dir, *scaling, f"--config.num_train_steps={N}")
     before = snapshot(workdir)
-    result = run(workdir, array_dir, "--config.model.depth=8", "--config.model.shortcut=scaling",
+    result = run(workdir, array_dir, "--config.model.shortcut=scaling",
                  "--config.model.shortcut_scale=0.9", "--config.model.bn_epsilon=0.1",
                  check=False)
     assert_one_error_line(result, "holds a checkpoint of another network (bn_epsilon: "
@@ -157,7 +156,7 @@ def test_a_bit_network_trains_and_resumes_exactly_through_the_command_line(tmp_p
     stopped there leaves it), resumes to 2N equal to the straight run (another norm is refused
     on resume like any other attribute:
     test_a_changed_attribute_is_refused_on_resume_and_init_from_by_name)."""
-    bit = ["--config.model.depth=8", "--config.model.norm=group", "--config.model.norm_groups=8",
+    bit = ["--config.model.norm=group", "--config.model.norm_groups=8",
            "--config.model.conv=weight_standardized"]
     halfway, straight = str(tmp_path / "halfway"), str(tmp_path / "straight")
     run(straight, array_dir, *bit)

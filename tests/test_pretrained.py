@@ -176,11 +176,11 @@ def test_fine_tuning_run_through_the_cli_its_resume_and_export(source, tmp_path,
     resumes from its own checkpoint (init_from is not read again: here it no longer exists);
     `python -m resnet_v2_jax.export` writes the run's weights for `weights.load`."""
     workdir = str(tmp_path / "finetune")
-    result = run(workdir, array_dir, "--config.model.depth=8",
-                 f"--config.init_from={source[0]}", "--config.num_train_steps=1")
+    result = run(workdir, array_dir, f"--config.init_from={source[0]}",
+                 "--config.num_train_steps=1")
     assert "classifier head kept" in result.stderr
     gone = str(tmp_path / "deleted_run")
-    again = run(workdir, array_dir, "--config.model.depth=8", f"--config.init_from={gone}",
+    again = run(workdir, array_dir, f"--config.init_from={gone}",
                 "--config.num_train_steps=1")
     assert "nothing to train" in again.stderr
     out = str(tmp_path / "finetuned.safetensors")

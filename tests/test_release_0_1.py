@@ -36,7 +36,7 @@ def test_its_config_reads_into_the_model_section():
 def test_it_resumes_evaluates_and_exports(tmp_path, array_dir):
     workdir = copy(tmp_path)
     # The run's own command, in today's keys, two steps further.
-    resumed = run(str(workdir), array_dir, "--config.model.depth=8", "--config.num_train_steps=4",
+    resumed = run(str(workdir), array_dir, "--config.num_train_steps=4",
                   "--config.checkpoint_every_steps=2", "--config.eval_batch_size=50")
     assert "resuming from step 2" in resumed.stderr
     assert json.loads((workdir / "results.json").read_text())["step"] == 4
@@ -57,8 +57,8 @@ def test_it_resumes_evaluates_and_exports(tmp_path, array_dir):
 def test_another_network_is_still_refused(tmp_path, array_dir):
     workdir = copy(tmp_path)
     before = snapshot(workdir)
-    result = run(str(workdir), array_dir, "--config.model.depth=8",
-                 "--config.model.unit=original", "--config.num_train_steps=4", check=False)
+    result = run(str(workdir), array_dir, "--config.model.unit=original",
+                 "--config.num_train_steps=4", check=False)
     assert_one_error_line(result, "holds a checkpoint of another network (unit: checkpoint "
                           "'full_preact' vs config 'original')")
     assert snapshot(workdir) == before

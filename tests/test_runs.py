@@ -21,8 +21,6 @@ from resnet_v2_jax import checkpoint, inputs, parallel, recipe, runs, weights
 pytestmark = pytest.mark.slow
 
 RUNS = 3
-# The command-line runs train ResNet-8 (3 units): what they check does not depend on depth.
-RESNET8 = "--config.model.depth=8"
 
 
 def config(array_dir, num_runs=1, seed=0, **overrides):
@@ -117,7 +115,7 @@ def test_statistics_of_runs_leave_the_diverged_out():
 def three_runs(tmp_path_factory, array_dir):
     """A finished run of 3 ResNet-8 runs, 2N steps, checkpoints at N and 2N."""
     workdir = str(tmp_path_factory.mktemp("three_runs"))
-    result = run(workdir, array_dir, RESNET8, f"--config.num_runs={RUNS}",
+    result = run(workdir, array_dir, f"--config.num_runs={RUNS}",
                  f"--config.eval_every_steps={N}")
     return workdir, result
 
@@ -145,11 +143,11 @@ def test_a_checkpoint_of_runs_resumes_exactly_and_refuses_another_count(three_ru
     workdir, _ = three_runs
     halfway = stopped_at(workdir, str(tmp_path / "halfway"), N)
     before = snapshot(halfway)
-    refused = run(halfway, array_dir, RESNET8, "--config.num_runs=2", check=False)
+    refused = run(halfway, array_dir, "--config.num_runs=2", check=False)
     assert_one_error_line(refused, f"holds {RUNS} run(s), this config trains 2 (num_runs): "
                           f"resume with --config.num_runs={RUNS}")
     assert snapshot(halfway) == before
-    resumed = run(halfway, array_dir, RESNET8, f"--config.num_runs={RUNS}",
+    resumed = run(halfway, array_dir, f"--config.num_runs={RUNS}",
                   f"--config.eval_every_steps={N}")
     assert f"resuming from step {N}" in resumed.stderr
     ours, theirs = saved_state(halfway)[0], saved_state(workdir)[0]
@@ -199,13 +197,13 @@ def test_analyze_and_init_from_take_a_run(three_runs, tmp_path, array_dir):
         analyze.analyze(config, images, labels, workdir)
     result = analyze.analyze(config, images, labels, workdir, run=2)
     assert result["weights"].endswith(", run 2") and len(result["grad_norm"]) == 3
-    tuned = run(str(tmp_path / "tuned"), array_dir, RESNET8, f"--config.init_from={workdir}",
+    tuned = run(str(tmp_path / "tuned"), array_dir, f"--config.init_from={workdir}",
                 "--config.init_from_run=1", "--config.num_train_steps=1")
     assert f"init_from {workdir}/checkpoints/{2 * N} (run 1): copied" in tuned.stderr
 
 
 def test_when_every_run_diverges_the_program_stops_in_one_line(tmp_path, array_dir):
-    result = run(str(tmp_path / "run"), array_dir, RESNET8, "--config.num_runs=2",
+    result = run(str(tmp_path / "run"), array_dir, "--config.num_runs=2",
                  "--config.learning_rate=1e12",
                  "--config.checkpoint_every_steps=1", check=False)
     assert_one_error_line(result, "every one of the 2 runs diverged")
