@@ -37,8 +37,13 @@ WITHOUT_TENSORFLOW = os.path.join(ROOT, "tests", "without_tensorflow")
 
 
 def environment(devices=1, tensorflow=False, **extra):
+    """The tests' environment for a command on `devices` CPU devices: their XLA flags (the
+    compile level set in tests/conftest.py) with that device count."""
     path = [ROOT] if tensorflow else [WITHOUT_TENSORFLOW, ROOT]
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count=")]
+    return dict(os.environ, XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}",
+                                                *flags]),
                 JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path), **extra)
 
 

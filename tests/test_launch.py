@@ -15,12 +15,13 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = ("tpu_vm.sh", "gpu.sh", "slurm_gpu.sh")
-# Settings the scripts read from the environment; cleared so the caller's shell cannot leak in.
+# Settings the scripts read from the environment; cleared so the caller's shell cannot leak in
+# (XLA_FLAGS: the tests' compile level, tests/conftest.py, is not the target's).
 SETTINGS = ("TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "SPOT",
             "CONFIG", "WORKDIR", "DATA_DIR", "REPO_URL", "GIT_REF", "PYTHON_VERSION",
             "LOG_WORKER", "STOP_TIMEOUT", "DRY_RUN", "GPUS", "MEM_FRACTION", "PYTHON", "NODES", "GPUS_PER_NODE",
             "PARTITION", "ACCOUNT", "TIME", "CPUS_PER_TASK", "JOB_NAME", "TARGET",
-            "LOCAL_PYTHON", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+            "LOCAL_PYTHON", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_FLAGS")
 
 
 def launch(script, *args, check=True, tmp_path=None, timeout=60, **settings):

@@ -23,6 +23,7 @@ def preflight_command(out, *args, env=None):
     environment = dict(os.environ, PYTHONPATH=ROOT)
     environment.update(env or {})
     environment.pop("JAX_PLATFORMS", None)     # the command itself keeps this machine on CPU
+    environment.pop("XLA_FLAGS", None)         # the target's compile as a user's (conftest)
     return subprocess.run([sys.executable, "-m", "resnet_v2_jax.preflight", f"--out={out}",
                            *args], cwd=ROOT, text=True, capture_output=True, timeout=900,
                           env=environment)
