@@ -275,8 +275,12 @@ class _Divergence:
                 for k, v in metrics.items()}
 
     def report(self) -> List[Dict[str, int]]:
-        return [{"run": run, "seed": self.seed + run, "step": step}
-                for run, step in sorted(self.steps.items())]
+        return _diverged_runs(self.seed, self.steps)
+
+
+def _diverged_runs(seed: int, steps: Dict[int, int]) -> List[Dict[str, int]]:
+    """results.json's "diverged": each diverged run, its seed and the step it diverged at."""
+    return [{"run": run, "seed": seed + run, "step": step} for run, step in sorted(steps.items())]
 
 
 def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict, limit: int = 4) -> str:
@@ -442,8 +446,7 @@ class _Trainer:
                                           sorted(diverged_at)),
                    "eval_step": step, "wall_time_s": None, "steps_this_run": 0,
                    "num_runs": self.config.num_runs,
-                   "diverged": [{"run": k, "seed": self.config.seed + k, "step": at}
-                                for k, at in sorted(diverged_at.items())]}
+                   "diverged": _diverged_runs(self.config.seed, diverged_at)}
         if jax.process_index() == 0:
             rundir.write_json(path, results)
         return results
