@@ -91,6 +91,25 @@ def test_model_options_reach_the_network():
     assert model.dtype == jnp.bfloat16 and model.scan_units and model.num_classes == 100
 
 
+@pytest.mark.parametrize("precision", ["float32", "half_precision", "float64"])
+def test_the_train_step_returns_the_state_in_the_types_it_took(precision):
+    """Else the second step compiles again (and a resume, whose target is the initial state's
+    types, casts what the steps wrote): float64 runs did, their BN statistics made float32 by
+    Flax and their divergence steps int64 after a resume. Traced, not compiled."""
+    config = config_with(depth=8, block="basic", batch_size=8,
+                         **{precision: True} if precision != "float32" else {})
+    with jax.enable_x64(precision == "float64"):
+        dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
+        setup = recipe.build(config, dp)
+        batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8, sharding=dp.batch_sharding),
+                 "label": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=dp.batch_sharding)}
+        stepped, _ = jax.eval_shape(setup.train_step, setup.abstract_state, batch)
+    types = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    assert types(stepped) == types(setup.abstract_state)
+    stats = jax.tree.leaves(setup.abstract_state.state.batch_stats)
+    assert {x.dtype for x in stats} == {jnp.dtype("float64" if precision == "float64" else "float32")}
+
+
 def test_eval_step_counts_only_masked_examples():
     """Padded entries (mask False) must not count, whatever their labels."""
     logits = jnp.array([[5.0, 1, 0, 0, 0, 0], [0, 5.0, 1, 0, 0, 0], [5.0, 0, 0, 0, 0, 0]])
