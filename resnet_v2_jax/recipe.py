@@ -123,16 +123,18 @@ def create_optimizer(config: ml_collections.ConfigDict,
 
 def create_train_state(rng: jax.Array, model: models.ResNetV2, tx: optax.GradientTransformation,
                        image_size: int) -> TrainState:
-    """A fresh train state, its BN statistics in the parameters' dtype. (Flax creates them in
-    float32: a float64 run's first step turned them to float64, so its second step compiled
-    again, and a resume, whose target is this state's shapes, restored them as float32.)"""
+    """A fresh train state, typed as the state its steps and a restore return, so that the
+    first step compiles the program every later step and every resumed run uses: the step
+    count an int32 (Flax's 0 is weakly typed: a resumed run compiled the step again, missing
+    the compilation cache), the BN statistics in the parameters' dtype (Flax makes them
+    float32: a float64 run's first step turned them to float64 and compiled again)."""
     @jax.jit
     def init(rng):
         variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
         batch_stats = jax.tree.map(lambda x: x.astype(model.param_dtype),
                                    variables.get("batch_stats", {}))
         return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                 batch_stats=batch_stats)
+                                 batch_stats=batch_stats).replace(step=jnp.zeros((), jnp.int32))
     return init(rng)
 
 
@@ -341,8 +343,7 @@ def runs_train_step(runs: Runs, batch: Dict[str, jax.Array], *, step: Callable, 
     keep = alive & finite
     state = jax.tree.map(
         lambda n, o: jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, runs.state)
-    diverged_at = jnp.where(alive & ~finite, runs.state.step + 1, runs.diverged_at).astype(
-        runs.diverged_at.dtype)  # not the step's: int64 in a float64 (64-bit) run
+    diverged_at = jnp.where(alive & ~finite, runs.state.step + 1, runs.diverged_at)
     return Runs(state, diverged_at), metrics
 
 

@@ -92,21 +92,24 @@ def test_model_options_reach_the_network():
 
 
 @pytest.mark.parametrize("precision", ["float32", "half_precision", "float64"])
-def test_the_train_step_returns_the_state_in_the_types_it_took(precision):
-    """Else the second step compiles again (and a resume, whose target is the initial state's
-    types, casts what the steps wrote): float64 runs did, their BN statistics made float32 by
-    Flax and their divergence steps int64 after a resume. Traced, not compiled."""
+def test_fresh_stepped_and_restored_states_have_one_type(precision):
+    """The initial state, the state a step returns and a restore's target (`abstract_state`)
+    agree in shape, dtype and weak type: else a resumed run compiles its step again instead of
+    finding it in the compilation cache (Flax's weakly typed step count did that), or a second
+    step compiles again (float64 runs did, Flax making their BN statistics float32). Traced,
+    not compiled."""
     config = config_with(depth=8, block="basic", batch_size=8,
                          **{precision: True} if precision != "float32" else {})
     with jax.enable_x64(precision == "float64"):
         dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
         setup = recipe.build(config, dp)
+        fresh = jax.eval_shape(setup.init_state, 0)
         batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8, sharding=dp.batch_sharding),
                  "label": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=dp.batch_sharding)}
-        stepped, _ = jax.eval_shape(setup.train_step, setup.abstract_state, batch)
-    types = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
-    assert types(stepped) == types(setup.abstract_state)
-    stats = jax.tree.leaves(setup.abstract_state.state.batch_stats)
+        stepped, _ = jax.eval_shape(setup.train_step, fresh, batch)
+    types = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type), tree)
+    assert types(fresh) == types(stepped) == types(setup.abstract_state)
+    stats = jax.tree.leaves(fresh.state.batch_stats)
     assert {x.dtype for x in stats} == {jnp.dtype("float64" if precision == "float64" else "float32")}
 
 
