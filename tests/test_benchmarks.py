@@ -18,13 +18,12 @@ from cli_runs import ROOT, environment
 pytestmark = pytest.mark.slow
 
 
-# One part of each kind (unrolled, scanned and rematerialised, several runs, ImageNet, the
-# PyTorch peer); the others differ from these in depth or batch only, and
-# test_accelerator_variants_and_profile runs cifar110_b128.
-# A single run, a scanned and rematerialised one, several runs, and the PyTorch peer. The
-# ImageNet parts differ from these in network and input shape only (their train steps compile
-# in tests/test_configs.py); `--smoke` alone runs every part.
-SMOKE_PARTS = ["cifar164_b128", "cifar1001_b128", "cifar164_b128_x8_vmap", "timm_resnetv2_50"]
+# One part of each kind: a single run (unrolled; test_accelerator_variants_and_profile runs it
+# too, its programs then come from the compilation cache), a scanned and rematerialised one,
+# several runs, and the PyTorch peer. The other parts differ from these in depth, batch, unit or
+# network and input shape only (the ImageNet networks' train steps compile in
+# tests/test_configs.py); `--smoke` alone runs every part.
+SMOKE_PARTS = ["cifar110_b128", "cifar1001_b128", "cifar110_b128_x8_vmap", "timm_resnetv2_50"]
 
 
 def test_accelerator_smoke_runs_each_kind_of_part_without_tensorflow(tmp_path):
@@ -42,16 +41,13 @@ def test_accelerator_smoke_runs_each_kind_of_part_without_tensorflow(tmp_path):
         assert "error" not in result, (name, result)
         assert result["train"]["img_per_s"] > 0 and result["eval"]["img_per_s"] > 0
         assert result["mfu"] is None  # a CPU has no listed peak
-    # FLOPs are the unrolled network's even where the part runs scanned (ResNet-20 bottleneck,
-    # 9n+2 with n=2, vs ResNet-11, n=1: about twice the units, so well over the 1.3x of the
-    # scanned count, which XLA counts once per loop body).
-    runs, single = results["cifar164_b128_x8_vmap"], results["cifar164_b128"]
+    # FLOPs are per run, and the unrolled network's where a part runs scanned
+    # (tests/test_preflight.py checks the count).
+    runs, single = results["cifar110_b128_x8_vmap"], results["cifar110_b128"]
     assert (runs["runs"], runs["runs_layout"]) == (8, "vmap")
     assert runs["gflop_per_step"] == single["gflop_per_step"]  # per run
     assert runs["per_run_img_per_s"] == runs["train"]["img_per_s"] / 8
-    scanned, smaller = results["cifar1001_b128"], results["cifar164_b128"]
-    assert scanned["layout"] == "scan+remat" and smaller["layout"] == "unrolled"
-    assert scanned["gflop_per_step"] > 1.5 * smaller["gflop_per_step"]
+    assert (results["cifar1001_b128"]["layout"], single["layout"]) == ("scan+remat", "unrolled")
     table = (tmp_path / "accelerator.md").read_text()
     assert "| cifar1001_b128 |" in table and "SMOKE" in table
 

@@ -7,9 +7,10 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from resnet_v2_jax import batching, preflight, targets
+from resnet_v2_jax import base_config, batching, parallel, preflight, recipe, targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "cifar10_quick.py")
@@ -200,3 +201,19 @@ def test_program_structure_counts_what_runs_and_the_groups_of_collectives():
     assert structure["kernels"] == 4   # the fusion, two all-reduces and the copy
     assert structure["collectives"] == {"all-reduce over 2": {"count": 1, "bytes": 32},
                                         "all-reduce over 4": {"count": 1, "bytes": 16}}
+
+
+def test_flops_of_a_scanned_rematerialised_step_are_the_unrolled_networks():
+    """XLA counts a scanned stage's loop body once and remat's recomputation as work: the count
+    (of the bound and the benchmarks' MFU) is the unrolled step's, neither. Lowered only."""
+    def lowered_flops(config):
+        dp = parallel.DataParallel(config.parallelism, 1, devices=jax.devices("cpu")[:1])
+        setup = recipe.build(config, dp)
+        return setup.train_step.lower(setup.abstract_state, preflight.abstract_batches(
+            config, dp)).cost_analysis()["flops"]
+
+    scanned = base_config.cifar("cifar10", 20, batch_size=8, eval_batch_size=8, scan_units=True,
+                                remat_units=True)
+    unrolled = base_config.cifar("cifar10", 20, batch_size=8, eval_batch_size=8)
+    flops = preflight.model_flops(scanned, 8)
+    assert flops == lowered_flops(unrolled) != lowered_flops(scanned)
