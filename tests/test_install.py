@@ -16,6 +16,7 @@ import sysconfig
 
 import pytest
 
+import cli_runs
 from resnet_v2_jax import cli
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
@@ -77,9 +78,8 @@ def installed(tmp_path_factory):
 
 def command(installed, *args, train_extra=False, **env):
     python, train, work, _ = installed
-    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    environment.update(XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                       JAX_PLATFORMS="cpu", **env)
+    environment = {k: v for k, v in cli_runs.environment(1, **env).items()
+                   if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     if train_extra:
         environment["PYTHONPATH"] = train
     return subprocess.run([str(python), *args], cwd=work, env=environment, text=True,
@@ -146,11 +146,9 @@ def test_the_cards_command_runs_from_any_directory(installed, array_dir):
     assert "in: ablation, " in unknown.stderr and ", imagenet_200, " in unknown.stderr
 
     workdir = installed[2] / "run"
-    trained = command(installed, "-m", "resnet_v2_jax.main", "--config=configs/cifar10_quick.py",
-                      f"--workdir={workdir}", "--config.model.depth=8",
-                      "--config.input_pipeline=device_resident",
-                      f"--config.array_dir={array_dir}", "--config.batch_size=32",
-                      "--config.eval_batch_size=50", "--config.num_train_steps=2",
+    # The command-line tests' run (tests/cli_runs.py), so its programs come from the cache.
+    trained = command(installed, *cli_runs.command(workdir, array_dir, "--config.num_train_steps=2",
+                                                   config="configs/cifar10_quick.py")[1:],
                       train_extra=True)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stdout.startswith("step 2: test accuracy")
