@@ -138,19 +138,24 @@ def create_train_state(rng: jax.Array, model: models.ResNetV2, tx: optax.Gradien
     return init(rng)
 
 
-def init_runs(seed: int, num_runs: int, model: models.ResNetV2,
-              tx: optax.GradientTransformation, image_size: int) -> Runs:
-    """`num_runs` fresh train states, run k's network initialised from PRNGKey(seed + k)."""
-    keys = jnp.stack([jax.random.PRNGKey(seed + k) for k in range(num_runs)])
-    states = jax.jit(jax.vmap(lambda rng: create_train_state(rng, model, tx, image_size)))(keys)
-    return Runs(states, jnp.full((num_runs,), -1, jnp.int32))
+def runs_initializer(model: models.ResNetV2, tx: optax.GradientTransformation, image_size: int,
+                     num_runs: int = 1) -> Callable[[int], Runs]:
+    """seed -> `num_runs` fresh train states, run k's network initialised from PRNGKey(seed + k).
+    One jitted function: a run's abstract state (`abstract_train_state`) and its initial state
+    share one trace of the network's initialisation."""
+    states = jax.jit(jax.vmap(lambda rng: create_train_state(rng, model, tx, image_size)))
+
+    def init_runs(seed: int) -> Runs:
+        keys = jnp.stack([jax.random.PRNGKey(seed + k) for k in range(num_runs)])
+        return Runs(states(keys), jnp.full((num_runs,), -1, jnp.int32))
+    return init_runs
 
 
-def abstract_train_state(model: models.ResNetV2, tx: optax.GradientTransformation,
-                         image_size: int, sharding: jax.sharding.Sharding,
-                         num_runs: int = 1) -> Runs:
-    """Shapes, dtypes and `sharding` of the `Runs` state, computing nothing: a restore target."""
-    shapes = jax.eval_shape(lambda: init_runs(0, num_runs, model, tx, image_size))
+def abstract_train_state(init_runs: Callable[[int], Runs],
+                         sharding: jax.sharding.Sharding) -> Runs:
+    """Shapes, dtypes and `sharding` of the `Runs` state `init_runs` (a `runs_initializer`)
+    makes, computing nothing: a restore target."""
+    shapes = jax.eval_shape(lambda: init_runs(0))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         shapes)
 
@@ -192,8 +197,8 @@ def other_layouts(model: models.ResNetV2, tx: optax.GradientTransformation, imag
 
     layouts = []  # the other unit layout with the run axis first
     for scan_units in (not model.scan_units, model.scan_units):
-        stacked = abstract_train_state(model.clone(scan_units=scan_units), tx, image_size,
-                                       sharding, num_runs)
+        stacked = abstract_train_state(runs_initializer(
+            model.clone(scan_units=scan_units), tx, image_size, num_runs), sharding)
         single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
             x.shape[1:], x.dtype, sharding=_replicated(sharding)), stacked.state)
         if scan_units != model.scan_units:
@@ -369,11 +374,12 @@ class Setup:
     abstract_state: Any               # shapes, dtypes and shardings of the state: a restore target
     train_step: Callable              # (state, batch) -> (state, metrics), over all devices
     eval_step: Callable               # (variables, batch) -> summed eval metrics, all devices
+    init_runs: Callable[[int], Runs]  # seed -> a fresh state (`runs_initializer`)
 
     def init_state(self, seed: int) -> Runs:
         """A freshly initialised state (on the default device; `DataParallel.put_state` it):
         run k's network initialised from PRNGKey(seed + k)."""
-        return init_runs(seed, self.num_runs, self.model, self.tx, self.image_size)
+        return self.init_runs(seed)
 
     def layouts(self) -> Sequence[checkpoint.Layout]:
         """The state in the network's other unit layout, and its conversion (`other_layouts`):
@@ -425,14 +431,15 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
         return runs_eval_step(variables, batch, layout=layout, step=functools.partial(
             eval_step, model=model, axes=dp.axes, normalize=normalize))
 
-    abstract = abstract_train_state(model, tx, config.image_size, dp.state_sharding,
-                                    config.num_runs)
+    init_runs = runs_initializer(model, tx, config.image_size, config.num_runs)
+    abstract = abstract_train_state(init_runs, dp.state_sharding)
     return Setup(model=model, schedule=schedule, tx=tx, steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps, image_size=config.image_size,
                  num_runs=config.num_runs, abstract_state=abstract,
                  train_step=dp.compile(per_device_train_step, returns_state=True,
                                        batch_spec=dp.train_batch_spec),
-                 eval_step=dp.compile(per_device_eval_step, returns_state=False))
+                 eval_step=dp.compile(per_device_eval_step, returns_state=False),
+                 init_runs=init_runs)
 
 
 @jax.jit

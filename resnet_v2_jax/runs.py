@@ -90,7 +90,8 @@ def read_run(path: str, config: Optional[ml_collections.ConfigDict] = None,
     model = recipe.create_model(config, datasets.get(config.dataset).num_classes)
     tx = recipe.create_optimizer(config, optax.constant_schedule(0.0))  # the state's structure
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = recipe.abstract_train_state(model, tx, config.image_size, one_device, num_runs)
+    abstract = recipe.abstract_train_state(
+        recipe.runs_initializer(model, tx, config.image_size, num_runs), one_device)
     checkpoints = checkpoint.Checkpoints(workdir, model, read_only=True, num_runs=num_runs)
     try:
         state, step = checkpoints.read(abstract, step, lambda: recipe.other_layouts(
