@@ -28,9 +28,8 @@ ABLATIONS = ["", "shortcut=exclusive_gate,gate_bias_init=-6", "shortcut=dropout"
 # and dtype of the step checked) without compiling: an XLA:CPU compile of these networks takes
 # 20-50 CPU-seconds.
 TRAINED = {"cifar100_resnet164", "finetune_cifar10"}
-# Of the ablations, the one whose step draws a key per unit in training (dropout shortcuts)
-# trains; the others' units are checked against the paper's formulas in tests/test_models.py.
-TRAINED_ABLATION = "shortcut=dropout"
+# The ablations are traced: their units are checked against the paper's formulas in
+# tests/test_models.py, the dropout shortcut's draws in training, unrolled and scanned, too.
 
 
 def setup_and_batch(config):
@@ -93,14 +92,13 @@ def test_config_builds_its_train_step_and_a_kind_of_each_trains(name):
 
 
 def test_the_trained_configs_exist():
-    assert TRAINED < set(CONFIGS) and TRAINED_ABLATION in ABLATIONS  # no stale names
+    assert TRAINED < set(CONFIGS)  # no stale names
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arg", ABLATIONS)
-def test_ablation_config_builds_its_train_step_and_one_trains(arg):
+def test_ablation_config_builds_its_train_step(arg):
     config = ablation.get_config(arg)
-    model = check_step(config, trains=arg == TRAINED_ABLATION)
+    model = check_step(config, trains=False)
     for key, value in {**ablation.DEFAULTS, **ablation.parse(arg)}.items():
         assert (config[key] if key in config else config.model[key]) == value
     assert model.shortcut == config.model.shortcut and model.unit == config.model.unit

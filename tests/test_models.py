@@ -447,8 +447,9 @@ def test_dropout_shortcut_drops_half_and_scales_by_two():
     np.testing.assert_array_equal(module.clone(deterministic=True).apply(v, x), x)
 
 
-def test_network_dropout_shortcut_is_random_in_training_only():
-    model = models.ResNetV2(**TINY, shortcut="dropout")
+@pytest.mark.parametrize("scan_units", [False, True], ids=["unrolled", "scanned"])
+def test_network_dropout_shortcut_is_random_in_training_only(scan_units):
+    model = models.ResNetV2(**TINY, shortcut="dropout", scan_units=scan_units)
     x = images((4, 8, 8, 3))
     v = model.init(jax.random.key(0), x, train=False)
     train = [model.apply(v, x, train=True, mutable=["batch_stats"],
