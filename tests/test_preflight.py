@@ -92,10 +92,11 @@ def test_the_batch_arithmetic_is_what_the_target_s_processes_compute(pod_report)
 @needs_libtpu
 def test_a_program_that_cannot_fit_is_reported_with_what_to_change(tmp_path):
     # 65,536 images per v5e chip of a depth-8 network in float32: over its 16 GiB (the
-    # compiler refuses it), 32,768 fit (5.4 GiB at 16,384).
+    # compiler refuses it; 32,768 fit, 5.4 GiB at 16,384). --max_batch in multiples of 65,536
+    # tries nothing more and finds none (its search: the test below).
     result = preflight_command(tmp_path, f"--config={CONFIG}", "--target=v5e-1", *TINY,
                                "--config.batch_size=65536", "--config.eval_batch_size=64",
-                               "--max_batch", "--batch_multiple=32768")
+                               "--max_batch", "--batch_multiple=65536")
     assert result.returncode == preflight.DOES_NOT_FIT, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cifar10_quick does not fit v5e-1: "
@@ -104,10 +105,27 @@ def test_a_program_that_cannot_fit_is_reported_with_what_to_change(tmp_path):
     report = json.load(open(tmp_path / "cifar10_quick_v5e-1.json"))
     assert not report["fits"] and report["peak_bytes"] > targets.get("v5e-1").hbm_bytes
     assert "Ran out of memory" in report["compiler_refused"][0]
-    assert report["max_batch"] == {"per_device": 32768, "global": 32768,
-                                   "tries": {"65536": False, "32768": True}}
-    assert "does not fit" in result.stdout and "Largest per-device batch that fits: 32768" in \
-        result.stdout
+    assert report["max_batch"] == {"per_device": 0, "global": 0, "tries": {"65536": False}}
+    assert "does not fit" in result.stdout and "Largest per-device batch that fits: 0 (global " \
+        "0); tried 65536 over." in result.stdout
+
+
+def test_max_batch_doubles_then_bisects_to_the_largest_multiple_that_fits(monkeypatch):
+    """One train-step compile (`check`) per try, none for a batch already tried. The compiler
+    here is a stand-in that fits up to 20,000 images per device; the real one's verdicts are
+    the tests above."""
+    compiled = []
+
+    def check(config, target, devices, train_step_only=False):
+        assert train_step_only
+        compiled.append(config.batch_size // 8)
+        return {"train_fits": config.batch_size // 8 <= 20000}
+    monkeypatch.setattr(preflight, "check", check)
+    config = base_config.cifar("cifar10", 8, batch_size=8 * 1024)
+    found = preflight.max_batch(config, targets.get("v5e-8"), jax.devices(), 1024, {1024: True})
+    assert compiled == [2048, 4096, 8192, 16384, 32768, 24576, 20480, 18432, 19456]
+    assert found == {"per_device": 19456, "global": 8 * 19456,
+                     "tries": {1024: True, **{b: b <= 20000 for b in compiled}}}
 
 
 @pytest.mark.slow
