@@ -59,10 +59,10 @@ def test_a_finished_run_leaves_no_thread_of_ours(run):
 
 @pytest.fixture(scope="module")
 def second_run(tmp_path_factory, tfds_data_dir):
-    """The same 20 steps evaluated every 5 steps on 2,000 test images (the same network, so
+    """The same 20 steps evaluated every 5 steps on 1,000 test images (the same network, so
     its train and eval steps come from the compilation cache)."""
     workdir = tmp_path_factory.mktemp("every_5_steps")
-    train.train_and_evaluate(tiny_config(tfds_data_dir, eval_every_steps=5, steps_per_eval=2),
+    train.train_and_evaluate(tiny_config(tfds_data_dir, eval_every_steps=5, steps_per_eval=1),
                              str(workdir))
     return workdir
 
