@@ -374,12 +374,9 @@ class Setup:
     abstract_state: Any               # shapes, dtypes and shardings of the state: a restore target
     train_step: Callable              # (state, batch) -> (state, metrics), over all devices
     eval_step: Callable               # (variables, batch) -> summed eval metrics, all devices
-    init_runs: Callable[[int], Runs]  # seed -> a fresh state (`runs_initializer`)
-
-    def init_state(self, seed: int) -> Runs:
-        """A freshly initialised state (on the default device; `DataParallel.put_state` it):
-        run k's network initialised from PRNGKey(seed + k)."""
-        return self.init_runs(seed)
+    # seed -> a freshly initialised state, run k's network from PRNGKey(seed + k), on the
+    # default device (`DataParallel.put_state` it): the `runs_initializer` of abstract_state.
+    init_state: Callable[[int], Runs]
 
     def layouts(self) -> Sequence[checkpoint.Layout]:
         """The state in the network's other unit layout, and its conversion (`other_layouts`):
@@ -439,7 +436,7 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
                  train_step=dp.compile(per_device_train_step, returns_state=True,
                                        batch_spec=dp.train_batch_spec),
                  eval_step=dp.compile(per_device_eval_step, returns_state=False),
-                 init_runs=init_runs)
+                 init_state=init_runs)
 
 
 @jax.jit

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from resnet_v2_jax import base_config
-from resnet_v2_jax import checkpoint, errors, inputs, parallel, recipe, train, weights
+from resnet_v2_jax import (checkpoint, errors, inputs, parallel, preflight, recipe, train,
+                           weights)
 
 
 def config_with(depth=164, unit="full_preact", dataset="cifar10", **overrides):
@@ -104,13 +105,12 @@ def test_fresh_stepped_and_restored_states_have_one_type(precision):
         dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1])
         setup = recipe.build(config, dp)
         fresh = jax.eval_shape(setup.init_state, 0)
-        batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8, sharding=dp.batch_sharding),
-                 "label": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=dp.batch_sharding)}
-        stepped, _ = jax.eval_shape(setup.train_step, fresh, batch)
+        stepped, _ = jax.eval_shape(setup.train_step, fresh,
+                                    preflight.abstract_batches(config, dp))
     types = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type), tree)
     assert types(fresh) == types(stepped) == types(setup.abstract_state)
-    stats = jax.tree.leaves(fresh.state.batch_stats)
-    assert {x.dtype for x in stats} == {jnp.dtype("float64" if precision == "float64" else "float32")}
+    stats_dtype = jnp.dtype("float64" if precision == "float64" else "float32")
+    assert {x.dtype for x in jax.tree.leaves(fresh.state.batch_stats)} == {stats_dtype}
 
 
 def test_eval_step_counts_only_masked_examples():
