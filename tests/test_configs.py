@@ -18,17 +18,18 @@ ABLATIONS = ["", "shortcut=exclusive_gate,gate_bias_init=-6", "shortcut=dropout"
              "unit=relu_preact,depth=164", "shortcut=scaling,shortcut_scale=0.5,residual_scale=0.5"]
 
 
-# Fine-tuning's train step (the ImageNet stem with full pre-activation bottlenecks, timm's stem
-# layout, the on-device resize) compiles and trains one step. CIFAR's basic units train in
-# every command-line test (cifar10_quick at depth 8, tests/cli_runs.py), its full
-# pre-activation bottlenecks, scanned, in the accelerator benchmark's smoke run
-# (tests/test_benchmarks.py, cifar1001_b128 at depth 20); the original bottleneck's gradient
-# is computed in tests/test_analyze.py and its formula checked in tests/test_models.py. The
-# other configs differ from these only in depth (the units run scanned: the same program),
-# stem layout, unit, number of classes, schedule or host augmentation, and are traced (every
-# shape and dtype of the step checked) without compiling: an XLA:CPU compile of these
-# networks takes 20-50 CPU-seconds.
-TRAINED = {"finetune_cifar10"}
+# Fine-tuning's train step (the ImageNet stem, timm's stem layout, the on-device resize, Nesterov
+# momentum) compiles and trains one step, at the smallest ImageNet depth, 18 (its own depth, 50,
+# is traced like the other configs: its scanned bottleneck step takes 50 CPU-seconds to
+# compile here, 18's 20). CIFAR's basic units train in every command-line test (cifar10_quick
+# at depth 8, tests/cli_runs.py), its full pre-activation bottlenecks, scanned, in the
+# accelerator benchmark's smoke run (tests/test_benchmarks.py, cifar1001_b128 at depth 20);
+# the original bottleneck's gradient is computed in tests/test_analyze.py and its formula
+# checked in tests/test_models.py. The other configs differ from these only in depth (the
+# units run scanned: the same program), stem layout, unit, number of classes, schedule or host
+# augmentation, and are traced (every shape and dtype of the step checked) without compiling:
+# an XLA:CPU compile of these networks takes 20-50 CPU-seconds.
+TRAINED = {"finetune_cifar10": 18}  # config: the depth at which it trains
 # The ablations are traced: their units are checked against the paper's formulas in
 # tests/test_models.py, the dropout shortcut's draws in training, unrolled and scanned, too.
 
@@ -87,13 +88,16 @@ def test_config_builds_its_train_step_and_a_kind_of_each_trains(name):
     if config.init_from is None:  # fine-tuning configs name their source on the command line
         config.init_from = ""
     configuration.validate(config)
-    model = check_step(config, trains=name in TRAINED)
+    model = check_step(config, trains=False)
+    if name in TRAINED:
+        config.model.depth = TRAINED[name]
+        check_step(config, trains=True)
     assert model.unit == config.model.unit and model.num_classes == datasets.get(
         config.dataset).num_classes
 
 
 def test_the_trained_configs_exist():
-    assert TRAINED < set(CONFIGS)  # no stale names
+    assert set(TRAINED) < set(CONFIGS)  # no stale names
 
 
 @pytest.mark.parametrize("arg", ABLATIONS)
