@@ -30,9 +30,11 @@ STEPS = 20
 def tiny_config(data_dir, unit="full_preact", **overrides):
     config = cifar10_quick.get_config()
     config.model.depth, config.model.unit = 8, unit
+    # A shuffle buffer of 1,000, not the whole training set: 20 steps read 1,280 images.
     config.update({**dict(num_train_steps=STEPS, batch_size=64, warmup_steps=5,
                           log_every_steps=5, eval_every_steps=STEPS, checkpoint_every_steps=STEPS,
-                          eval_batch_size=1000, data_dir=data_dir), **overrides})
+                          eval_batch_size=1000, shuffle_buffer_size=1000, data_dir=data_dir),
+                   **overrides})
     return config
 
 
