@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from configs import cifar10_quick
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "cifar10_quick.py")
 N = 3  # checkpoint interval; runs are 2N steps
@@ -23,14 +25,27 @@ OUR_MODULES = {name for name in os.listdir(os.path.join(ROOT, "resnet_v2_jax"))
                if name.endswith(".py")}
 
 
+# What every run of `command` sets on top of configs/cifar10_quick.py (`quick_config` in-process).
+SETTINGS = {"model.depth": 8, "input_pipeline": "device_resident", "batch_size": 64,
+            "eval_batch_size": 40, "num_train_steps": 2 * N, "checkpoint_every_steps": N,
+            "log_every_steps": 1, "eval_every_steps": 1000, "lr_schedule": "steps",
+            "warmup": "none", "lr_boundaries_steps": (1000,)}
+
+
 def command(workdir, array_dir, *overrides, config=CONFIG):
+    settings = [f"--config.{key}={value}".replace(" ", "") for key, value in SETTINGS.items()]
     return [sys.executable, "-m", "resnet_v2_jax.main", f"--config={config}",
-            f"--workdir={workdir}", "--config.model.depth=8", "--config.input_pipeline=device_resident",
-            f"--config.array_dir={array_dir}", "--config.batch_size=64",
-            "--config.eval_batch_size=40", f"--config.num_train_steps={2 * N}",
-            f"--config.checkpoint_every_steps={N}", "--config.log_every_steps=1",
-            "--config.eval_every_steps=1000", "--config.lr_schedule=steps", "--config.warmup=none",
-            "--config.lr_boundaries_steps=(1000,)", *overrides]
+            f"--workdir={workdir}", *settings, f"--config.array_dir={array_dir}", *overrides]
+
+
+def quick_config(array_dir, overrides=None):
+    """The config `command` runs, built in this process, with `overrides` ({"key" or
+    "model.key": value}): for tests of what the command checks before it writes anything."""
+    config = cifar10_quick.get_config()
+    for key, value in {**SETTINGS, "array_dir": array_dir, **(overrides or {})}.items():
+        section, _, name = key.rpartition(".")
+        setattr(config[section] if section else config, name, value)
+    return config
 
 
 WITHOUT_TENSORFLOW = os.path.join(ROOT, "tests", "without_tensorflow")

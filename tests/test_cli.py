@@ -20,9 +20,9 @@ import pytest
 from absl import logging as absl_logging
 
 from cli_runs import (CONFIG, N, ROOT, assert_one_error_line, assert_only_our_info_lines,
-                      assert_same_params, command, environment, kill, run, saved_state,
-                      snapshot, start, stopped_at, wait_for_checkpoint)
-from resnet_v2_jax import cli, configuration
+                      assert_same_params, command, environment, kill, quick_config, run,
+                      saved_state, snapshot, start, stopped_at, wait_for_checkpoint)
+from resnet_v2_jax import cli, configuration, errors, train
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -289,19 +289,11 @@ def flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+# Refused by the command line itself: one line, exit code 1, nothing created. One bad config
+# value stands for all of them (the rest are refused in-process below, by the same
+# `train_and_evaluate` the command calls, as the same one-line errors).
 BAD_INPUTS = [
     ("depth", ["--config.model.depth=100"], "depth must be 6n+2"),
-    ("block", ["--config.model.block=wide"], "unknown block 'wide'"),
-    ("unit", ["--config.model.unit=preact"], "unknown unit 'preact'"),
-    ("shortcut", ["--config.model.shortcut=gated"], "unknown shortcut 'gated'"),
-    ("dataset", ["--config.dataset=mnist"], "unknown dataset 'mnist'"),
-    ("batch", ["--config.batch_size=60"], "must be a positive multiple of the device count 8"),
-    ("boundaries", ["--config.lr_boundaries_steps=(48000,32000)"], "positive increasing steps"),
-    ("parallelism", ["--config.parallelism=threads"], "parallelism='threads' is not allowed"),
-    ("bn_group", ["--config.bn_group_size=3"], "bn_group_size=3 must divide"),
-    ("steps", ["--config.num_train_steps=-1", "--config.num_epochs=0"], "num_train_steps > 0"),
-    ("arrays", ["--config.array_dir=/nonexistent"], "not found"),
-    ("input", ["--config.input_pipeline=grain"], "input_pipeline='grain' is not allowed"),
     # An unprepared manual-download dataset fails at once; an unreachable or failed download of
     # CIFAR is tested in-process in test_input_pipeline.py (here it would download with internet).
     ("unprepared", ["--config.input_pipeline=tfds", "--config.dataset=imagenet2012",
@@ -327,6 +319,32 @@ def test_bad_input_ends_with_one_line_and_nonzero_exit(tmp_path, array_dir, name
     assert_one_error_line(result, message)
     if name != "nan":  # refused at start: nothing created, not even the dataset's folder
         assert sorted(os.listdir(tmp_path)) == []
+
+
+BAD_CONFIGS = [
+    ("block", {"model.block": "wide"}, "unknown block 'wide'"),
+    ("unit", {"model.unit": "preact"}, "unknown unit 'preact'"),
+    ("shortcut", {"model.shortcut": "gated"}, "unknown shortcut 'gated'"),
+    ("dataset", {"dataset": "mnist"}, "unknown dataset 'mnist'"),
+    ("batch", {"batch_size": 60}, "must be a positive multiple of the device count 8"),
+    ("boundaries", {"lr_boundaries_steps": (48000, 32000)}, "positive increasing steps"),
+    ("parallelism", {"parallelism": "threads"}, "parallelism='threads' is not allowed"),
+    ("bn_group", {"bn_group_size": 3}, "bn_group_size=3 must divide"),
+    ("steps", {"num_train_steps": -1, "num_epochs": 0}, "num_train_steps > 0"),
+    ("arrays", {"array_dir": "/nonexistent"}, "not found"),
+    ("input", {"input_pipeline": "grain"}, "input_pipeline='grain' is not allowed"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, message", BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_bad_config_values_are_refused_before_anything_is_written(tmp_path, array_dir, name,
+                                                                   overrides, message):
+    """What the command (8 devices here too) ends with in one line: one of the package's own
+    errors (`cli.guard`), its message one line, raised before the workdir exists."""
+    with pytest.raises(errors.Error, match=re.escape(message)) as refused:
+        train.train_and_evaluate(quick_config(array_dir, overrides), str(tmp_path / "run"))
+    assert "\n" not in str(refused.value)
+    assert os.listdir(tmp_path) == []
 
 
 def test_workdir_with_another_models_checkpoint_is_refused(tmp_path, array_dir, uninterrupted):

@@ -1,8 +1,10 @@
 """Never lose a run: workdir paths, resumes that do not fit, concurrent runs, finished runs,
-bad data and bad configs, through the real command line (tests/cli_runs.py). Every refusal
-is one line, and each test checks that nothing written before was lost or changed."""
+bad data and bad configs, through the real command line (tests/cli_runs.py; a refusal of each
+kind there, the other cases of a kind in-process). Every refusal is one line, and each test
+checks that nothing written before was lost or changed."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli_runs import (CONFIG, N, assert_one_error_line, kill, run, saved_state, snapshot, start,
-                      wait_for_checkpoint)
-from resnet_v2_jax import checkpoint, configuration, device_input, errors, models, rundir
+from cli_runs import (CONFIG, N, assert_one_error_line, kill, quick_config, run, saved_state,
+                      snapshot, start, wait_for_checkpoint)
+from resnet_v2_jax import (checkpoint, configuration, device_input, errors, models, rundir,
+                           train)
 
 # Command-line runs and training: outside the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -443,10 +446,17 @@ BAD_DATA = [
 @pytest.mark.parametrize("name, arrays, message", BAD_DATA, ids=[b[0] for b in BAD_DATA])
 def test_bad_data_is_refused_in_one_line_before_anything_is_written(tmp_path, name, arrays,
                                                                     message):
+    """The first case through the command line (one `error:` line, exit code 1); the others
+    in-process, through the `train_and_evaluate` it calls: one of the package's own errors
+    (which `cli.guard` prints as that line), its message one line."""
     folder = _arrays(str(tmp_path / "arrays"), **{"train_images": _IMAGES,
                                                    "train_labels": _LABELS, **arrays})
-    result = run(str(tmp_path / "run"), folder, check=False)
-    assert_one_error_line(result, message)
+    if name == BAD_DATA[0][0]:
+        assert_one_error_line(run(str(tmp_path / "run"), folder, check=False), message)
+    else:
+        with pytest.raises(errors.DataError, match=re.escape(message)) as refused:
+            train.train_and_evaluate(quick_config(folder), str(tmp_path / "run"))
+        assert "\n" not in str(refused.value)
     assert not (tmp_path / "run").exists()
 
 
