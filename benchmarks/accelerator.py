@@ -233,7 +233,8 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
         dp.train_batch_sharding)
 
     start = time.perf_counter()
-    train_step = setup.train_step.lower(state, train_data).compile()
+    seed = np.int32(config.seed)
+    train_step = setup.train_step.lower(state, train_data, seed).compile()
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     eval_step = setup.eval_step.lower(recipe.variables_of(state.state), data).compile()
@@ -245,7 +246,7 @@ def measure_jax(part: Part, smoke: bool, deadline: float) -> Dict:
 
     def run_train(n):
         for _ in range(n):
-            holder["state"], metrics = train_step(holder["state"], train_data)
+            holder["state"], metrics = train_step(holder["state"], train_data, seed)
         jax.block_until_ready(metrics)
 
     def run_eval(n):

@@ -54,12 +54,13 @@ def stepper(layout: str):
                          dp.train_batch_sharding)
     holder = {"state": dp.put_state(setup.init_state(0))}
     start = time.perf_counter()
-    step = setup.train_step.lower(holder["state"], batch).compile()
+    seed = np.int32(config.seed)
+    step = setup.train_step.lower(holder["state"], batch, seed).compile()
     compile_s = time.perf_counter() - start
 
     def run(n):
         for _ in range(n):
-            holder["state"], metrics = step(holder["state"], batch)
+            holder["state"], metrics = step(holder["state"], batch, seed)
         jax.block_until_ready(metrics)
     run(1)  # warm-up
     return run, runs * FLAGS.batch, compile_s

@@ -192,20 +192,24 @@ class DataParallel:
     # --- compilation -----------------------------------------------------------------------
 
     def compile(self, per_device_step: Callable, *, returns_state: bool,
-                batch_spec: Optional[P] = None) -> Callable:
-        """Compiles a per-device `step(state, batch)` for all devices.
+                batch_spec: Optional[P] = None, shared_args: int = 0) -> Callable:
+        """Compiles a per-device `step(state, batch, *shared)` for all devices.
 
-        The step sees its device's slice of the state (its runs) and its share of the batch
-        (split by `batch_spec`, default `self.batch_spec`), and reduces over `self.axes`
-        whatever must be global. It returns (new state, metrics) when `returns_state` (the
-        state buffers are then donated), else metrics only; metrics are per run, like the state.
+        The step sees its device's slice of the state (its runs), its share of the batch
+        (split by `batch_spec`, default `self.batch_spec`) and the `shared_args` arguments after
+        the batch whole (scalars such as the seed: values of the program, not constants), and
+        reduces over `self.axes` whatever must be global. It returns (new state, metrics) when
+        `returns_state` (the state buffers are then donated), else metrics only; metrics are
+        per run, like the state.
         """
         donate = (0,) if returns_state else ()
         if self.executor == "pmap":
-            return jax.pmap(per_device_step, axis_name="data", donate_argnums=donate)
+            return jax.pmap(per_device_step, axis_name="data", donate_argnums=donate,
+                            in_axes=(0, 0) + (None,) * shared_args)
         outputs = self.state_spec  # metrics are per run like the state
         sharded = jax.shard_map(per_device_step, mesh=self.mesh,
-                                in_specs=(self.state_spec, batch_spec or self.batch_spec),
+                                in_specs=(self.state_spec, batch_spec or self.batch_spec,
+                                          *(P(),) * shared_args),
                                 out_specs=(self.state_spec, outputs) if returns_state else outputs,
                                 # pmap semantics: the step itself guarantees replicated outputs.
                                 check_vma=False)

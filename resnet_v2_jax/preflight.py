@@ -201,8 +201,8 @@ def model_flops(config, per_device_batch: int) -> Optional[float]:
     config.num_runs = 1
     dp = parallel.DataParallel(config.parallelism, 1, devices=jax.devices("cpu")[:1])
     setup = recipe.build(config, dp)
-    analysis = setup.train_step.lower(setup.abstract_state,
-                                      abstract_batches(config, dp)).cost_analysis()
+    analysis = setup.train_step.lower(setup.abstract_state, abstract_batches(config, dp),
+                                      recipe.ABSTRACT_SEED).cost_analysis()
     if isinstance(analysis, (list, tuple)):          # older JAX: one dict per program
         analysis = analysis[0] if analysis else None
     return float(analysis["flops"]) if analysis and "flops" in analysis else None
@@ -261,7 +261,7 @@ def check(config, target: targets.Target, devices,
     setup = recipe.build(config, dp)
     per_device = dp.check_batch_size(config.batch_size)
     train = _compile(setup.train_step, setup.abstract_state, abstract_batches(config, dp),
-                     num_devices=dp.num_devices)
+                     recipe.ABSTRACT_SEED, num_devices=dp.num_devices)
     state_bytes = _per_device_bytes(setup.abstract_state)
     variables_bytes = _per_device_bytes(recipe.variables_of(setup.abstract_state.state))
     evals = {}

@@ -333,16 +333,21 @@ def _finite_per_run(tree) -> jax.Array:
                               for x in leaves]), axis=0)
 
 
-def runs_train_step(runs: Runs, batch: Dict[str, jax.Array], *, step: Callable, seed: int,
-                    layout: str, runs_axis: Optional[str], shared_batch: bool):
+def runs_train_step(runs: Runs, batch: Dict[str, jax.Array], seed: jax.Array, *,
+                    step: Callable, layout: str, runs_axis: Optional[str], shared_batch: bool,
+                    shared_augmentation: bool):
     """The per-device train step of a device's runs: `step` (a `train_step`) for each, run k
-    keyed by PRNGKey(seed + k), as the single run of that seed is. A run whose loss or new
-    state is not finite keeps its state and is marked diverged at this step."""
+    keyed by PRNGKey(seed + k), as the single run of that seed is (with
+    `shared_augmentation`, runs that share their batches, every run augments them with the
+    seed's key). The seed is an argument, not a constant: every seed runs one program. A run
+    whose loss or new state is not finite keeps its state and is marked diverged at this
+    step."""
     local = runs.diverged_at.shape[0]
     first = parallel.axis_index(runs_axis) * local
     keys = jax.vmap(lambda k: jax.random.PRNGKey(seed + first + k))(jnp.arange(local))
-    new, metrics = over_runs(step, layout, (0, None if shared_batch else 0, 0))(
-        runs.state, batch, keys)
+    augment_key = jax.random.PRNGKey(seed) if shared_augmentation else None
+    new, metrics = over_runs(functools.partial(step, augment_key=augment_key), layout,
+                             (0, None if shared_batch else 0, 0))(runs.state, batch, keys)
     alive = runs.diverged_at < 0
     finite = jnp.isfinite(metrics["loss"]) & _finite_per_run(new)
     keep = alive & finite
@@ -360,6 +365,11 @@ def runs_eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, st
 
 # --- the one build recipe ----------------------------------------------------------------------
 
+# The train step's seed argument, an int32 scalar (`np.int32(config.seed)`), as an abstract
+# value: what compiling without running it (`preflight`) passes.
+ABSTRACT_SEED = jax.ShapeDtypeStruct((), jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything a config builds before data flows: used by training, eval-only, tests and
@@ -372,7 +382,7 @@ class Setup:
     image_size: int
     num_runs: int
     abstract_state: Any               # shapes, dtypes and shardings of the state: a restore target
-    train_step: Callable              # (state, batch) -> (state, metrics), over all devices
+    train_step: Callable              # (state, batch, seed) -> (state, metrics), all devices
     eval_step: Callable               # (variables, batch) -> summed eval metrics, all devices
     # seed -> a freshly initialised state, run k's network from PRNGKey(seed + k), on the
     # default device (`DataParallel.put_state` it): the `runs_initializer` of abstract_state.
@@ -409,20 +419,16 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
                                   size=config.input_resize)
     augment_images = augment.for_training(config.augment, config.image_size,
                                           config.color_augment)
-    # Runs that share their batches share their augmentation too (the seed's key).
-    shared_augment_key = jax.random.PRNGKey(config.seed) if config.share_batches else None
     layout = runs_layout(config.runs_layout, dp.devices[0].platform, dp.local_runs)
+    one_run_train_step = functools.partial(
+        train_step, axes=dp.axes, normalize=normalize, augment_images=augment_images,
+        train_bn_statistics=config.train_bn_statistics)
 
-    def one_run_train_step(state, batch, seed_key):
-        return train_step(state, batch, seed_key, axes=dp.axes, normalize=normalize,
-                          augment_images=augment_images,
-                          train_bn_statistics=config.train_bn_statistics,
-                          augment_key=shared_augment_key)
-
-    def per_device_train_step(runs, batch):
-        return runs_train_step(runs, batch, step=one_run_train_step, seed=config.seed,
-                               layout=layout, runs_axis=dp.runs_axis,
-                               shared_batch=not dp.batch_per_run)
+    def per_device_train_step(runs, batch, seed):
+        # Runs that share their batches share their augmentation too (the seed's key).
+        return runs_train_step(runs, batch, seed, step=one_run_train_step, layout=layout,
+                               runs_axis=dp.runs_axis, shared_batch=not dp.batch_per_run,
+                               shared_augmentation=config.share_batches)
 
     def per_device_eval_step(variables, batch):
         return runs_eval_step(variables, batch, layout=layout, step=functools.partial(
@@ -434,7 +440,7 @@ def build(config: ml_collections.ConfigDict, dp: parallel.DataParallel,
                  total_steps=total_steps, image_size=config.image_size,
                  num_runs=config.num_runs, abstract_state=abstract,
                  train_step=dp.compile(per_device_train_step, returns_state=True,
-                                       batch_spec=dp.train_batch_spec),
+                                       batch_spec=dp.train_batch_spec, shared_args=1),
                  eval_step=dp.compile(per_device_eval_step, returns_state=False),
                  init_state=init_runs)
 

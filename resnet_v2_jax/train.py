@@ -483,6 +483,7 @@ class _Trainer:
         divergence = _Divergence(config, self.checkpoints)
         eval_results, eval_step, stopped, done = {}, None, None, []
         step, timer = start_step, _Throughput(start_step)
+        seed = np.int32(config.seed)  # an argument of the step: every seed runs one program
         try:
             while True:
                 if step > start_step:
@@ -492,7 +493,7 @@ class _Trainer:
                     divergence.update(dp.to_host(state.diverged_at))
                     train_metrics = divergence.exclude(pending.fetch())
                 if action == "train":
-                    state, metrics = setup.train_step(state, next(batches))
+                    state, metrics = setup.train_step(state, next(batches), seed)
                     step, done = step + 1, []
                     pending.add(metrics)
                     timer.stepped(step, metrics)

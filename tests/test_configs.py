@@ -55,7 +55,7 @@ def one_step(config):
     """Builds the config's model and takes one step on 2 random 32x32 images, one device."""
     setup, dp, batch = setup_and_batch(config)
     state = setup.init_state(0)
-    state, metrics = setup.train_step(dp.put_state(state), dp.put_batch(batch))
+    state, metrics = setup.train_step(dp.put_state(state), dp.put_batch(batch), np.int32(0))
     return setup.model, dp.to_host(state), dp.to_host(metrics)
 
 
@@ -65,7 +65,8 @@ def traced_step(config):
     setup, dp, batch = setup_and_batch(config)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dp.batch_sharding)
              for k, v in batch.items()}
-    state, metrics = jax.eval_shape(setup.train_step, setup.abstract_state, batch)
+    state, metrics = jax.eval_shape(setup.train_step, setup.abstract_state, batch,
+                                    recipe.ABSTRACT_SEED)
     assert metrics["loss"].shape == (1,) and state.state.step.shape == (1,)  # one run
     return setup.model
 

@@ -28,7 +28,7 @@ def run_steps(config, dp, steps=2):
     state = dp.put_state(state)
     metrics = []
     for i in range(steps):
-        state, m = step(state, dp.put_batch(batch(seed=i)))
+        state, m = step(state, dp.put_batch(batch(seed=i)), np.int32(config.seed))
         metrics.append(dp.to_host(m))
     return dp.to_host(state).run(0), metrics
 
@@ -95,7 +95,7 @@ def all_reduces(config, dp):
     """The all-reduce ops in the compiled train step's HLO."""
     setup = recipe.build(config, dp)
     state = dp.put_state(setup.init_state(0))
-    hlo = setup.train_step.lower(state, dp.put_batch(batch())).compile().as_text()
+    hlo = setup.train_step.lower(state, dp.put_batch(batch()), np.int32(0)).compile().as_text()
     return hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
 
 

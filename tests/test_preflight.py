@@ -228,7 +228,7 @@ def test_flops_of_a_scanned_rematerialised_step_are_the_unrolled_networks():
         dp = parallel.DataParallel(config.parallelism, 1, devices=jax.devices("cpu")[:1])
         setup = recipe.build(config, dp)
         return setup.train_step.lower(setup.abstract_state, preflight.abstract_batches(
-            config, dp)).cost_analysis()["flops"]
+            config, dp), recipe.ABSTRACT_SEED).cost_analysis()["flops"]
 
     scanned = base_config.cifar("cifar10", 20, batch_size=8, eval_batch_size=8, scan_units=True,
                                 remat_units=True)

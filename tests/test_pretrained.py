@@ -162,7 +162,7 @@ def test_frozen_backbone_and_bn_statistics_change_only_the_head():
     rng = np.random.RandomState(0)
     batch = {"image": rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
              "label": rng.randint(0, 10, (8,)).astype(np.int32)}
-    new, _ = setup.train_step(dp.put_state(state), dp.put_batch(batch))
+    new, _ = setup.train_step(dp.put_state(state), dp.put_batch(batch), np.int32(0))
     new, state = dp.to_host(new).run(0), state.run(0)
     assert_equal(new.batch_stats, state.batch_stats)
     params = dict(new.params)

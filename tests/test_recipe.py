@@ -106,7 +106,7 @@ def test_fresh_stepped_and_restored_states_have_one_type(precision):
         setup = recipe.build(config, dp)
         fresh = jax.eval_shape(setup.init_state, 0)
         stepped, _ = jax.eval_shape(setup.train_step, fresh,
-                                    preflight.abstract_batches(config, dp))
+                                    preflight.abstract_batches(config, dp), recipe.ABSTRACT_SEED)
     types = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type), tree)
     assert types(fresh) == types(stepped) == types(setup.abstract_state)
     stats_dtype = jnp.dtype("float64" if precision == "float64" else "float32")

@@ -37,7 +37,7 @@ def train(config, devices, steps=3):
     batches = inputs.train_batches(config, dp, 0)
     losses = []
     for _ in range(steps):
-        state, metrics = setup.train_step(state, next(batches))
+        state, metrics = setup.train_step(state, next(batches), np.int32(config.seed))
         losses.append(dp.to_host(metrics)["loss"])
     return dp.to_host(state), np.array(losses)
 
@@ -83,7 +83,7 @@ def test_a_diverged_run_is_frozen_and_the_others_go_on(array_dir, tmp_path):
     state = dp.put_state(state)
     batches = inputs.train_batches(c, dp, 0)
     for _ in range(2):
-        state, metrics = setup.train_step(state, next(batches))
+        state, metrics = setup.train_step(state, next(batches), np.int32(c.seed))
     checkpoints = checkpoint.Checkpoints(tmp_path, setup.model, num_runs=RUNS)
     checkpoints.save(2, dp.get_state(state))
     checkpoints.close()
