@@ -6,7 +6,6 @@ of links (no downloads): the core install's (every package but the [train] extra
 [train] extra's where a test trains.
 """
 import importlib.metadata
-import os
 import pathlib
 import shutil
 import subprocess

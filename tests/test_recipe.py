@@ -113,6 +113,22 @@ def test_fresh_stepped_and_restored_states_have_one_type(precision):
     assert {x.dtype for x in jax.tree.leaves(fresh.state.batch_stats)} == {stats_dtype}
 
 
+@pytest.mark.parametrize("share_batches", [False, True])
+def test_every_seed_runs_one_program(share_batches):
+    """Configs that differ only in their seed lower to the same train step (the seed is its
+    argument), so a run of another seed takes it from the compilation cache. Lowered, not
+    compiled."""
+    def program(seed):
+        config = config_with(depth=8, block="basic", batch_size=8, seed=seed, num_runs=2,
+                             share_batches=share_batches)
+        dp = parallel.DataParallel("shard_map", 0, jax.devices()[:1], num_runs=2,
+                                   share_batches=share_batches)
+        setup = recipe.build(config, dp)
+        return setup.train_step.lower(setup.abstract_state, preflight.abstract_batches(
+            config, dp), recipe.ABSTRACT_SEED).as_text()
+    assert program(0) == program(3)
+
+
 def test_eval_step_counts_only_masked_examples():
     """Padded entries (mask False) must not count, whatever their labels."""
     logits = jnp.array([[5.0, 1, 0, 0, 0, 0], [0, 5.0, 1, 0, 0, 0], [5.0, 0, 0, 0, 0, 0]])
